@@ -1,0 +1,35 @@
+"""`roomcast-gateway`: one gateway node on uvicorn (uvloop, websockets-sansio)."""
+
+from __future__ import annotations
+
+import uvicorn
+
+from gateway.app import create_app
+from shared.logging import setup_logging
+from shared.settings import Settings
+
+
+def main() -> None:
+    settings = Settings()
+    setup_logging("gateway", settings.name, settings.log_level, settings.log_json)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        loop="uvloop",
+        http="httptools",
+        ws="websockets-sansio",
+        ws_max_size=settings.max_frame_bytes,
+        ws_ping_interval=settings.ping_interval_s,
+        ws_ping_timeout=settings.ping_interval_s,
+        ws_per_message_deflate=False,  # compression costs CPU and ~64 KB per connection
+        lifespan="on",
+        timeout_graceful_shutdown=int(settings.drain_grace_s) or None,
+        log_config=None,
+        access_log=False,
+        server_header=False,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""The gateway ASGI app: routes, and the lifespan that builds and tears down the node."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import redis.asyncio as aioredis
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
+
+from gateway import metrics
+from gateway.endpoint import ws_endpoint
+from gateway.fanout import Fanout
+from gateway.hub import Hub
+from gateway.node import Node
+from gateway.publisher import Publisher
+from shared.kafka import ensure_topic, new_consumer, new_producer
+from shared.keys import Keys
+from shared.mysql import create_pool
+from shared.settings import Settings
+
+log = logging.getLogger("roomcast.gateway")
+STATIC = Path(__file__).parent / "static"
+
+
+def create_app(settings: Settings) -> Starlette:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Node]]:
+        await ensure_topic(settings)
+        redis = aioredis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=3)
+        mysql = await create_pool(settings.mysql_dsn, settings.mysql_pool_max, minsize=0)
+        producer = new_producer(settings)
+        await producer.start()
+        hub = Hub()
+        fanout = Fanout(settings, hub, new_consumer(settings))
+        await fanout.start()
+        node = Node(settings, Keys(settings.redis_prefix, settings.kafka_partitions), hub, fanout, producer,
+                    Publisher(settings, producer, redis), redis, mysql)
+        fan_task = asyncio.create_task(fanout.run(), name="fanout")
+        fan_task.add_done_callback(_log_crash)
+        log.info("gateway ready", extra={"port": settings.port})
+        try:
+            yield {"node": node}
+        finally:
+            node.draining = True
+            fan_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await fan_task
+            await producer.stop()  # flushes what is still buffered
+            await fanout.stop()
+            mysql.close()
+            await mysql.wait_closed()
+            await redis.aclose()
+            log.info("gateway stopped")
+
+    routes = [
+        WebSocketRoute("/ws", ws_endpoint),
+        Route("/healthz", healthz),
+        Route("/readyz", readyz),
+        Route("/metrics", metrics_endpoint),
+    ]
+    if (STATIC / "index.html").exists():
+        routes.append(Mount("/", StaticFiles(directory=STATIC, html=True), name="static"))
+    return Starlette(routes=routes, lifespan=lifespan)
+
+
+def _log_crash(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.critical("fan-out consumer crashed; this node is not ready", exc_info=task.exception())
+
+
+async def healthz(request: Request) -> Response:
+    return PlainTextResponse("ok")
+
+
+async def readyz(request: Request) -> Response:
+    node: Node = request.state.node
+    if node.draining:
+        return JSONResponse({"ready": False, "reason": "draining"}, status_code=503)
+    ok, reason = node.fanout.ready()
+    return JSONResponse({"ready": ok, "reason": reason, "lag": node.fanout.lag()}, status_code=200 if ok else 503)
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    node: Node = request.state.node
+    metrics.FANOUT_LAG.set(node.fanout.lag())
+    metrics.FANOUT_QUEUE.set(sum(s.queued for s in node.hub.sessions))
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

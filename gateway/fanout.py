@@ -1,0 +1,107 @@
+"""The node's fan-out consumer: every partition, no group, from "now"; each record is decoded and
+serialised once, then queued for this node's members of its room."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from gateway import metrics
+from gateway.hub import Hub
+from shared.kafka import all_partitions, offsets_now
+from shared.message import Message
+from shared.settings import Settings
+
+log = logging.getLogger("roomcast.gateway.fanout")
+
+
+class RecentIds:
+    """A bounded set of recently delivered message ids (a producer retry can write one twice)."""
+
+    def __init__(self, size: int) -> None:
+        self._ids: OrderedDict[str, None] = OrderedDict()
+        self._size = size
+
+    def add(self, msg_id: str) -> bool:
+        """False when the id was seen already."""
+        if msg_id in self._ids:
+            return False
+        self._ids[msg_id] = None
+        if len(self._ids) > self._size:
+            self._ids.popitem(last=False)
+        return True
+
+
+class Fanout:
+    def __init__(self, settings: Settings, hub: Hub, consumer: AIOKafkaConsumer) -> None:
+        self.s = settings
+        self.hub = hub
+        self.consumer = consumer
+        self.positions: dict[int, int] = {}  # partition -> next offset this node will deliver
+        self.tps: list[TopicPartition] = []
+        self.recent = RecentIds(50_000)
+        self.started = False
+        self.last_progress = time.monotonic()
+        self.advanced = asyncio.Condition()
+
+    async def start(self) -> None:
+        await self.consumer.start()
+        self.tps = await all_partitions(self.consumer, self.s.kafka_topic)
+        self.consumer.assign(self.tps)
+        for tp, offset in (await offsets_now(self.consumer, self.tps)).items():
+            self.consumer.seek(tp, offset)
+            self.positions[tp.partition] = offset
+        self.started = True
+        log.info("fan-out consuming", extra={"partitions": len(self.tps)})
+
+    async def stop(self) -> None:
+        await self.consumer.stop()
+
+    async def run(self) -> None:
+        while True:
+            batch = await self.consumer.getmany(timeout_ms=1000, max_records=5000)
+            self.last_progress = time.monotonic()
+            if not batch:
+                continue
+            delivered = 0
+            for tp, records in batch.items():
+                for r in records:
+                    self.positions[tp.partition] = r.offset + 1
+                    try:
+                        msg = Message.from_kafka(r.value, r.partition, r.offset)
+                    except (ValueError, KeyError, TypeError):
+                        log.error("undecodable record", extra={"partition": r.partition, "offset": r.offset})
+                        continue
+                    if not self.recent.add(msg.id):
+                        metrics.DUPLICATES_DROPPED.inc()
+                        continue
+                    if self.hub.has_room(msg.room):
+                        delivered += self.hub.publish(msg.room, r.offset, msg.frame().decode())
+            metrics.DELIVERED.inc(delivered)
+            async with self.advanced:
+                self.advanced.notify_all()
+
+    def position(self, partition: int) -> int:
+        return self.positions.get(partition, 0)
+
+    def lag(self) -> int:
+        total = 0
+        for tp in self.tps:
+            high = self.consumer.highwater(tp)
+            if high is not None:
+                total += max(0, high - self.positions.get(tp.partition, 0))
+        return total
+
+    def ready(self) -> tuple[bool, str]:
+        if not self.started:
+            return False, "fan-out consumer not started"
+        lag = self.lag()
+        if lag > self.s.ready_max_lag:
+            return False, f"fan-out lag {lag} > {self.s.ready_max_lag}"
+        if time.monotonic() - self.last_progress > self.s.ready_stall_s:
+            return False, "fan-out consumer stalled"
+        return True, "ok"

@@ -1,0 +1,20 @@
+"""The gateway's Prometheus metrics."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+CONNECTIONS = Gauge("roomcast_gateway_connections", "Open WebSocket connections")
+JOINS = Counter("roomcast_gateway_joins_total", "Room joins")
+MESSAGES_IN = Counter("roomcast_gateway_messages_in_total", "Sends acknowledged by Kafka")
+DELIVERED = Counter("roomcast_gateway_messages_out_total", "Message frames queued to clients")
+SEND_ACK_SECONDS = Histogram(
+    "roomcast_gateway_send_ack_seconds", "From a send frame to its ack (Kafka acks=all)",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+SLOW_DISCONNECTS = Counter("roomcast_gateway_slow_disconnects_total", "Clients closed 4008 (too slow)")
+ERRORS = Counter("roomcast_gateway_error_frames_total", "Error frames sent", ["code"])
+DUPLICATES_DROPPED = Counter("roomcast_gateway_duplicates_dropped_total", "Repeated message ids not fanned out")
+RESENDS = Counter("roomcast_gateway_resends_total", "Sends answered from the dedupe record")
+FANOUT_QUEUE = Gauge("roomcast_gateway_fanout_queue_frames", "Frames queued to clients, all connections")
+FANOUT_LAG = Gauge("roomcast_gateway_fanout_lag_records", "Records between fan-out position and high-water mark")

@@ -1,0 +1,106 @@
+"""Wire protocol v1: inbound frame schemas, outbound frame builders, error and close codes."""
+
+from __future__ import annotations
+
+from enum import IntEnum
+from typing import Annotated, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, TypeAdapter, ValidationError
+
+PROTOCOL_VERSION = "1"
+
+
+class Close(IntEnum):
+    NORMAL = 1000
+    BAD_TOKEN = 1008
+    TOO_LARGE = 1009
+    DRAINING = 1012  # reconnect elsewhere and resume
+    TOO_SLOW = 4008  # reconnect and resume with the last cursor
+
+
+class Err:
+    BAD_FRAME = "bad_frame"
+    UNKNOWN_TYPE = "unknown_type"
+    TOO_LARGE = "too_large"
+    RATE_LIMITED = "rate_limited"
+    FORBIDDEN = "forbidden"
+    NOT_JOINED = "not_joined"
+    UNAVAILABLE = "unavailable"
+    BAD_CURSOR = "bad_cursor"
+    LIMIT = "limit_exceeded"
+
+
+class _Frame(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class Join(_Frame):
+    type: Literal["join"]
+    room: StrictStr
+    cursor: StrictStr | None = None
+
+
+class Leave(_Frame):
+    type: Literal["leave"]
+    room: StrictStr
+
+
+class Send(_Frame):
+    type: Literal["send"]
+    room: StrictStr
+    client_msg_id: Annotated[StrictStr, Field(min_length=1, max_length=128)]
+    body: StrictStr
+
+
+class History(_Frame):
+    type: Literal["history"]
+    room: StrictStr
+    before: StrictStr | None = None
+    limit: Annotated[int, Field(strict=True, ge=1)] | None = None
+
+
+class Ping(_Frame):
+    type: Literal["ping"]
+
+
+Inbound = Join | Leave | Send | History | Ping
+_INBOUND: TypeAdapter[Inbound] = TypeAdapter(Annotated[Inbound, Field(discriminator="type")])
+KNOWN_TYPES = frozenset({"join", "leave", "send", "history", "ping"})
+
+
+class FrameError(Exception):
+    def __init__(self, code: str, reason: str, ref: str | None = None) -> None:
+        super().__init__(reason)
+        self.code, self.reason, self.ref = code, reason, ref
+
+
+def parse_frame(text: str) -> Inbound:
+    """A validated inbound frame, or FrameError with the code to answer."""
+    try:
+        raw = orjson.loads(text)
+    except orjson.JSONDecodeError as e:
+        raise FrameError(Err.BAD_FRAME, "not JSON") from e
+    if not isinstance(raw, dict):
+        raise FrameError(Err.BAD_FRAME, "a frame is a JSON object")
+    kind = raw.get("type")
+    ref = raw.get("client_msg_id") if isinstance(raw.get("client_msg_id"), str) else None
+    if kind not in KNOWN_TYPES:
+        raise FrameError(Err.UNKNOWN_TYPE, f"unknown type {str(kind)[:40]!r}", ref)
+    try:
+        return _INBOUND.validate_python(raw)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"][1:]) or "frame"
+        raise FrameError(Err.BAD_FRAME, f"{where}: {first['msg']}", ref) from None
+
+
+def dumps(frame: dict[str, object]) -> str:
+    return orjson.dumps(frame).decode()
+
+
+def error(code: str, reason: str, ref: str | None = None, **extra: object) -> str:
+    return dumps({"type": "error", "code": code, "reason": reason, "ref": ref, **extra})
+
+
+PONG = dumps({"type": "pong"})

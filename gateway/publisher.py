@@ -1,0 +1,100 @@
+"""Sending: a send becomes a Kafka record (key = room, acks=all), acknowledged only once Kafka has it.
+
+A resend of the same (user, client_msg_id) within the dedupe window gets the first ack again:
+the first sender claims the dedupe key in Redis before producing, so a resend on another node
+waits for that ack instead of producing a second copy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+from redis.exceptions import RedisError
+
+from gateway import metrics
+from shared.cursor import Position
+from shared.keys import Keys
+from shared.message import Message, new_message_id
+from shared.settings import Settings
+
+PENDING = b"pending"
+
+
+class Unavailable(Exception):
+    """Kafka (or the dedupe store) could not take the send; no ack was given."""
+
+
+class Publisher:
+    def __init__(self, settings: Settings, producer: AIOKafkaProducer, redis: aioredis.Redis) -> None:
+        self.s = settings
+        self.producer = producer
+        self.redis = redis
+        self.keys = Keys(settings.redis_prefix, settings.kafka_partitions)
+        self._produce_timeout = settings.kafka_request_timeout_ms / 1000 * 2
+        self._pending_ttl = int(self._produce_timeout) + 5
+
+    async def send(self, user: str, room: str, client_msg_id: str, body: str) -> Awaitable[dict[str, object]]:
+        """Claim the dedupe key and hand the record to the producer, in the caller's send order;
+        returns an awaitable of the ack frame. Either step raises Unavailable when nothing can be
+        promised (no ack is ever given for a record Kafka has not acknowledged)."""
+        t0 = time.perf_counter()
+        key = self.keys.sent(room, user, client_msg_id)
+        try:
+            claimed = await self.redis.set(key, PENDING, nx=True, ex=self._pending_ttl)
+        except (RedisError, OSError) as e:
+            raise Unavailable("dedupe store unavailable") from e
+        if not claimed:
+            metrics.RESENDS.inc()
+            return self._first_ack(key)
+        msg = Message(new_message_id(), room, user, body, int(time.time() * 1000), client_msg_id)
+        try:
+            delivery = await self.producer.send(self.s.kafka_topic, msg.kafka_value(), key=room.encode(),
+                                                partition=self.keys.partition(room))
+        except (KafkaError, OSError) as e:
+            await self._forget(key)
+            raise Unavailable(f"broker unavailable: {type(e).__name__}") from e
+        return self._ack(key, msg, delivery, t0)
+
+    async def _ack(self, key: str, msg: Message, delivery: asyncio.Future[Any], t0: float) -> dict[str, object]:
+        try:
+            md = await asyncio.wait_for(delivery, self._produce_timeout)
+        except (KafkaError, TimeoutError, OSError) as e:
+            await self._forget(key)
+            raise Unavailable(f"broker unavailable: {type(e).__name__}") from e
+        ack = {"type": "ack", "client_msg_id": msg.client_msg_id, "id": msg.id, "room": msg.room,
+               "cursor": str(Position(md.partition, md.offset)), "ts": msg.ts}
+        try:
+            await self.redis.set(key, orjson.dumps(ack), ex=self.s.dedupe_ttl_s)
+        except (RedisError, OSError):
+            pass  # the message is in Kafka: ack it; only a later resend's dedupe is weakened
+        metrics.MESSAGES_IN.inc()
+        metrics.SEND_ACK_SECONDS.observe(time.perf_counter() - t0)
+        return ack
+
+    async def _first_ack(self, key: str) -> dict[str, object]:
+        deadline = time.monotonic() + self._pending_ttl
+        while time.monotonic() < deadline:
+            try:
+                raw = await self.redis.get(key)
+            except (RedisError, OSError) as e:
+                raise Unavailable("dedupe store unavailable") from e
+            if raw is None:
+                raise Unavailable("the first send of this client_msg_id failed; send it again")
+            if raw != PENDING:
+                ack: dict[str, object] = orjson.loads(raw)
+                return ack
+            await asyncio.sleep(0.05)
+        raise Unavailable("the first send of this client_msg_id is still pending")
+
+    async def _forget(self, key: str) -> None:
+        try:
+            await self.redis.delete(key)
+        except (RedisError, OSError):
+            pass

@@ -1,0 +1,24 @@
+"""The persister's Prometheus metrics."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from shared.mover import Mover
+
+APPLIED = Counter("roomcast_persister_applied_total", "Kafka records applied to Redis")
+FLUSHED = Counter("roomcast_persister_flushed_messages_total", "Messages moved from Redis to MySQL")
+FLUSH_BATCH = Histogram("roomcast_persister_flush_batch_size", "Messages per MySQL flush",
+                        buckets=(1, 10, 25, 50, 100, 200, 500))
+FLUSH_SECONDS = Histogram("roomcast_persister_flush_seconds", "Duration of one chunk move to MySQL")
+FLUSH_ERRORS = Counter("roomcast_persister_flush_errors_total", "Failed chunk moves (MySQL or Redis away)")
+REDIS_ERRORS = Counter("roomcast_persister_redis_errors_total", "Failed Redis calls (retried)")
+BACKLOG = Gauge("roomcast_persister_backlog_messages", "Messages buffered in Redis past the cap")
+INSERT_STATEMENTS = Gauge("roomcast_persister_mysql_insert_statements",
+                          "MySQL statements that inserted messages since start")
+ROWS_INSERTED = Gauge("roomcast_persister_mysql_rows_inserted", "Message rows inserted since start")
+
+
+def bind_mover(mover: Mover) -> None:
+    INSERT_STATEMENTS.set_function(lambda: mover.insert_statements)
+    ROWS_INSERTED.set_function(lambda: mover.rows_inserted)

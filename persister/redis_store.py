@@ -1,0 +1,115 @@
+"""The persister's Redis side: append a partition's batch atomically with its applied mark."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+
+from shared.keys import Keys
+from shared.message import Message
+
+# One call per partition batch; every key carries the partition's hash tag.
+# KEYS: applied, newrooms, overcap, then per message: list, meta, seen.
+# ARGV: expected mark ('' when unknown), cap, seen ttl, then per message: offset, entry, ts, room, id.
+# Returns {status, mark, room1, len1, room2, len2, ...}; status 0 = applied, 1 = the stored mark is
+# not the one expected (Redis lost data or another persister moved it): nothing applied, seek to mark+1.
+APPLY_BATCH = """
+local stored = redis.call('GET', KEYS[1])
+if ARGV[1] ~= '' and stored ~= ARGV[1] then
+  return {1, stored or ''}
+end
+local mark = tonumber(stored or '-1')
+local cap = tonumber(ARGV[2])
+local out = {0, ''}
+local lens = {}
+local n = (#KEYS - 3) / 3
+for i = 0, n - 1 do
+  local off = tonumber(ARGV[4 + i * 5])
+  if off > mark then
+    mark = off
+    local list, meta, seen = KEYS[4 + i * 3], KEYS[5 + i * 3], KEYS[6 + i * 3]
+    local room, id, ts = ARGV[7 + i * 5], ARGV[8 + i * 5], ARGV[6 + i * 5]
+    if redis.call('SADD', seen, id) == 1 then
+      redis.call('EXPIRE', seen, ARGV[3])
+      local len = redis.call('RPUSH', list, ARGV[5 + i * 5])
+      if len == 1 then redis.call('HSET', meta, 'first_ts', ts) end
+      redis.call('HSET', meta, 'last_ts', ts)
+      if redis.call('HSETNX', meta, 'reg', '1') == 1 then redis.call('SADD', KEYS[2], room) end
+      if len > cap then redis.call('SADD', KEYS[3], room) end
+      lens[room] = len
+    end
+  end
+end
+redis.call('SET', KEYS[1], mark)
+out[2] = tostring(mark)
+for room, len in pairs(lens) do
+  out[#out + 1] = room
+  out[#out + 1] = len
+end
+return out
+"""
+
+# KEYS: list, overcap. ARGV: cap, room. Drops the room from the flush work list once it is short.
+DONE_IF_SHORT = """
+local len = redis.call('LLEN', KEYS[1])
+if len <= tonumber(ARGV[1]) then redis.call('SREM', KEYS[2], ARGV[2]) end
+return len
+"""
+
+
+@dataclass
+class Applied:
+    mark: int | None  # the partition's applied offset after the call (None: nothing ever applied)
+    rewind: bool  # the stored mark differed from the expected one; nothing was applied
+    lengths: dict[str, int]  # room -> list length after the appends
+
+
+def _int_or_none(raw: bytes | str | None) -> int | None:
+    if raw in (None, b"", ""):
+        return None
+    return int(raw)  # type: ignore[arg-type]
+
+
+class RedisBuffer:
+    def __init__(self, redis: aioredis.Redis, keys: Keys, cap: int, seen_ttl_s: int) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._cap = cap
+        self._seen_ttl = seen_ttl_s
+        self._apply = redis.register_script(APPLY_BATCH)
+        self._done_if_short = redis.register_script(DONE_IF_SHORT)
+
+    async def mark(self, partition: int) -> int | None:
+        return _int_or_none(await self._redis.get(self._keys.applied(partition)))
+
+    async def apply(self, partition: int, expected: int | None, messages: list[Message]) -> Applied:
+        k = self._keys
+        keys = [k.applied(partition), k.new_rooms(partition), k.over_cap(partition)]
+        args: list[object] = ["" if expected is None else str(expected), self._cap, self._seen_ttl]
+        for m in messages:
+            assert m.position is not None and m.position.partition == partition
+            keys += [k.msgs(m.room), k.meta(m.room), k.seen(partition, m.ts)]
+            args += [m.position.offset, m.entry(), m.ts, m.room, m.id]
+        res = await self._apply(keys=keys, args=args)
+        status, mark = int(res[0]), _int_or_none(res[1])
+        lens = {res[i].decode(): int(res[i + 1]) for i in range(2, len(res), 2)}
+        return Applied(mark, status == 1, lens)
+
+    async def done_if_short(self, room: str) -> int:
+        p = self._keys.partition(room)
+        return int(await self._done_if_short(keys=[self._keys.msgs(room), self._keys.over_cap(p)],
+                                             args=[self._cap, room]))
+
+    async def over_cap_rooms(self, partition: int, count: int) -> list[str]:
+        return [r.decode() for r in await self._redis.srandmember(self._keys.over_cap(partition), count)]
+
+    async def new_rooms(self, partition: int, count: int) -> list[str]:
+        return [r.decode() for r in await self._redis.srandmember(self._keys.new_rooms(partition), count)]
+
+    async def registered(self, partition: int, rooms: list[str]) -> None:
+        if rooms:
+            await self._redis.srem(self._keys.new_rooms(partition), *rooms)
+
+    async def length(self, room: str) -> int:
+        return int(await self._redis.llen(self._keys.msgs(room)))

@@ -1,0 +1,219 @@
+"""The persister: Kafka (consumer group) -> Redis lists, oldest chunks -> MySQL.
+
+Exactly-once into Redis comes from the per-partition applied mark, written by the same script
+as the appends: replayed offsets are skipped, and whenever the stored mark is not the one this
+process expects (Redis restarted and lost data, or the partition moved) it seeks to mark + 1.
+Kafka offsets are committed after Redis has the batch, for lag monitoring; the mark is the truth.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Iterable
+
+import redis.asyncio as aioredis
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
+from aiokafka.errors import KafkaError
+from redis.exceptions import RedisError
+
+from persister import metrics
+from persister.redis_store import RedisBuffer
+from shared.kafka import ensure_topic, new_consumer
+from shared.keys import Keys
+from shared.message import Message
+from shared.mover import Mover
+from shared.mysql import create_pool
+from shared.rooms import RoomDirectory
+from shared.runner import crash_on_failure
+from shared.settings import Settings
+
+log = logging.getLogger("roomcast.persister")
+
+
+class Persister:
+    def __init__(self, settings: Settings, redis: aioredis.Redis, mover: Mover, rooms: RoomDirectory) -> None:
+        self.s = settings
+        self.keys = Keys(settings.redis_prefix, settings.kafka_partitions)
+        self.buffer = RedisBuffer(redis, self.keys, settings.buffer_cap, settings.dedupe_ttl_s)
+        self.mover = mover
+        self.rooms = rooms
+        self.consumer: AIOKafkaConsumer | None = None
+        self.expected: dict[int, int | None] = {}  # partition -> applied mark we believe Redis holds
+        self.to_flush: set[str] = set()
+        self.backlog: dict[str, int] = {}  # room -> messages past the cap (MySQL slow or down)
+        self.flush_wakeup = asyncio.Event()
+        self.paused = False
+
+    # --- partition ownership
+    async def take_partitions(self, tps: Iterable[TopicPartition]) -> None:
+        assert self.consumer is not None
+        for tp in tps:
+            mark = await self._retry_redis(self.buffer.mark, tp.partition)
+            self.expected[tp.partition] = mark
+            if mark is None:
+                await self.consumer.seek_to_beginning(tp)
+            else:
+                self.consumer.seek(tp, mark + 1)
+            for room in await self._retry_redis(self.buffer.over_cap_rooms, tp.partition, 10_000):
+                self.to_flush.add(room)
+            log.info("partition taken", extra={"partition": tp.partition, "mark": mark})
+        self.flush_wakeup.set()
+
+    def drop_partitions(self, tps: Iterable[TopicPartition]) -> None:
+        for tp in tps:
+            self.expected.pop(tp.partition, None)
+
+    # --- the main loop
+    async def consume(self, stop: asyncio.Event) -> None:
+        assert self.consumer is not None
+        while not stop.is_set():
+            batch = await self.consumer.getmany(timeout_ms=200, max_records=self.s.persister_batch_max)
+            for tp, records in batch.items():
+                if tp.partition in self.expected:
+                    await self.apply(tp, records)
+            if batch:
+                with contextlib.suppress(KafkaError):
+                    await self.consumer.commit()
+            self._pause_or_resume()
+
+    async def apply(self, tp: TopicPartition, records: list[ConsumerRecord]) -> None:
+        assert self.consumer is not None
+        messages = []
+        for r in records:
+            try:
+                messages.append(Message.from_kafka(r.value, r.partition, r.offset))
+            except (ValueError, KeyError, TypeError):
+                log.error("undecodable record skipped", extra={"partition": r.partition, "offset": r.offset})
+        if not messages:
+            return
+        res = await self._retry_redis(self.buffer.apply, tp.partition, self.expected.get(tp.partition), messages)
+        if res.rewind:
+            log.warning("applied mark moved; replaying from Kafka",
+                        extra={"partition": tp.partition, "expected": self.expected.get(tp.partition),
+                               "stored": res.mark})
+            self.expected[tp.partition] = res.mark
+            if res.mark is None:
+                await self.consumer.seek_to_beginning(tp)
+            else:
+                self.consumer.seek(tp, res.mark + 1)
+            return
+        self.expected[tp.partition] = res.mark
+        metrics.APPLIED.inc(len(messages))
+        for room, length in res.lengths.items():
+            if length > self.s.buffer_cap:
+                self.to_flush.add(room)
+                self.backlog[room] = length - self.s.buffer_cap
+        if self.to_flush:
+            self.flush_wakeup.set()
+
+    def _pause_or_resume(self) -> None:
+        assert self.consumer is not None
+        over = sum(self.backlog.values()) > self.s.persister_backlog_budget
+        metrics.BACKLOG.set(sum(self.backlog.values()))
+        if over and not self.paused:
+            log.warning("backlog budget reached; pausing consumption", extra={"backlog": sum(self.backlog.values())})
+            self.consumer.pause(*self.consumer.assignment())
+            self.paused = True
+        elif not over and self.paused:
+            log.info("backlog below budget; resuming")
+            self.consumer.resume(*self.consumer.assignment())
+            self.paused = False
+
+    # --- flushing to MySQL, in chunks, off the consume path
+    async def flush_loop(self, stop: asyncio.Event) -> None:
+        delay = 0.1
+        while not stop.is_set():
+            if not self.to_flush:
+                self.flush_wakeup.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.flush_wakeup.wait(), timeout=1.0)
+                await self.register_new_rooms()
+                continue
+            room = self.to_flush.pop()
+            try:
+                await self.flush_room(room)
+                delay = 0.1
+            except Exception as e:  # MySQL or Redis away: keep buffering, retry later
+                self.to_flush.add(room)
+                metrics.FLUSH_ERRORS.inc()
+                log.warning("flush failed; will retry", extra={"room": room, "error": repr(e), "retry_in": delay})
+                await asyncio.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 5.0)
+
+    async def flush_room(self, room: str) -> None:
+        length = await self.buffer.length(room)
+        while length > self.s.buffer_cap:
+            with metrics.FLUSH_SECONDS.time():
+                res = await self.mover.move_oldest(room, self.s.flush_chunk)
+            metrics.FLUSHED.inc(res.moved)
+            metrics.FLUSH_BATCH.observe(res.moved)
+            length = await self.buffer.length(room)
+            self.backlog[room] = max(0, length - self.s.buffer_cap)
+        length = await self.buffer.done_if_short(room)
+        if length <= self.s.buffer_cap:
+            self.backlog.pop(room, None)
+        else:
+            self.to_flush.add(room)
+
+    async def register_new_rooms(self) -> None:
+        for partition in list(self.expected):
+            try:
+                names = await self.buffer.new_rooms(partition, 500)
+                if names:
+                    await self.rooms.ids(names)
+                    await self.buffer.registered(partition, names)
+            except Exception as e:
+                log.warning("room registration failed; will retry", extra={"error": repr(e)})
+                return
+
+    async def _retry_redis(self, fn, *args):  # type: ignore[no-untyped-def]
+        delay = 0.05
+        while True:
+            try:
+                return await fn(*args)
+            except (RedisError, OSError) as e:
+                metrics.REDIS_ERRORS.inc()
+                log.warning("redis unavailable; retrying", extra={"error": repr(e), "retry_in": delay})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, persister: Persister) -> None:
+        self.p = persister
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        self.p.drop_partitions(revoked)
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        await self.p.take_partitions(assigned)
+
+
+async def run(settings: Settings, stop: asyncio.Event) -> None:
+    await ensure_topic(settings)
+    redis = aioredis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
+    pool = await create_pool(settings.mysql_dsn, settings.mysql_pool_max)
+    rooms = RoomDirectory(pool)
+    mover = Mover(redis, pool, Keys(settings.redis_prefix, settings.kafka_partitions), rooms)
+    metrics.bind_mover(mover)
+    p = Persister(settings, redis, mover, rooms)
+    p.consumer = new_consumer(settings, group_id=settings.kafka_persister_group, max_poll_records=None)
+    p.consumer.subscribe([settings.kafka_topic], listener=_Rebalance(p))
+    await p.consumer.start()
+    flusher = asyncio.create_task(p.flush_loop(stop), name="flush")
+    crash_on_failure(flusher, stop)
+    log.info("persister started", extra={"topic": settings.kafka_topic})
+    try:
+        await p.consume(stop)
+    finally:
+        flusher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await flusher
+        await p.consumer.stop()
+        pool.close()
+        await pool.wait_closed()
+        await redis.aclose()
+        log.info("persister stopped")

@@ -1,0 +1,48 @@
+"""`roomcast`: the operator's command (token, migrate, ...)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from shared.settings import Settings
+
+
+def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
+    from shared.auth import mint_token
+
+    rooms = [r.strip() for r in args.rooms.split(",") if r.strip()] if args.rooms else None
+    print(mint_token(settings, args.user, rooms=rooms, ttl_s=args.ttl))
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    from shared.migrate import migrate
+
+    applied = asyncio.run(migrate(settings.mysql_dsn))
+    print(f"applied {len(applied)} migration(s)" + (": " + ", ".join(applied) if applied else " (up to date)"))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="roomcast", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("token", help="print a signed token for USER (local secret) on stdout")
+    p.add_argument("user")
+    p.add_argument("--rooms", help="comma-separated rooms or prefixes ending in * (default: all)")
+    p.add_argument("--ttl", type=int, help="lifetime in seconds (default: TOKEN_TTL_S)")
+    p.set_defaults(func=cmd_token)
+    p = sub.add_parser("migrate", help="create the database if missing and apply schema migrations")
+    p.set_defaults(func=cmd_migrate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    code: int = args.func(args, Settings())
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""The Kafka topic and the client factories every service uses.
+
+Correct on Apache Kafka and on Tansu (../shared/KAFKA.md): idempotence is a setting, topics are
+created explicitly with the configured partition count, and "now" is found by time, not by the end
+offsets Tansu gets wrong.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+from shared.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+async def ensure_topic(settings: Settings) -> None:
+    """Create the topic with the configured partitions if it does not exist (idempotent)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap,
+                                request_timeout_ms=settings.kafka_request_timeout_ms)
+    await admin.start()
+    try:
+        topics = await admin.list_topics()
+        if settings.kafka_topic in topics:
+            return
+        topic = NewTopic(settings.kafka_topic, settings.kafka_partitions, settings.kafka_replication,
+                         topic_configs={"retention.ms": str(settings.kafka_topic_retention_ms)})
+        try:
+            await admin.create_topics([topic])
+        except TopicAlreadyExistsError:
+            pass
+    finally:
+        await admin.close()
+
+
+def new_producer(settings: Settings) -> AIOKafkaProducer:
+    return AIOKafkaProducer(
+        bootstrap_servers=settings.kafka_bootstrap,
+        acks="all",
+        enable_idempotence=settings.kafka_idempotence,
+        linger_ms=settings.kafka_linger_ms,
+        request_timeout_ms=settings.kafka_request_timeout_ms,
+        client_id=f"roomcast-{settings.name}",
+    )
+
+
+def new_consumer(settings: Settings, group_id: str | None = None, **overrides: object) -> AIOKafkaConsumer:
+    kw: dict[str, object] = dict(
+        bootstrap_servers=settings.kafka_bootstrap,
+        group_id=group_id,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms,
+        session_timeout_ms=settings.kafka_session_timeout_ms,
+        heartbeat_interval_ms=settings.kafka_heartbeat_interval_ms,
+        request_timeout_ms=max(settings.kafka_request_timeout_ms, settings.kafka_session_timeout_ms + 5000),
+        client_id=f"roomcast-{settings.name}",
+    )
+    kw.update(overrides)
+    return AIOKafkaConsumer(**kw)
+
+
+async def all_partitions(consumer: AIOKafkaConsumer, topic: str, timeout_s: float = 30) -> list[TopicPartition]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        parts = consumer.partitions_for_topic(topic)
+        if parts:
+            return [TopicPartition(topic, p) for p in sorted(parts)]
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"topic {topic!r} has no partitions after {timeout_s}s")
+        await consumer._client.force_metadata_update()
+        await asyncio.sleep(0.1)
+
+
+async def offsets_now(consumer: AIOKafkaConsumer, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+    """The offset each partition's next new record will get: first record at/after now by time,
+    else the end offset (Tansu's end offset may point a batch early; such records predate every
+    subscriber of this process and reach no one)."""
+    now_ms = int(time.time() * 1000)
+    by_time = await consumer.offsets_for_times({tp: now_ms for tp in tps})
+    ends = await consumer.end_offsets(tps)
+    return {tp: (by_time[tp].offset if by_time.get(tp) is not None else ends[tp]) for tp in tps}

@@ -1,0 +1,56 @@
+"""The Redis key schema.
+
+Every key the persister touches for one Kafka partition carries the hash tag `{pN}`, so a batch's
+script touches one Redis Cluster slot and stays valid when Redis grows into a cluster. Room names
+reach keys only after validation (shared.validation), so they cannot smuggle a separator in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from shared.partitioning import partition_of
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    prefix: str
+    partitions: int
+
+    def partition(self, room: str) -> int:
+        return partition_of(room, self.partitions)
+
+    def tag(self, partition: int) -> str:
+        return f"{self.prefix}:{{p{partition}}}"
+
+    # per partition
+    def applied(self, partition: int) -> str:
+        """Highest Kafka offset of the partition applied to Redis (the persister's mark)."""
+        return f"{self.tag(partition)}:applied"
+
+    def seen(self, partition: int, ts_ms: int) -> str:
+        """Message ids appended in one minute (by the message's own ts): drops producer-retry copies."""
+        return f"{self.tag(partition)}:seen:{ts_ms // 60000}"
+
+    def new_rooms(self, partition: int) -> str:
+        """Rooms seen in Redis but not yet registered in MySQL's `rooms` table."""
+        return f"{self.tag(partition)}:newrooms"
+
+    def over_cap(self, partition: int) -> str:
+        """Rooms whose list is longer than the buffer cap: the flush work list."""
+        return f"{self.tag(partition)}:overcap"
+
+    # per room
+    def msgs(self, room: str) -> str:
+        """The room's newest messages, oldest left, newest right."""
+        return f"{self.tag(self.partition(room))}:room:{room}:msgs"
+
+    def meta(self, room: str) -> str:
+        """Hash: first_ts (oldest ts in the list), last_ts (newest), reg (registered in MySQL)."""
+        return f"{self.tag(self.partition(room))}:room:{room}:meta"
+
+    def sent(self, room: str, user: str, client_msg_id: str) -> str:
+        """The ack of a send, so a resend of the same client_msg_id is acknowledged, not re-sent."""
+        digest = hashlib.blake2b(f"{user}\0{client_msg_id}".encode(), digest_size=16).hexdigest()
+        return f"{self.tag(self.partition(room))}:sent:{room}:{digest}"

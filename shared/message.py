@@ -1,0 +1,66 @@
+"""A chat message and its three encodings: the Kafka record, the stored entry, the wire frame.
+
+- Kafka value: what the gateway produced, without a position (the broker assigns it).
+- Stored entry: the Kafka value plus its cursor; one JSON object per Redis list item. History
+  pages are built by joining stored entries, so they are serialised once, when persisted.
+- Wire frame: `{"type":"message", ...stored entry}`, built once per node for its fan-out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import orjson
+from ulid import ULID
+
+from shared.cursor import Position
+
+
+def new_message_id() -> str:
+    """Server id: time-sortable and unique (ULID, 26 characters)."""
+    return str(ULID())
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    id: str
+    room: str
+    user: str
+    body: str
+    ts: int  # UTC milliseconds at which the gateway accepted the send
+    client_msg_id: str
+    position: Position | None = None
+
+    @property
+    def cursor(self) -> str:
+        return "" if self.position is None else str(self.position)
+
+    def kafka_value(self) -> bytes:
+        return orjson.dumps(
+            {"id": self.id, "room": self.room, "user": self.user, "body": self.body,
+             "ts": self.ts, "cmid": self.client_msg_id}
+        )
+
+    @classmethod
+    def from_kafka(cls, value: bytes, partition: int, offset: int) -> Message:
+        d = orjson.loads(value)
+        return cls(d["id"], d["room"], d["user"], d["body"], int(d["ts"]), d.get("cmid", ""),
+                   Position(partition, offset))
+
+    def entry(self) -> bytes:
+        """The stored form (Redis list item, history page item)."""
+        return orjson.dumps(
+            {"id": self.id, "room": self.room, "user": self.user, "body": self.body,
+             "ts": self.ts, "cursor": self.cursor, "cmid": self.client_msg_id}
+        )
+
+    @classmethod
+    def from_entry(cls, raw: bytes | str) -> Message:
+        d = orjson.loads(raw)
+        part, _, off = d["cursor"].partition("-")
+        return cls(d["id"], d["room"], d["user"], d["body"], int(d["ts"]), d.get("cmid", ""),
+                   Position(int(part), int(off)))
+
+    def frame(self) -> bytes:
+        """The `message` frame sent to subscribers."""
+        return b'{"type":"message",' + self.entry()[1:]

@@ -1,0 +1,51 @@
+"""MySQL `rooms` rows: every room gets an auto-increment id the first time it is stored."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+import aiomysql
+
+
+class RoomDirectory:
+    """Room name -> MySQL id, registering unknown names in one multi-row insert."""
+
+    def __init__(self, pool: aiomysql.Pool, max_cached: int = 100_000) -> None:
+        self._pool = pool
+        self._ids: dict[str, int] = {}
+        self._max = max_cached
+
+    async def ids(self, names: Iterable[str]) -> dict[str, int]:
+        wanted = set(names)
+        missing = [n for n in wanted if n not in self._ids]
+        if missing:
+            if len(self._ids) + len(missing) > self._max:
+                self._ids.clear()
+            now = int(time.time() * 1000)
+            async with self._pool.acquire() as conn, conn.cursor() as cur:
+                await cur.executemany(
+                    "INSERT IGNORE INTO rooms (name, created_at, last_message_at) VALUES (%s, %s, %s)",
+                    [(n, now, now) for n in missing],
+                )
+                await cur.execute(
+                    "SELECT name, id FROM rooms WHERE name IN (" + ",".join(["%s"] * len(missing)) + ")",
+                    missing,
+                )
+                self._ids.update({name: int(rid) for name, rid in await cur.fetchall()})
+        return {n: self._ids[n] for n in wanted}
+
+    async def id(self, name: str) -> int:
+        return (await self.ids([name]))[name]
+
+    async def lookup(self, name: str) -> int | None:
+        """The id of a room without registering it (history reads)."""
+        if name in self._ids:
+            return self._ids[name]
+        async with self._pool.acquire() as conn, conn.cursor() as cur:
+            await cur.execute("SELECT id FROM rooms WHERE name = %s", (name,))
+            row = await cur.fetchone()
+        if row is None:
+            return None
+        self._ids[name] = int(row[0])
+        return int(row[0])

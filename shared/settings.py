@@ -1,0 +1,100 @@
+"""Every tunable of roomcast in one typed object, read from the environment once.
+
+Services take a `Settings` and pass it down; nothing else reads the environment. The environment
+variable of a field is its name in upper case (`buffer_cap` -> `BUFFER_CAP`).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DAY_S = 24 * 3600
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore", frozen=True)
+
+    # --- identity and logging
+    node_id: str = Field("", description="Name of this process in logs and metrics; empty: host:port")
+    log_level: str = "INFO"
+    log_json: bool = True
+
+    # --- Kafka (the durable log)
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    kafka_topic: str = "chat.messages"
+    kafka_partitions: int = Field(8, ge=1, description="Fixed at topic creation: changing it remaps rooms")
+    kafka_replication: int = Field(1, ge=1)
+    kafka_topic_retention_ms: int = Field(14 * DAY_S * 1000, description="Must exceed redis_retention_s")
+    kafka_idempotence: bool = Field(False, description="On for Apache Kafka; Tansu lacks InitProducerId")
+    kafka_linger_ms: int = Field(1, ge=0)
+    kafka_request_timeout_ms: int = Field(5000, ge=100)
+    kafka_fetch_max_wait_ms: int = Field(10, ge=0, description="Fan-out latency vs broker CPU trade")
+    kafka_session_timeout_ms: int = Field(10000, ge=1000)
+    kafka_heartbeat_interval_ms: int = Field(3000, ge=100)
+    kafka_persister_group: str = "persister"
+
+    # --- Redis (write buffer + cache of the newest messages)
+    redis_url: str = "redis://127.0.0.1:6380/0"
+    redis_prefix: str = Field("rc", description="Key prefix, so several deployments or tests share a Redis")
+    buffer_cap: int = Field(200, ge=2, description="A room's list past this many messages gets flushed")
+    flush_chunk: int = Field(100, ge=1, description="Oldest messages moved to MySQL in one batch")
+    redis_retention_s: int = Field(7 * DAY_S, ge=1, description="Messages older than this leave Redis")
+    persister_backlog_budget: int = Field(
+        500_000, ge=1, description="Messages buffered past the cap (MySQL down) before consuming pauses"
+    )
+    persister_batch_max: int = Field(500, ge=1, description="Kafka records applied per Redis round trip")
+    dedupe_ttl_s: int = Field(3600, ge=1, description="How long a (user, client_msg_id) is remembered")
+
+    # --- MySQL (the archive)
+    mysql_dsn: str = "mysql://root:@127.0.0.1:3306/roomcast"
+    mysql_pool_max: int = Field(10, ge=1)
+
+    # --- sweeper (retention)
+    sweep_policy: Literal["message", "list"] = Field(
+        "message", description="message: only old messages leave Redis; list: idle rooms leave whole"
+    )
+    sweep_chunk: int = Field(100, ge=1, description="Rooms read per MySQL query while walking rooms")
+    sweep_pause_s: float = Field(0.05, ge=0, description="Sleep between room chunks")
+    sweep_interval_s: float = Field(300.0, gt=0, description="Time between sweeps when running continuously")
+
+    # --- gateway
+    host: str = "127.0.0.1"
+    port: int = 8001
+    jwt_secret: SecretStr = SecretStr("roomcast-dev-secret-change-me-in-production")
+    jwt_algorithm: Literal["HS256", "HS384", "HS512"] = "HS256"
+    token_ttl_s: int = Field(24 * 3600, ge=1, description="Lifetime of tokens minted by `roomcast token`")
+    dev_mode: bool = Field(False, description="Serves /dev/token for the chat page; never in production")
+    allowed_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Comma-separated browser Origins allowed; empty: any"
+    )
+    send_queue_max: int = Field(1000, ge=1, description="Frames queued per connection before it is closed 4008")
+    max_frame_bytes: int = Field(64 * 1024, ge=256)
+    max_body_chars: int = Field(4000, ge=1)
+    max_rooms_per_conn: int = Field(100, ge=1)
+    max_conns_per_user: int = Field(50, ge=1)
+    send_rate_per_s: float = Field(50.0, gt=0)
+    send_burst: int = Field(100, ge=1)
+    history_limit_default: int = Field(50, ge=1)
+    history_limit_max: int = Field(200, ge=1)
+    recovery_wait_s: float = Field(5.0, gt=0, description="How long a resume waits for the persister")
+    ready_max_lag: int = Field(10_000, ge=0, description="Fan-out lag (records) past which /readyz fails")
+    ready_stall_s: float = Field(30.0, gt=0, description="Fan-out silent this long while lagging: not ready")
+    drain_grace_s: float = Field(10.0, ge=0)
+    ping_interval_s: float = Field(20.0, gt=0)
+    metrics_port: int = Field(0, ge=0, description="Persister/sweeper Prometheus port; 0: none")
+
+    @field_validator("allowed_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, v: object) -> object:
+        return [s.strip() for s in v.split(",") if s.strip()] if isinstance(v, str) else v
+
+    def model_post_init(self, __context: object) -> None:
+        if self.flush_chunk > self.buffer_cap:
+            raise ValueError("flush_chunk must not exceed buffer_cap")
+
+    @property
+    def name(self) -> str:
+        return self.node_id or f"{self.host}:{self.port}"
