@@ -50,6 +50,8 @@ class Persister:
     # --- partition ownership
     async def take_partitions(self, tps: Iterable[TopicPartition]) -> None:
         assert self.consumer is not None
+        tps = list(tps)
+        self.consumer.pause(*tps)  # nothing of these partitions is consumed before its seek
         for tp in tps:
             mark = await self._retry_redis(self.buffer.mark, tp.partition)
             self.expected[tp.partition] = mark
@@ -60,6 +62,8 @@ class Persister:
             for room in await self._retry_redis(self.buffer.over_cap_rooms, tp.partition, 10_000):
                 self.to_flush.add(room)
             log.info("partition taken", extra={"partition": tp.partition, "mark": mark})
+        if not self.paused:
+            self.consumer.resume(*tps)
         self.flush_wakeup.set()
 
     def drop_partitions(self, tps: Iterable[TopicPartition]) -> None:
@@ -74,6 +78,8 @@ class Persister:
             for tp, records in batch.items():
                 if tp.partition in self.expected:
                     await self.apply(tp, records)
+                elif tp in self.consumer.assignment():  # fetched before its seek: read it again
+                    self.consumer.seek(tp, records[0].offset)
             if batch:
                 with contextlib.suppress(KafkaError):
                     await self.consumer.commit()

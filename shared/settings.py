@@ -95,6 +95,19 @@ class Settings(BaseSettings):
         if self.flush_chunk > self.buffer_cap:
             raise ValueError("flush_chunk must not exceed buffer_cap")
 
+    def to_env(self) -> dict[str, str]:
+        """These settings as the environment of a child process."""
+        env = {}
+        for key, value in self.model_dump().items():
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            elif isinstance(value, list):
+                value = ",".join(value)
+            elif isinstance(value, bool):
+                value = "true" if value else "false"
+            env[key.upper()] = str(value)
+        return env
+
     @property
     def name(self) -> str:
         return self.node_id or f"{self.host}:{self.port}"

@@ -1,0 +1,466 @@
+"""The roomcast Python client: one WebSocket session that outlives the gateway it is connected to.
+
+On a lost connection it reconnects (full-jitter back-off, URLs in rotation), re-joins every room
+with the last cursor it received (the server replays what was missed) and resends every un-acked
+send with the same client_msg_id (the server acknowledges a repeat without storing it twice).
+A replay may overlap live delivery, so messages are dropped by id and by cursor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import random
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote
+
+import orjson
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+
+log = logging.getLogger("roomcast.client")
+
+Frame = dict[str, Any]
+OnMessage = Callable[[Frame], Awaitable[None] | None]
+
+BAD_TOKEN, DRAINING, TOO_SLOW = 1008, 1012, 4008
+RESUME_SOON = frozenset({DRAINING, TOO_SLOW})  # the server asks us to come back: no growing back-off
+RETRIABLE = frozenset({"unavailable", "rate_limited", "connection_lost"})
+
+
+class RoomcastError(Exception):
+    """An `error` frame from the server, or a failure of the client itself."""
+
+    def __init__(self, code: str, reason: str = "", frame: Frame | None = None) -> None:
+        super().__init__(f"{code}: {reason}" if reason else code)
+        self.code, self.reason, self.frame = code, reason, frame or {}
+        self.retriable = code in RETRIABLE
+
+
+class AuthError(RoomcastError):
+    """The server refused the token (close 1008, HTTP 401/403): retrying will not help."""
+
+    def __init__(self, reason: str = "") -> None:
+        super().__init__("auth", reason)
+
+
+class ConnectionLost(RoomcastError):
+    def __init__(self, reason: str = "") -> None:
+        super().__init__("connection_lost", reason)
+
+
+class ClientClosed(RoomcastError):
+    def __init__(self) -> None:
+        super().__init__("closed", "the client was closed")
+
+
+def _offset(cursor: object) -> int | None:
+    """The offset of a 'partition-offset' cursor, or None; lenient, since cursors are the server's."""
+    if not isinstance(cursor, str):
+        return None
+    _, sep, off = cursor.partition("-")
+    try:
+        return int(off) if sep else None
+    except ValueError:
+        return None
+
+
+@dataclass
+class _Room:
+    window: int
+    cursor: str = ""  # last cursor received; "" = none yet
+    confirmed: int = 0  # the connection whose `joined` frame we last got (0: never joined)
+    _order: deque[str] = field(default_factory=deque)
+    _ids: set[str] = field(default_factory=set)
+
+    def set_cursor(self, cursor: str) -> None:
+        if _offset(cursor) is not None:
+            self.cursor = cursor
+
+    def accept(self, msg_id: str, cursor: str) -> bool:
+        """False for a repeat: an id seen recently, or a position at or before the last one."""
+        offset, last = _offset(cursor), _offset(self.cursor)
+        if msg_id in self._ids or (offset is not None and last is not None and offset <= last):
+            return False
+        if len(self._order) >= self.window:
+            self._ids.discard(self._order.popleft())
+        self._order.append(msg_id)
+        self._ids.add(msg_id)
+        self.set_cursor(cursor)
+        return True
+
+
+@dataclass
+class _Send:
+    cmid: str
+    frame: str
+    future: asyncio.Future[Frame]
+    gen: int = 0  # the connection it was last written on (0: not yet written)
+    attempts: int = 0  # `unavailable` answers so far
+    timer: asyncio.TimerHandle | None = None
+
+
+class RoomcastClient:
+    """`async with RoomcastClient(urls, token) as c:` then join/send/history, and read messages with
+    `async for m in c.messages()` or `on_message=` (sync or async). Without on_message, unread
+    messages queue up to max_queue, then the client stops reading (acks too) until you catch up."""
+
+    def __init__(
+        self,
+        urls: list[str] | str,
+        token: str | Callable[[], str],
+        *,
+        reconnect: bool = True,
+        backoff_base: float = 0.2,
+        backoff_max: float = 5.0,
+        on_message: OnMessage | None = None,
+        request_timeout: float = 10.0,
+        open_timeout: float = 5.0,
+        max_queue: int = 10_000,
+        dedupe_window: int = 10_000,
+    ) -> None:
+        self._urls = [urls] if isinstance(urls, str) else list(urls)
+        if not self._urls:
+            raise ValueError("at least one URL is needed")
+        self._token = token
+        self._reconnect, self._base, self._max = reconnect, backoff_base, backoff_max
+        self._on_message = on_message
+        self._timeout, self._open_timeout, self._window = request_timeout, open_timeout, dedupe_window
+        # without on_message, received messages wait here; a full queue stops reading (back-pressure)
+        self._inbox: asyncio.Queue[Frame | None] = asyncio.Queue(max_queue)
+        self._rooms: dict[str, _Room] = {}
+        self._sends: dict[str, _Send] = {}
+        self._joins: dict[str, list[asyncio.Future[Frame]]] = {}
+        # (answer type, room) -> requests awaiting that answer, oldest first: (frame, future)
+        self._requests: dict[tuple[str, str], deque[tuple[str, asyncio.Future[Frame]]]] = {}
+        self._out: asyncio.Queue[str] | None = None  # the current connection's outgoing frames
+        self._gen = 0
+        self._join_timer: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._done = False
+        self.error: RoomcastError | None = None  # why the client stopped, when it was not closed
+        self.reconnects = self.resends = self.duplicates_dropped = 0
+        self.gaps = 0  # re-joins the server could not fully replay (`recovered: false`)
+        self.errors = 0  # error frames that matched no pending send
+
+    # --- lifecycle
+    async def start(self) -> None:
+        """Connect and see the server answer a ping (a refused token closes the socket first).
+        Raises AuthError, ConnectionLost, or TimeoutError after request_timeout."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="roomcast-client")
+        try:
+            await self.ping()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self._finish(ClientClosed())
+
+    async def __aenter__(self) -> RoomcastClient:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # --- requests
+    async def join(self, room: str, cursor: str | None = None) -> Frame:
+        """Subscribe; with a cursor, the server first replays every message after it."""
+        state = self._rooms.setdefault(room, _Room(self._window))
+        if cursor:
+            state.set_cursor(cursor)
+        fut = self._future()
+        self._joins.setdefault(room, []).append(fut)
+        self._write(self._join_frame(room, state))
+        try:
+            return await asyncio.wait_for(fut, self._timeout)
+        except BaseException:
+            if not state.confirmed and self._rooms.get(room) is state:
+                del self._rooms[room]  # never joined: do not re-join it on every reconnect
+            raise
+
+    async def leave(self, room: str) -> None:
+        for fut in self._joins.pop(room, []):
+            fut.cancel()
+        if self._rooms.pop(room, None) is not None:
+            self._write(orjson.dumps({"type": "leave", "room": room}).decode())
+
+    def send_nowait(self, room: str, body: str, client_msg_id: str | None = None) -> asyncio.Future[Frame]:
+        """Queue a send; the future resolves to its `ack`. Many may be in flight at once."""
+        cmid = client_msg_id or uuid.uuid4().hex
+        if cmid in self._sends:
+            return self._sends[cmid].future
+        pending = _Send(cmid, orjson.dumps({"type": "send", "room": room, "client_msg_id": cmid,
+                                      "body": body}).decode(), self._future())
+        self._sends[cmid] = pending
+        pending.future.add_done_callback(lambda _: self._forget(pending))
+        self._write_send(pending)
+        return pending.future
+
+    async def send(self, room: str, body: str, client_msg_id: str | None = None) -> Frame:
+        return await self.send_nowait(room, body, client_msg_id)
+
+    async def history(self, room: str, before: str | None = None, limit: int = 50) -> Frame:
+        frame: Frame = {"type": "history", "room": room, "limit": limit}
+        if before:
+            frame["before"] = before
+        return await self._request(("history", room), orjson.dumps(frame).decode())
+
+    async def ping(self) -> float:
+        """Round-trip time in seconds."""
+        t0 = time.monotonic()
+        await self._request(("pong", ""), '{"type":"ping"}')
+        return time.monotonic() - t0
+
+    def cursor(self, room: str) -> str:
+        """The last cursor received in a joined room ("" when none)."""
+        state = self._rooms.get(room)
+        return state.cursor if state is not None else ""
+
+    def messages(self) -> AsyncIterator[Frame]:
+        return self
+
+    def __aiter__(self) -> AsyncIterator[Frame]:
+        return self
+
+    async def __anext__(self) -> Frame:
+        """The next received message; ends when the client closes, raises why it stopped."""
+        frame = None if self._done and self._inbox.empty() else await self._inbox.get()
+        if frame is None:
+            with contextlib.suppress(asyncio.QueueFull):
+                self._inbox.put_nowait(None)  # wake any other reader too
+            if self.error is not None:
+                raise self.error
+            raise StopAsyncIteration
+        return frame
+
+    # --- the connection loop
+    async def _run(self) -> None:
+        index, attempt, auth_strikes = random.randrange(len(self._urls)), 0, 0
+        try:
+            while True:
+                code, healthy = await self._connect_once(self._urls[index])
+                if healthy:
+                    attempt, auth_strikes = 0, 0
+                if code == BAD_TOKEN:
+                    auth_strikes += 1  # a token callable gets one chance to mint a fresh token
+                    if isinstance(self._token, str) or auth_strikes > 1:
+                        raise AuthError("the server refused the token (1008)")
+                if not self._reconnect:
+                    raise ConnectionLost(f"connection closed (code {code})")
+                index = (index + 1) % len(self._urls)
+                await asyncio.sleep(self._backoff(0 if code in RESUME_SOON else attempt))
+                attempt += 1
+        except RoomcastError as e:
+            self._finish(e)
+        except Exception as e:
+            log.exception("roomcast client crashed")
+            self._finish(ConnectionLost(f"client crashed: {e!r}"))
+            raise
+
+    async def _connect_once(self, url: str) -> tuple[int | None, bool]:
+        """One connection's life: (its close code or None if it never opened, whether frames came)."""
+        token = self._token() if callable(self._token) else self._token
+        try:
+            ws = await connect(f"{url.rstrip('/')}/ws?v=1&token={quote(token, safe='')}",
+                               open_timeout=self._open_timeout)
+        except InvalidStatus as e:
+            if e.response.status_code in (401, 403):
+                return BAD_TOKEN, False
+            log.warning("connect %s: %s", url, e)
+            return None, False
+        except (OSError, TimeoutError, InvalidHandshake) as e:
+            log.warning("connect %s: %s", url, e)
+            return None, False
+        healthy = False
+        writer = asyncio.create_task(self._writer(ws, self._resume()), name="roomcast-writer")
+        try:
+            async for raw in ws:
+                healthy = True
+                await self._dispatch(orjson.loads(raw))
+        except ConnectionClosed:
+            pass
+        finally:
+            self._out = None
+            writer.cancel()
+            await asyncio.gather(writer, return_exceptions=True)
+            await ws.close()
+        return ws.close_code, healthy
+
+    def _resume(self) -> asyncio.Queue[str]:
+        """A new connection: re-join every room at its cursor, then repeat what is unanswered."""
+        self._gen += 1
+        if self._gen > 1:
+            self.reconnects += 1
+        self._out = asyncio.Queue()
+        self._rejoin_unconfirmed(self._gen)
+        for key, waiting in self._requests.items():
+            self._requests[key] = deque((t, f) for t, f in waiting if not f.done())
+            for text, _ in self._requests[key]:
+                self._write(text)
+        for pending in self._sends.values():
+            self._write_send(pending)
+        return self._out
+
+    def _rejoin_unconfirmed(self, gen: int) -> None:
+        """(Re-)join every room not confirmed on this connection. Repeated every request_timeout:
+        a failed join's error frame names no room, so silence is all there is to go by."""
+        if gen != self._gen or self._out is None:
+            return
+        missing = [(room, state) for room, state in self._rooms.items() if state.confirmed != gen]
+        for room, state in missing:
+            self._write(self._join_frame(room, state))
+        if missing:
+            self._join_timer = asyncio.get_running_loop().call_later(
+                self._timeout, self._rejoin_unconfirmed, gen)
+
+    @staticmethod
+    async def _writer(ws: ClientConnection, out: asyncio.Queue[str]) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                await ws.send(await out.get())
+
+    # --- frames from the server
+    async def _dispatch(self, frame: Frame) -> None:
+        kind = frame.get("type")
+        if kind == "message":
+            await self._on_message_frame(frame)
+        elif kind == "ack":
+            pending = self._sends.pop(frame.get("client_msg_id", ""), None)
+            if pending is not None and not pending.future.done():
+                pending.future.set_result(frame)
+        elif kind == "joined":
+            self._on_joined(frame)
+        elif kind in ("history", "pong"):
+            self._resolve_first(self._requests.get((kind, frame.get("room", "")), deque()), frame)
+        elif kind == "error":
+            self._on_error(frame)
+        # other types (e.g. `left`) need nothing from us
+
+    async def _on_message_frame(self, frame: Frame) -> None:
+        state = self._rooms.get(frame.get("room", ""))
+        if state is None:  # left meanwhile
+            return
+        if not state.accept(frame.get("id", ""), frame.get("cursor", "")):
+            self.duplicates_dropped += 1
+            return
+        if self._on_message is None:
+            await self._inbox.put(frame)
+        elif inspect.isawaitable(result := self._on_message(frame)):
+            await result
+
+    def _on_joined(self, frame: Frame) -> None:
+        room = frame.get("room", "")
+        state = self._rooms.get(room)
+        if state is not None:
+            state.confirmed = self._gen
+            if not state.cursor:
+                state.set_cursor(frame.get("cursor", ""))
+        if frame.get("recovered") is False:
+            self.gaps += 1
+            log.warning("room %s: the server could not replay every missed message", room)
+        for fut in self._joins.pop(room, []):
+            if not fut.done():
+                fut.set_result(frame)
+
+    def _on_error(self, frame: Frame) -> None:
+        err = RoomcastError(str(frame.get("code")), str(frame.get("reason", "")), frame)
+        ref = frame.get("ref")
+        pending = self._sends.get(ref) if isinstance(ref, str) else None
+        if pending is None:
+            # join/history/leave errors carry no ref in v1: nothing to match them with
+            self.errors += 1
+            log.warning("server error: %s", err)
+        elif err.code == "unavailable":  # nothing was published: keep it and try again later
+            pending.attempts += 1
+            if pending.timer is not None:
+                pending.timer.cancel()
+            pending.timer = asyncio.get_running_loop().call_later(
+                self._backoff(pending.attempts), self._retry, pending, pending.gen)
+        else:
+            self._forget(pending)
+            pending.future.set_exception(err)
+
+    # --- helpers
+    async def _request(self, answer: tuple[str, str], text: str) -> Frame:
+        """Send a request answered by the next frame of type answer[0] for room answer[1]."""
+        fut = self._future()
+        self._requests.setdefault(answer, deque()).append((text, fut))
+        self._write(text)
+        return await asyncio.wait_for(fut, self._timeout)
+
+    def _retry(self, pending: _Send, gen: int) -> None:
+        pending.timer = None
+        if pending.gen == gen and not pending.future.done():  # else a reconnect already resent it
+            self._write_send(pending)
+
+    def _write_send(self, pending: _Send) -> None:
+        if self._out is not None:
+            if pending.gen:
+                self.resends += 1
+            pending.gen = self._gen
+            self._out.put_nowait(pending.frame)
+
+    def _write(self, text: str) -> None:
+        if self._out is not None:
+            self._out.put_nowait(text)
+
+    @staticmethod
+    def _join_frame(room: str, state: _Room) -> str:
+        frame = {"type": "join", "room": room}
+        if state.cursor:
+            frame["cursor"] = state.cursor
+        return orjson.dumps(frame).decode()
+
+    @staticmethod
+    def _resolve_first(waiting: deque[tuple[str, asyncio.Future[Frame]]], frame: Frame) -> None:
+        while waiting:
+            _, fut = waiting.popleft()
+            if not fut.done():
+                fut.set_result(frame)
+                return
+
+    def _forget(self, pending: _Send) -> None:
+        if self._sends.get(pending.cmid) is pending:
+            del self._sends[pending.cmid]
+
+    def _backoff(self, attempt: int) -> float:
+        return random.uniform(0, min(self._max, self._base * 2 ** min(attempt, 30)))
+
+    def _future(self) -> asyncio.Future[Any]:
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        if self._done:
+            fut.set_exception(self.error or ClientClosed())
+        return fut
+
+    def _finish(self, err: RoomcastError) -> None:
+        """Stop for good: fail everything still waiting, end the message iterators."""
+        if self._done:
+            return
+        self._done, self._out = True, None
+        if not isinstance(err, ClientClosed):
+            self.error = err
+        for timer in [self._join_timer, *(p.timer for p in self._sends.values())]:
+            if timer is not None:
+                timer.cancel()
+        waiting: list[asyncio.Future[Any]] = [p.future for p in self._sends.values()]
+        waiting += [f for fs in self._joins.values() for f in fs]
+        waiting += [f for q in self._requests.values() for _, f in q]
+        for fut in waiting:
+            if not fut.done():
+                fut.set_exception(err)
+                fut.exception()  # retrieved: nobody may be awaiting it any more
+        with contextlib.suppress(asyncio.QueueFull):
+            self._inbox.put_nowait(None)

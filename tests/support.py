@@ -1,0 +1,145 @@
+"""Helpers shared by the integration, end-to-end and fault tests."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import websockets
+from websockets.asyncio.client import ClientConnection
+
+from shared import localstack
+from shared.auth import mint_token
+from shared.localstack import Proc
+from shared.services import start_gateway, start_persister
+from shared.settings import Settings
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 30.0, every: float = 0.1,
+                     what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await check():
+            return
+        await asyncio.sleep(every)
+    raise AssertionError(f"{what} not reached within {timeout}s")
+
+
+@dataclass
+class Cluster:
+    """Two gateway processes and a persister, on free ports, for one test's settings."""
+
+    settings: Settings
+    log_dir: Path
+    gateways: list[Proc] = field(default_factory=list)
+    persister: Proc | None = None
+    persister_metrics: int = 0
+
+    def start(self, gateways: int = 2, persister: bool = True) -> Cluster:
+        for _ in range(gateways):
+            self.add_gateway()
+        if persister:
+            self.start_persister()
+        return self
+
+    def add_gateway(self) -> Proc:
+        port = localstack.free_port()
+        proc = start_gateway(self.settings, port, self.log_dir, name=f"{self.settings.redis_prefix}-gw{port}")
+        self.gateways.append(proc)
+        return proc
+
+    def start_persister(self) -> Proc:
+        self.persister_metrics = self.persister_metrics or localstack.free_port()
+        self.persister = start_persister(self.settings, self.log_dir, name=f"{self.settings.redis_prefix}-persister",
+                                         metrics_port=self.persister_metrics)
+        return self.persister
+
+    def url(self, i: int) -> str:
+        return f"ws://127.0.0.1:{self.gateways[i].ports[0]}"
+
+    def http(self, i: int) -> str:
+        return f"http://127.0.0.1:{self.gateways[i].ports[0]}"
+
+    def stop(self) -> None:
+        for p in [*self.gateways, *([self.persister] if self.persister else [])]:
+            p.stop()
+
+
+class Peer:
+    """A raw v1 protocol client for tests that need frame-level control."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+        self.frames: list[dict[str, Any]] = []
+        self._new = asyncio.Event()
+        self._reader = asyncio.create_task(self._read())
+        self.closed_code: int | None = None
+
+    @classmethod
+    async def connect(cls, url: str, token: str) -> Peer:
+        return cls(await websockets.connect(f"{url}/ws?v=1&token={token}", max_size=2**22))
+
+    async def _read(self) -> None:
+        try:
+            async for raw in self.ws:
+                self.frames.append(orjson.loads(raw))
+                self._new.set()
+        except websockets.ConnectionClosed:
+            pass
+        finally:
+            self.closed_code = self.ws.close_code
+            self._new.set()
+
+    async def send(self, frame: dict[str, Any]) -> None:
+        await self.ws.send(orjson.dumps(frame).decode())
+
+    async def wait_for(self, pred: Callable[[dict[str, Any]], bool], timeout: float = 10.0,
+                       start: int = 0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        seen = start
+        while True:
+            for f in self.frames[seen:]:
+                if pred(f):
+                    return f
+            seen = len(self.frames)
+            if self._reader.done():
+                raise AssertionError(f"connection closed ({self.closed_code}) while waiting")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"no matching frame within {timeout}s; last: {self.frames[-3:]}")
+            self._new.clear()
+            try:
+                await asyncio.wait_for(self._new.wait(), remaining)
+            except TimeoutError:
+                pass
+
+    async def join(self, room: str, cursor: str | None = None) -> dict[str, Any]:
+        frame: dict[str, Any] = {"type": "join", "room": room}
+        if cursor is not None:
+            frame["cursor"] = cursor
+        n = len(self.frames)
+        await self.send(frame)
+        return await self.wait_for(lambda f: f.get("room") == room and f["type"] in ("joined", "error"), start=n)
+
+    def messages(self, room: str | None = None) -> list[dict[str, Any]]:
+        return [f for f in self.frames if f["type"] == "message" and (room is None or f["room"] == room)]
+
+    def acks(self) -> list[dict[str, Any]]:
+        return [f for f in self.frames if f["type"] == "ack"]
+
+    async def close(self) -> None:
+        await self.ws.close()
+        await asyncio.gather(self._reader, return_exceptions=True)
+
+
+def token(settings: Settings, user: str, **kw: Any) -> str:
+    return mint_token(settings, user, **kw)
+
+
+def offset(cursor: str) -> int:
+    return int(cursor.split("-", 1)[1])

@@ -1,0 +1,229 @@
+"""shared.localstack against the real binaries: Tansu, weed, redis-server, mariadbd.
+
+Every server runs on free ports in a temporary folder, so these tests can run beside a
+`make run` cluster and the machine's shared Redis (6379) / MariaDB (3306), which they never touch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pymysql
+import pytest
+import redis
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from shared import localstack as ls
+
+
+@pytest.fixture
+def procs() -> Iterator[list[ls.Proc]]:
+    """Processes a test starts: stopped afterwards; then no child of ours may be left running."""
+    me = psutil.Process()
+    before = {c.pid for c in me.children(recursive=True)}
+    started: list[ls.Proc] = []
+    yield started
+    for p in reversed(started):
+        p.stop(timeout=10)
+    left = [c for c in me.children(recursive=True) if c.pid not in before and c.status() != "zombie"]
+    assert not left, f"processes left running: {[(c.pid, c.name()) for c in left]}"
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def test_wait_port_reports_exit_with_log_tail(tmp_path: Path, procs: list[ls.Proc]) -> None:
+    p = ls.start_process("boom", ["sh", "-c", "echo it went boom; exit 3"], tmp_path)
+    procs.append(p)
+    with pytest.raises(ls.LocalStackError, match=r"(?s)exited with code 3.*it went boom"):
+        ls.wait_port(ls.LOCALHOST, ls.free_port(), timeout=10, proc=p)
+    assert p.stop() == 3 and p.stop() == 3  # stopping twice is fine
+
+
+def test_wait_port_times_out(tmp_path: Path, procs: list[ls.Proc]) -> None:
+    p = ls.start_process("sleeper", ["sleep", "30"], tmp_path)
+    procs.append(p)
+    with pytest.raises(ls.LocalStackError, match="timed out"):
+        ls.wait_port(ls.LOCALHOST, ls.free_port(), timeout=0.3, proc=p)
+    assert p.alive
+    p.kill()
+    assert not p.alive and p.kill() == -9
+
+
+def test_ensure_installed_names_the_apt_command() -> None:
+    assert ls.ensure_installed(["redis-server", "mariadbd", "mariadb-install-db"]) is None
+    cmd = ls.ensure_installed(["no-such-binary-rc", "redis-server", "no-such-binary-rc"])
+    assert cmd is not None and cmd.endswith("apt-get install -y no-such-binary-rc")
+    assert ls.missing_packages(["no-such-mariadbd"]) == ["no-such-mariadbd"]
+    assert ls.tansu_binary().is_file()
+
+
+# ----------------------------------------------------------------------------- Tansu
+
+
+async def _produce(bootstrap: str, topic: str, values: list[bytes]) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=False, acks="all")
+    await producer.start()
+    try:
+        for v in values:
+            await producer.send_and_wait(topic, v, partition=0)
+    finally:
+        await producer.stop()
+
+
+async def _create_topic(bootstrap: str, topic: str) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])
+    finally:
+        await admin.close()
+
+
+async def _consume(bootstrap: str, topic: str, n: int, group: str | None = None) -> list[bytes]:
+    """Read ``n`` messages: from the start (no group) or from the group's committed offset."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        group_id=group,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        session_timeout_ms=2000,
+        heartbeat_interval_ms=300,
+    )
+    await consumer.start()
+    out: list[bytes] = []
+    try:
+        if group is None:
+            consumer.assign([TopicPartition(topic, 0)])
+        else:
+            consumer.subscribe([topic])
+        async with asyncio.timeout(20):
+            while len(out) < n:
+                for batch in (await consumer.getmany(timeout_ms=200)).values():
+                    out += [m.value for m in batch if m.value is not None]
+        if group is not None:
+            await consumer.commit()
+    finally:
+        await consumer.stop()
+    return out
+
+
+async def test_tansu_memory_produce_consume_and_pidfile(tmp_path: Path, procs: list[ls.Proc]) -> None:
+    port = ls.free_port()
+    tansu = ls.start_tansu_memory(port, tmp_path / "log")
+    procs.append(tansu)
+    assert ls.port_open(ls.LOCALHOST, port)
+    with pytest.raises(ls.LocalStackError, match="already in use"):
+        ls.start_tansu_memory(port, tmp_path / "log")
+    bootstrap = f"127.0.0.1:{port}"
+    await _create_topic(bootstrap, "t.localstack")
+    await _produce(bootstrap, "t.localstack", [b"hello"])
+    assert await _consume(bootstrap, "t.localstack", 1) == [b"hello"]
+
+    # `make stop` path: the PID from a file, checked against the executable's name.
+    pidfile = tmp_path / "run" / "tansu.pid"
+    tansu.write_pidfile(pidfile)
+    assert not ls.stop_pid(tansu.pid, expect="redis-server")
+    assert tansu.alive
+    assert ls.stop_pidfile(pidfile, expect="tansu")
+    assert not pidfile.exists() and not ls.port_open(ls.LOCALHOST, port)
+    assert tansu.stop() == 0  # reaped: already stopped by PID
+
+
+@pytest.mark.faults
+async def test_tansu_on_seaweed_keeps_data_through_kill9(tmp_path: Path, procs: list[ls.Proc]) -> None:
+    ports = ls.WeedPorts.free()
+    weed = ls.start_seaweed(tmp_path / "weed", tmp_path / "log", ports=ports)
+    procs.append(weed)
+    assert ls.weed_bucket_exists(ports.filer, "tansu")
+    assert not ls.weed_bucket_exists(ports.filer, "no-such-bucket")
+    port = ls.free_port()
+    bootstrap = f"127.0.0.1:{port}"
+    tansu = ls.start_tansu_s3(port, tmp_path / "log", s3_port=ports.s3)
+    procs.append(tansu)
+
+    await _create_topic(bootstrap, "t.durable")
+    await _produce(bootstrap, "t.durable", [b"a", b"b"])
+    assert await _consume(bootstrap, "t.durable", 2, group="g") == [b"a", b"b"]  # commits offset 2
+
+    tansu.kill()
+    tansu = ls.start_tansu_s3(port, tmp_path / "log", s3_port=ports.s3)
+    procs.append(tansu)
+    await _produce(bootstrap, "t.durable", [b"c"])
+    assert await _consume(bootstrap, "t.durable", 3) == [b"a", b"b", b"c"]
+    assert await _consume(bootstrap, "t.durable", 1, group="g") == [b"c"]  # committed offset kept
+
+    weed.stop()
+    assert not ls.WeedPorts.leftover_sockets(ports)
+
+
+# ----------------------------------------------------------------------------- Redis
+
+
+@pytest.mark.faults
+def test_redis_aof_survives_sigkill(tmp_path: Path, procs: list[ls.Proc]) -> None:
+    port = ls.free_port()
+    data = tmp_path / "redis"
+    proc = ls.start_redis(port, data, tmp_path / "log", maxmemory="64mb")
+    procs.append(proc)
+    client = redis.Redis(host=ls.LOCALHOST, port=port)
+    try:
+        assert client.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
+        assert client.config_get("appendonly") == {"appendonly": "yes"}
+        assert client.config_get("save") == {"save": ""}
+        client.set("k", "v1")
+        client.rpush("buf", *[f"m{i}" for i in range(100)])
+        proc.kill()
+        assert not proc.alive
+
+        proc = ls.start_redis(port, data, tmp_path / "log")
+        procs.append(proc)
+        assert client.get("k") == b"v1"
+        assert client.llen("buf") == 100
+    finally:
+        client.close()
+    assert (data / "appendonlydir").is_dir() and not (data / "dump.rdb").exists()
+
+
+# ----------------------------------------------------------------------------- MariaDB
+
+
+@pytest.mark.faults
+@pytest.mark.timeout(180)
+def test_mariadb_datadir_survives_stop_and_kill(tmp_path: Path, procs: list[ls.Proc]) -> None:
+    port = ls.free_port()
+    data = tmp_path / "mysql"
+    proc = ls.start_mariadb(port, data, tmp_path / "log")
+    procs.append(proc)
+    assert ls.ensure_mysql_database(ls.LOCALHOST, port, "root", "", "roomcast") is True
+    assert ls.ensure_mysql_database(ls.LOCALHOST, port, "root", "", "roomcast") is False
+
+    def run(sql: str) -> list[tuple[object, ...]]:
+        conn = pymysql.connect(host=ls.LOCALHOST, port=port, user="root", password="", database="roomcast")
+        try:
+            with conn.cursor() as cur:
+                cur.execute(sql)
+                rows = list(cur.fetchall())
+            conn.commit()
+            return rows
+        finally:
+            conn.close()
+
+    run("CREATE TABLE t (id INT PRIMARY KEY, v VARCHAR(10)) ENGINE=InnoDB")
+    run("INSERT INTO t VALUES (1, 'one')")
+    assert proc.stop() == 0
+    assert not ls.port_open(ls.LOCALHOST, port)
+
+    proc = ls.start_mariadb(port, data, tmp_path / "log")  # reuses the datadir
+    procs.append(proc)
+    assert run("SELECT v FROM t") == [("one",)]
+    run("INSERT INTO t VALUES (2, 'two')")
+    proc.kill()  # committed rows survive a kill -9 (InnoDB redo log, flushed at commit)
+
+    proc = ls.start_mariadb(port, data, tmp_path / "log")
+    procs.append(proc)
+    assert run("SELECT v FROM t ORDER BY id") == [("one",), ("two",)]
