@@ -80,6 +80,9 @@ class Settings(BaseSettings):
     history_limit_default: int = Field(50, ge=1)
     history_limit_max: int = Field(200, ge=1)
     recovery_wait_s: float = Field(5.0, gt=0, description="How long a resume waits for the persister")
+    resume_max_messages: int = Field(
+        5000, ge=1, description="A resume that missed more replays nothing (recovered=false; page history)"
+    )
     ready_max_lag: int = Field(10_000, ge=0, description="Fan-out lag (records) past which /readyz fails")
     ready_stall_s: float = Field(30.0, gt=0, description="Fan-out silent this long while lagging: not ready")
     drain_grace_s: float = Field(10.0, ge=0)

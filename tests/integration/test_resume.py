@@ -1,0 +1,104 @@
+"""Issue 3: resume from a cursor (Redis and MySQL parts), and idempotent sends across nodes."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiomysql
+import pytest
+import redis.asyncio as aioredis
+
+from shared.settings import Settings
+from tests.support import Cluster, Peer, eventually, offset, token
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture
+def small(migrated: Settings) -> Settings:
+    return migrated.model_copy(update={"buffer_cap": 20, "flush_chunk": 10, "send_burst": 1000})
+
+
+@pytest.fixture
+def cluster(small: Settings, log_dir: Path) -> Iterator[Cluster]:
+    c = Cluster(small, log_dir).start()
+    yield c
+    c.stop()
+
+
+async def send_many(p: Peer, room: str, n: int, tag: str) -> list[dict]:
+    start = len(p.acks())
+    for i in range(n):
+        await p.send({"type": "send", "room": room, "client_msg_id": f"{tag}{i}", "body": f"{tag} {i}"})
+
+    async def acked() -> bool:
+        return len(p.acks()) >= start + n
+
+    await eventually(acked, 30, what=f"{n} acks")
+    return sorted(p.acks()[start:], key=lambda a: offset(a["cursor"]))
+
+
+@pytest.mark.parametrize("missed", [5, 100])  # 100 > cap: most of the gap is already in MySQL
+async def test_resume_replays_exactly_the_missed_messages_then_live(
+        cluster: Cluster, small: Settings, missed: int) -> None:
+    sender = await Peer.connect(cluster.url(0), token(small, "alice"))
+    b = await Peer.connect(cluster.url(1), token(small, "bob"))
+    await b.join("lobby")
+    await send_many(sender, "lobby", 3, "before")
+    await b.wait_for(lambda f: f["type"] == "message" and f["body"] == "before 2")
+    last = b.messages("lobby")[-1]["cursor"]
+    await b.close()
+
+    gap = await send_many(sender, "lobby", missed, "gap")
+    b2 = await Peer.connect(cluster.url(0), token(small, "bob"))  # the other node
+    joined = await b2.join("lobby", cursor=last)
+    assert joined["type"] == "joined" and joined["recovered"] is True
+    await send_many(sender, "lobby", 3, "after")
+    await b2.wait_for(lambda f: f["type"] == "message" and f["body"] == "after 2")
+    await asyncio.sleep(0.2)
+    got = b2.messages("lobby")
+    assert [m["id"] for m in got[:missed]] == [a["id"] for a in gap], "exactly the missed ones, in order"
+    assert [m["body"] for m in got[missed:]] == [f"after {i}" for i in range(3)]
+    offsets = [offset(m["cursor"]) for m in got]
+    assert offsets == sorted(set(offsets))
+    for p in (sender, b2):
+        await p.close()
+
+
+async def test_resume_with_an_invalid_cursor_is_live_only_and_says_not_recovered(
+        cluster: Cluster, small: Settings) -> None:
+    p = await Peer.connect(cluster.url(0), token(small, "carol"))
+    for bad in ("garbage", "99-5"):  # not a cursor; a cursor of another partition
+        joined = await p.join("lobby", cursor=bad)
+        assert joined["type"] == "joined" and joined["recovered"] is False
+    await p.close()
+
+
+async def test_a_resend_to_the_other_node_is_acked_with_the_first_ack_and_stored_once(
+        cluster: Cluster, small: Settings, redis: aioredis.Redis, mysql: aiomysql.Pool) -> None:
+    from shared.checker import stored_ids, stored_messages
+    from shared.keys import Keys
+
+    a = await Peer.connect(cluster.url(0), token(small, "dave"))
+    b = await Peer.connect(cluster.url(1), token(small, "dave"))
+    watcher = await Peer.connect(cluster.url(1), token(small, "erin"))
+    await watcher.join("lobby")
+    frame = {"type": "send", "room": "lobby", "client_msg_id": "same-key", "body": "once"}
+    await a.send(frame)
+    first = await a.wait_for(lambda f: f["type"] == "ack")
+    await b.send(frame)
+    second = await b.wait_for(lambda f: f["type"] == "ack")
+    assert first == second
+    await watcher.wait_for(lambda f: f["type"] == "message")
+    await asyncio.sleep(0.5)
+    assert len(watcher.messages("lobby")) == 1
+    keys = Keys(small.redis_prefix, small.kafka_partitions)
+
+    async def stored_once() -> bool:
+        return stored_ids(await stored_messages(redis, mysql, keys, "lobby")) == [first["id"]]
+
+    await eventually(stored_once, 10, what="stored exactly once")
+    for p in (a, b, watcher):
+        await p.close()
