@@ -8,6 +8,7 @@ waits for that ack instead of producing a second copy.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Awaitable
 from typing import Any
@@ -68,14 +69,16 @@ class Publisher:
         except (KafkaError, TimeoutError, OSError) as e:
             await self._forget(key)
             raise Unavailable(f"broker unavailable: {type(e).__name__}") from e
-        ack = {"type": "ack", "client_msg_id": msg.client_msg_id, "id": msg.id, "room": msg.room,
-               "cursor": str(Position(md.partition, md.offset)), "ts": msg.ts}
+        acked = dataclasses.replace(msg, position=Position(md.partition, md.offset))
+        ack_json = acked.ack()
         try:
-            await self.redis.set(key, orjson.dumps(ack), ex=self.s.dedupe_ttl_s)
+            # Only over our own claim: the persister may have recorded this ack already.
+            await self.redis.set(key, ack_json, ex=self.s.dedupe_ttl_s, xx=True)
         except (RedisError, OSError):
             pass  # the message is in Kafka: ack it; only a later resend's dedupe is weakened
         metrics.MESSAGES_IN.inc()
         metrics.SEND_ACK_SECONDS.observe(time.perf_counter() - t0)
+        ack: dict[str, object] = orjson.loads(ack_json)
         return ack
 
     async def _first_ack(self, key: str) -> dict[str, object]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio as aioredis
 
@@ -10,10 +11,14 @@ from shared.keys import Keys
 from shared.message import Message
 
 # One call per partition batch; every key carries the partition's hash tag.
-# KEYS: applied, newrooms, overcap, then per message: list, meta, seen.
-# ARGV: expected mark ('' when unknown), cap, seen ttl, then per message: offset, entry, ts, room, id.
+# KEYS: applied, newrooms, overcap, then per message: list, meta, seen, sent.
+# ARGV: expected mark ('' when unknown), cap, seen ttl, sent ttl, then per message: offset, entry,
+# ts, room, id, ack.
 # Returns {status, mark, room1, len1, room2, len2, ...}; status 0 = applied, 1 = the stored mark is
 # not the one expected (Redis lost data or another persister moved it): nothing applied, seek to mark+1.
+# A message is skipped when its id was appended already (a producer retry's copy) or when its
+# sender's (user, client_msg_id) is already acknowledged under another id (a resend that reached
+# Kafka twice). The ack is recorded, so a resend after a gateway crash finds the first ack.
 APPLY_BATCH = """
 local stored = redis.call('GET', KEYS[1])
 if ARGV[1] ~= '' and stored ~= ARGV[1] then
@@ -23,16 +28,20 @@ local mark = tonumber(stored or '-1')
 local cap = tonumber(ARGV[2])
 local out = {0, ''}
 local lens = {}
-local n = (#KEYS - 3) / 3
+local n = (#KEYS - 3) / 4
 for i = 0, n - 1 do
-  local off = tonumber(ARGV[4 + i * 5])
+  local a = 5 + i * 6
+  local off = tonumber(ARGV[a])
   if off > mark then
     mark = off
-    local list, meta, seen = KEYS[4 + i * 3], KEYS[5 + i * 3], KEYS[6 + i * 3]
-    local room, id, ts = ARGV[7 + i * 5], ARGV[8 + i * 5], ARGV[6 + i * 5]
-    if redis.call('SADD', seen, id) == 1 then
+    local list, meta, seen, sent = KEYS[4 + i * 4], KEYS[5 + i * 4], KEYS[6 + i * 4], KEYS[7 + i * 4]
+    local entry, ts, room, id, ack = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5]
+    local first_ack = redis.call('GET', sent)
+    local resent = first_ack and first_ack ~= 'pending' and not string.find(first_ack, id, 1, true)
+    if not resent and redis.call('SADD', seen, id) == 1 then
       redis.call('EXPIRE', seen, ARGV[3])
-      local len = redis.call('RPUSH', list, ARGV[5 + i * 5])
+      if not first_ack or first_ack == 'pending' then redis.call('SET', sent, ack, 'EX', ARGV[4]) end
+      local len = redis.call('RPUSH', list, entry)
       if len == 1 then redis.call('HSET', meta, 'first_ts', ts) end
       redis.call('HSET', meta, 'last_ts', ts)
       if redis.call('HSETNX', meta, 'reg', '1') == 1 then redis.call('SADD', KEYS[2], room) end
@@ -65,18 +74,22 @@ class Applied:
     lengths: dict[str, int]  # room -> list length after the appends
 
 
-def _int_or_none(raw: bytes | str | None) -> int | None:
+def _int_or_none(raw: Any) -> int | None:
     if raw in (None, b"", ""):
         return None
-    return int(raw)  # type: ignore[arg-type]
+    return int(raw)
+
+
+def _names(raw: Any) -> list[str]:
+    return [r.decode() if isinstance(r, bytes) else str(r) for r in raw or ()]
 
 
 class RedisBuffer:
-    def __init__(self, redis: aioredis.Redis, keys: Keys, cap: int, seen_ttl_s: int) -> None:
+    def __init__(self, redis: aioredis.Redis, keys: Keys, cap: int, dedupe_ttl_s: int) -> None:
         self._redis = redis
         self._keys = keys
         self._cap = cap
-        self._seen_ttl = seen_ttl_s
+        self._ttl = dedupe_ttl_s
         self._apply = redis.register_script(APPLY_BATCH)
         self._done_if_short = redis.register_script(DONE_IF_SHORT)
 
@@ -86,11 +99,11 @@ class RedisBuffer:
     async def apply(self, partition: int, expected: int | None, messages: list[Message]) -> Applied:
         k = self._keys
         keys = [k.applied(partition), k.new_rooms(partition), k.over_cap(partition)]
-        args: list[object] = ["" if expected is None else str(expected), self._cap, self._seen_ttl]
+        args: list[Any] = ["" if expected is None else str(expected), self._cap, self._ttl, self._ttl]
         for m in messages:
             assert m.position is not None and m.position.partition == partition
-            keys += [k.msgs(m.room), k.meta(m.room), k.seen(partition, m.ts)]
-            args += [m.position.offset, m.entry(), m.ts, m.room, m.id]
+            keys += [k.msgs(m.room), k.meta(m.room), k.seen(partition, m.ts), k.sent(m.room, m.user, m.client_msg_id)]
+            args += [m.position.offset, m.entry(), m.ts, m.room, m.id, m.ack()]
         res = await self._apply(keys=keys, args=args)
         status, mark = int(res[0]), _int_or_none(res[1])
         lens = {res[i].decode(): int(res[i + 1]) for i in range(2, len(res), 2)}
@@ -102,10 +115,10 @@ class RedisBuffer:
                                              args=[self._cap, room]))
 
     async def over_cap_rooms(self, partition: int, count: int) -> list[str]:
-        return [r.decode() for r in await self._redis.srandmember(self._keys.over_cap(partition), count)]
+        return _names(await self._redis.srandmember(self._keys.over_cap(partition), count))
 
     async def new_rooms(self, partition: int, count: int) -> list[str]:
-        return [r.decode() for r in await self._redis.srandmember(self._keys.new_rooms(partition), count)]
+        return _names(await self._redis.srandmember(self._keys.new_rooms(partition), count))
 
     async def registered(self, partition: int, rooms: list[str]) -> None:
         if rooms:

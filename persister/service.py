@@ -12,7 +12,9 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Iterable
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
@@ -31,6 +33,7 @@ from shared.runner import crash_on_failure
 from shared.settings import Settings
 
 log = logging.getLogger("roomcast.persister")
+T = TypeVar("T")
 
 
 class Persister:
@@ -73,7 +76,11 @@ class Persister:
     # --- the main loop
     async def consume(self, stop: asyncio.Event) -> None:
         assert self.consumer is not None
+        checked = time.monotonic()
         while not stop.is_set():
+            if time.monotonic() - checked > 1.0:
+                await self.check_marks()
+                checked = time.monotonic()
             batch = await self.consumer.getmany(timeout_ms=200, max_records=self.s.persister_batch_max)
             for tp, records in batch.items():
                 if tp.partition in self.expected:
@@ -84,6 +91,25 @@ class Persister:
                 with contextlib.suppress(KafkaError):
                     await self.consumer.commit()
             self._pause_or_resume()
+
+    async def check_marks(self) -> None:
+        """Notice a Redis that lost data (restart without AOF, FLUSHALL) even when no records arrive."""
+        assert self.consumer is not None
+        for tp in self.consumer.assignment():
+            if tp.partition in self.expected:
+                mark = await self._retry_redis(self.buffer.mark, tp.partition)
+                if mark != self.expected[tp.partition]:
+                    await self.rewind(tp, mark)
+
+    async def rewind(self, tp: TopicPartition, mark: int | None) -> None:
+        assert self.consumer is not None
+        log.warning("applied mark moved; replaying from Kafka",
+                    extra={"partition": tp.partition, "expected": self.expected.get(tp.partition), "stored": mark})
+        self.expected[tp.partition] = mark
+        if mark is None:
+            await self.consumer.seek_to_beginning(tp)
+        else:
+            self.consumer.seek(tp, mark + 1)
 
     async def apply(self, tp: TopicPartition, records: list[ConsumerRecord]) -> None:
         assert self.consumer is not None
@@ -97,14 +123,7 @@ class Persister:
             return
         res = await self._retry_redis(self.buffer.apply, tp.partition, self.expected.get(tp.partition), messages)
         if res.rewind:
-            log.warning("applied mark moved; replaying from Kafka",
-                        extra={"partition": tp.partition, "expected": self.expected.get(tp.partition),
-                               "stored": res.mark})
-            self.expected[tp.partition] = res.mark
-            if res.mark is None:
-                await self.consumer.seek_to_beginning(tp)
-            else:
-                self.consumer.seek(tp, res.mark + 1)
+            await self.rewind(tp, res.mark)
             return
         self.expected[tp.partition] = res.mark
         metrics.APPLIED.inc(len(messages))
@@ -175,7 +194,7 @@ class Persister:
                 log.warning("room registration failed; will retry", extra={"error": repr(e)})
                 return
 
-    async def _retry_redis(self, fn, *args):  # type: ignore[no-untyped-def]
+    async def _retry_redis(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
         delay = 0.05
         while True:
             try:
@@ -187,7 +206,7 @@ class Persister:
                 delay = min(delay * 2, 2.0)
 
 
-class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+class _Rebalance(ConsumerRebalanceListener):
     def __init__(self, persister: Persister) -> None:
         self.p = persister
 

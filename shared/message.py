@@ -61,6 +61,13 @@ class Message:
         return cls(d["id"], d["room"], d["user"], d["body"], int(d["ts"]), d.get("cmid", ""),
                    Position(int(part), int(off)))
 
+    def ack(self) -> bytes:
+        """The `ack` frame its sender got (or gets again for a resend of the same client_msg_id)."""
+        return orjson.dumps(
+            {"type": "ack", "client_msg_id": self.client_msg_id, "id": self.id, "room": self.room,
+             "cursor": self.cursor, "ts": self.ts}
+        )
+
     def frame(self) -> bytes:
         """The `message` frame sent to subscribers."""
         return b'{"type":"message",' + self.entry()[1:]
