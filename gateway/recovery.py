@@ -8,8 +8,8 @@ The order matters (DESIGN.md, delivery guarantee 3):
 4. read the stored messages with cursor < position < P: the Redis list from its newest end, then
    MySQL for the part older than the list (a mover inserts before it trims, so nothing falls
    between the two reads);
-5. send `joined`, the replay, the held live frames, and switch the room to live — steps 5's
-   sends are queued without an await in between, so no live frame can overtake the replay.
+5. send `joined`, the replay (paced by the client's reading), then the held live frames, and
+   switch the room to live without an await in between, so no live frame overtakes the replay.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from typing import Any
 
 import orjson
 from redis.exceptions import RedisError
@@ -61,8 +62,8 @@ async def resume(node: Node, session: Session, room: str, cursor: str, fail: Cal
         return
     session.push(dumps({"type": "joined", "room": room, "cursor": f"{partition}-{position - 1}",
                         "recovered": recovered}))
-    for entry in replay:
-        session.push((b'{"type":"message",' + entry[1:]).decode())
+    await session.push_paced([(b'{"type":"message",' + entry[1:]).decode() for entry in replay])
+    # Live frames held meanwhile follow the replay; no await between these pushes and going live.
     for _, frame in session.recovering.pop(room, []):
         session.push(frame)
     metrics.RESUMED.inc(len(replay))
@@ -97,7 +98,7 @@ async def missed(node: Node, room: str, after: int, before: int) -> tuple[list[b
     start = -WINDOW
     try:
         while not reached:
-            window = await node.redis.lrange(node.keys.msgs(room), start, start + WINDOW - 1)
+            window: list[Any] = await node.redis.lrange(node.keys.msgs(room), start, start + WINDOW - 1)
             keep = []
             for entry in window:
                 off = _offset(entry)
@@ -125,11 +126,11 @@ async def missed(node: Node, room: str, after: int, before: int) -> tuple[list[b
     entries = older + [e for window in reversed(newer) for e in window]
     seen: set[bytes] = set()
     out = []
-    for e in entries:  # a message can be in both stores for a moment (moved, not yet trimmed)
-        msg_id = orjson.loads(e)["id"].encode()
+    for entry in entries:  # a message can be in both stores for a moment (moved, not yet trimmed)
+        msg_id = orjson.loads(entry)["id"].encode()
         if msg_id not in seen:
             seen.add(msg_id)
-            out.append(e)
+            out.append(entry)
     return out, True
 
 

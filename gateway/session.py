@@ -29,6 +29,7 @@ class Session:
         self._queue: deque[str] = deque()
         self._queue_max = queue_max
         self._wakeup = asyncio.Event()
+        self._space = asyncio.Event()  # set while the queue is at most half full
         self.close_code: int | None = None
         self.close_reason = ""
         self.rooms: set[str] = set()
@@ -45,6 +46,16 @@ class Session:
             return
         self._queue.append(frame)
         self._wakeup.set()
+
+    async def push_paced(self, frames: list[str]) -> None:
+        """Queue many frames (a replay) without tripping the slow-consumer bound: wait for the
+        sender whenever the queue is half full. A client too slow for that is closed 4008."""
+        half = max(1, self._queue_max // 2)
+        for frame in frames:
+            while len(self._queue) >= half and self.close_code is None:
+                self._space.clear()
+                await self._space.wait()
+            self.push(frame)
 
     def deliver(self, room: str, offset: int, frame: str) -> None:
         held = self.recovering.get(room)
@@ -71,7 +82,10 @@ class Session:
         while True:
             while queue and self.close_code is None:
                 await self._send_text(queue.popleft())
+                if len(queue) <= self._queue_max // 2:
+                    self._space.set()
             if self.close_code is not None:
+                self._space.set()
                 await self._close(self.close_code, self.close_reason)
                 return
             self._wakeup.clear()
