@@ -1,10 +1,14 @@
-"""`roomcast`: the operator's command (token, migrate, ...)."""
+"""`roomcast`: the operator's command (token, migrate, up, down, check, stats)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import json
+import logging
 import sys
+from pathlib import Path
 
 from shared.settings import Settings
 
@@ -25,8 +29,101 @@ def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
+    from shared.localstack import LOCALHOST, WeedPorts
+    from shared.up import Up, UpOptions
+
+    updates: dict[str, object] = {}
+    if args.kafka_port is not None:
+        updates["kafka_bootstrap"] = f"{LOCALHOST}:{args.kafka_port}"
+    if args.redis_port is not None:
+        updates["redis_url"] = f"redis://{LOCALHOST}:{args.redis_port}/0"
+    if args.mysql_port is not None:
+        updates["mysql_dsn"] = _with_mysql_port(settings.mysql_dsn, args.mysql_port)
+    settings = settings.model_copy(update=updates)
+    weed = WeedPorts.free() if args.weed_ports == "free" else WeedPorts(*args.weed_ports or ())
+    opts = UpOptions(
+        data_dir=args.data_dir.resolve(),
+        gateway_ports=tuple(args.gateway_ports),
+        persister_metrics_port=args.persister_metrics_port,
+        sweeper_metrics_port=args.sweeper_metrics_port,
+        weed_ports=weed,
+        own_redis=args.redis_port is not None or "redis_url" not in settings.model_fields_set,
+        redis_maxmemory=args.redis_maxmemory,
+        install=not args.no_install,
+    )
+    return Up(settings, opts).run()
+
+
+def cmd_down(args: argparse.Namespace, settings: Settings) -> int:
+    from shared.up import down
+
+    return down(args.data_dir.resolve())
+
+
+def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
+    from shared import ops
+
+    _quiet_client_logs()
+    findings = asyncio.run(ops.check_all(settings, args.timeout))
+    if args.json:
+        print(json.dumps([{**dataclasses.asdict(f), "failed": f.failed} for f in findings], indent=2))
+    else:
+        print(ops.format_findings(findings))
+    return 1 if any(f.failed for f in findings) else 0
+
+
+def cmd_stats(args: argparse.Namespace, settings: Settings) -> int:
+    from shared import ops
+
+    _quiet_client_logs()
+    stats = asyncio.run(ops.gather_stats(settings, args.timeout))
+    print(json.dumps(stats.as_dict(), indent=2) if args.json else ops.format_stats(stats))
+    return 1 if stats.errors else 0
+
+
+def _quiet_client_logs() -> None:
+    """aiokafka logs every failed connection attempt; the checks report them once, as a verdict."""
+    logging.basicConfig(level=logging.CRITICAL)
+    for name in ("aiokafka", "kafka"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def _ports(text: str) -> list[int]:
+    """argparse type: '8001,8002' -> [8001, 8002]."""
+    try:
+        ports = [int(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated port numbers, got {text!r}") from None
+    if not ports or not all(0 < p < 65536 for p in ports) or len(set(ports)) != len(ports):
+        raise argparse.ArgumentTypeError(f"expected distinct port numbers, got {text!r}")
+    return ports
+
+
+def _weed_ports(text: str) -> list[int] | str:
+    """argparse type: 'free', or the five SeaweedFS ports."""
+    if text == "free":
+        return text
+    ports = _ports(text)
+    if len(ports) != 5:
+        raise argparse.ArgumentTypeError(f"expected 5 ports S3,MASTER,VOLUME,FILER,ADMIN, got {text!r}")
+    return ports
+
+
+def _with_mysql_port(dsn: str, port: int) -> str:
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(dsn)
+    auth = parts.netloc.rpartition("@")[0]
+    return urlunsplit(parts._replace(netloc=(f"{auth}@" if auth else "") + f"127.0.0.1:{port}"))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="roomcast", description=__doc__)
+    from shared import up
+
+    parser = argparse.ArgumentParser(prog="roomcast", description=__doc__,
+                                     epilog="Settings come from the environment (KAFKA_BOOTSTRAP, REDIS_URL, "
+                                            "MYSQL_DSN, ...; see shared/settings.py).")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("token", help="print a signed token for USER (local secret) on stdout")
     p.add_argument("user")
@@ -35,6 +132,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_token)
     p = sub.add_parser("migrate", help="create the database if missing and apply schema migrations")
     p.set_defaults(func=cmd_migrate)
+
+    data_dir = up.default_data_dir()
+    p = sub.add_parser(
+        "up", help="run the whole cluster on this machine in the foreground (what `make run` does)",
+        description="Reuse the Kafka broker, Redis (REDIS_URL) and MySQL that already answer, start the ones "
+                    "missing (Tansu on SeaweedFS, redis-server with AOF, MariaDB) in the data folder, migrate, "
+                    "start two gateways, the persister and the sweeper, print where to connect, and stay until "
+                    "Ctrl-C / SIGTERM; then stop everything it started, in order.")
+    p.add_argument("--data-dir", type=Path, default=data_dir, help=f"data, logs and pidfiles (default {data_dir})")
+    p.add_argument("--gateway-ports", type=_ports, default=",".join(map(str, up.GATEWAY_PORTS)),
+                   help="comma-separated, one gateway per port (default %(default)s)")
+    p.add_argument("--kafka-port", type=int, help="broker on 127.0.0.1:PORT (default: KAFKA_BOOTSTRAP)")
+    p.add_argument("--redis-port", type=int,
+                   help="run our own Redis on 127.0.0.1:PORT even if REDIS_URL is set (default: REDIS_URL, "
+                        "else our own on the port of the default REDIS_URL, 6380)")
+    p.add_argument("--mysql-port", type=int, help="MySQL on 127.0.0.1:PORT (default: from MYSQL_DSN)")
+    p.add_argument("--weed-ports", type=_weed_ports,
+                   help="SeaweedFS ports S3,MASTER,VOLUME,FILER,ADMIN (each also binds +10000), or 'free' "
+                        "(default 8333,9333,9340,8888,23646)")
+    p.add_argument("--persister-metrics-port", type=int, default=up.PERSISTER_METRICS_PORT,
+                   help="(default %(default)s)")
+    p.add_argument("--sweeper-metrics-port", type=int, default=up.SWEEPER_METRICS_PORT, help="(default %(default)s)")
+    p.add_argument("--redis-maxmemory", default=up.REDIS_MAXMEMORY,
+                   help="memory budget of our own Redis (default %(default)s)")
+    p.add_argument("--no-install", action="store_true",
+                   help="never run apt-get for a missing redis-server / mariadbd; print the command instead")
+    p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("down", help="stop what `roomcast up` started, from another shell (what `make stop` does)")
+    p.add_argument("--data-dir", type=Path, default=data_dir, help="the data folder of that `up` (default %(default)s)")
+    p.set_defaults(func=cmd_down)
+
+    p = sub.add_parser("check", help="say whether the configured Kafka, Redis and MySQL answer and are set up right",
+                       description="One line per dependency: ok, WARN, MISCONFIGURED or UNREACHABLE with the reason. "
+                                   "Exit code 1 if any is MISCONFIGURED or UNREACHABLE.")
+    p.add_argument("--timeout", type=float, default=3.0, help="seconds per dependency (default %(default)s)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("stats", help="rooms, buffered and archived messages, persister lag per partition",
+                       description="Walks the rooms table by id in chunks and counts each room's Redis list "
+                                   "(pipelined LLEN, never KEYS); a progress bar shows on a terminal. Lag is the "
+                                   "Kafka high-water mark minus the persister's applied mark.")
+    p.add_argument("--timeout", type=float, default=3.0, help="seconds per request (default %(default)s)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_stats)
     return parser
 
 

@@ -1,0 +1,763 @@
+"""`roomcast up` (what `make run` runs) and `roomcast down` (`make stop`).
+
+`up` brings the whole cluster up on this machine, in the foreground, one step per function:
+
+  claim the data folder -> plan (reuse what answers, start the rest) -> check ports -> install
+  missing OS packages -> broker (weed + Tansu) -> Redis -> MySQL -> migrate, topic -> persister,
+  sweeper, gateways -> print where to connect -> watch -> stop in order.
+
+Services and infrastructure run as our direct children (shared.localstack, shared.services), each
+with a pidfile in <data>/pids so `roomcast down` can stop them from another shell. Only what we
+started is ever stopped: a broker, Redis or MySQL that already answered is used and left alone.
+
+When a child dies while we run, its log tail is printed. Gateways, the persister and the sweeper
+are restarted (they are built to be: clients resume from their cursor, the persister replays from
+its applied mark), up to MAX_RESTARTS within RESTART_WINDOW_S; a crash loop, or the death of a
+piece of infrastructure, stops everything and `up` exits 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import IO
+from urllib.parse import urlsplit
+
+from aiokafka.errors import KafkaConnectionError
+
+from shared import localstack
+from shared.localstack import LOCALHOST, LocalStackError, Proc, WeedPorts
+from shared.mysql import MysqlTarget
+from shared.services import start_gateway, start_persister, start_sweeper, wait_http_ok
+from shared.settings import Settings
+
+GATEWAY_PORTS = (8001, 8002)
+PERSISTER_METRICS_PORT = 9101
+SWEEPER_METRICS_PORT = 9102
+REDIS_MAXMEMORY = "512mb"
+# Stop order: the front door first (gateways drain their clients), then the consumers, then the
+# infrastructure under them (as the brief orders it). Services start in the reverse order.
+STOP_ORDER = ("gateway", "sweeper", "persister", "tansu", "weed", "redis", "mariadb")
+APP_KINDS = frozenset({"gateway", "sweeper", "persister"})
+MAX_RESTARTS, RESTART_WINDOW_S = 3, 60.0
+DOWN_TIMEOUT_S = 120.0
+TOPIC_TIMEOUT_S = 30.0
+_LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+class UpError(Exception):
+    """`up` cannot go on; the message says why and what to do."""
+
+
+def default_data_dir() -> Path:
+    """`.run/` in the repository (editable install) or else in the current directory."""
+    repo = Path(__file__).resolve().parent.parent
+    return (repo if (repo / "pyproject.toml").is_file() else Path.cwd()) / ".run"
+
+
+@dataclass(frozen=True)
+class UpOptions:
+    data_dir: Path
+    gateway_ports: tuple[int, ...] = GATEWAY_PORTS
+    persister_metrics_port: int = PERSISTER_METRICS_PORT
+    sweeper_metrics_port: int = SWEEPER_METRICS_PORT
+    weed_ports: WeedPorts = field(default_factory=WeedPorts)
+    own_redis: bool = True  # False: REDIS_URL names a Redis to use as it is
+    redis_maxmemory: str = REDIS_MAXMEMORY
+    install: bool = True  # may run apt-get (as root) for a missing redis-server / mariadbd
+
+    @property
+    def logs(self) -> Path:
+        return self.data_dir / "logs"
+
+    @property
+    def pids(self) -> Path:
+        return self.data_dir / "pids"
+
+
+# --------------------------------------------------------------------------- children and pidfiles
+
+
+def kind_of(role: str) -> str:
+    """'gateway-8001' -> 'gateway'."""
+    return role.split("-", 1)[0]
+
+
+def expected_exe(role: str) -> str:
+    """The executable name /proc shows for a role's process: stop_pid's guard against reused PIDs."""
+    kind = kind_of(role)
+    if kind in APP_KINDS:
+        return _real_name(sys.executable)
+    binary = {"redis": "redis-server", "mariadb": "mariadbd"}.get(kind, kind)
+    found = localstack.find_binary(binary)
+    return _real_name(found) if found else binary  # Debian's redis-server is a link to redis-check-rdb
+
+
+def _real_name(path: str | Path) -> str:
+    return Path(os.path.realpath(path)).name
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _stop_rank(path: Path) -> tuple[int, str]:
+    kind = kind_of(path.stem)
+    return (STOP_ORDER.index(kind) if kind in STOP_ORDER else len(STOP_ORDER), path.stem)
+
+
+def role_pidfiles(pids: Path) -> list[Path]:
+    """Pidfiles of the children (not `up` itself), in stop order."""
+    return sorted((p for p in pids.glob("*.pid") if p.stem != "up"), key=_stop_rank)
+
+
+def is_up_process(pid: int) -> bool:
+    """A live `roomcast up` (checked by its command line: the PID may have been reused)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode("utf-8", "replace").split("\0")
+    except OSError:
+        return False
+    return localstack.pid_alive(pid) and "up" in argv[1:] and any("roomcast" in a or "shared.cli" in a for a in argv)
+
+
+@dataclass
+class Child:
+    """A process `up` owns: started by us (`proc`), or adopted from an earlier `up` that died
+    without stopping it (pid only)."""
+
+    role: str
+    pid: int
+    log_path: Path
+    proc: Proc | None = None
+    restart: Callable[[], Proc] | None = None  # app services only
+    restarted_at: list[float] = field(default_factory=list)
+    cleanup: Callable[[], Iterable[Path]] | None = None  # files to remove once an adopted one is gone
+    expect: str = ""  # executable name (adopted ones: guards against a reused PID)
+
+    def __post_init__(self) -> None:
+        self.expect = self.expect or expected_exe(self.role)
+
+    @classmethod
+    def started(cls, role: str, proc: Proc, restart: Callable[[], Proc] | None = None) -> Child:
+        return cls(role, proc.pid, proc.log_path, proc, restart)
+
+    @property
+    def kind(self) -> str:
+        return kind_of(self.role)
+
+    @property
+    def alive(self) -> bool:
+        if self.proc is not None:
+            return self.proc.alive
+        return localstack.pid_alive(self.pid) and localstack.process_name(self.pid) == self.expect
+
+    @property
+    def exit_status(self) -> str:
+        rc = self.proc.popen.returncode if self.proc is not None else None
+        if rc is None:
+            return "exited"
+        return f"was killed by {signal.Signals(-rc).name}" if rc < 0 else f"exited with code {rc}"
+
+    def terminate(self) -> None:
+        """SIGTERM, once: a second one would make uvicorn skip the gateway's drain."""
+        if self.proc is not None:
+            if self.proc.alive:
+                self.proc.popen.send_signal(signal.SIGTERM)
+        elif self.alive:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGTERM)
+
+    def wait(self, timeout: float) -> None:
+        """Wait for the exit after terminate(); SIGKILL when `timeout` passes. Reaps and cleans up."""
+        if self.proc is not None:
+            try:
+                self.proc.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.popen.kill()
+            self.proc.stop()  # gone by now: only reaps and removes its leftovers
+            return
+        localstack.stop_pid(self.pid, self.expect, timeout)  # SIGTERM again is harmless for infra
+        for leftover in self.cleanup() if self.cleanup else ():
+            leftover.unlink(missing_ok=True)
+
+    def stop_timeout(self, settings: Settings) -> float:
+        if self.kind == "gateway":
+            return settings.drain_grace_s + 10
+        return self.proc.stop_timeout if self.proc is not None else 30.0
+
+
+# --------------------------------------------------------------------------- up
+
+
+@dataclass
+class Plan:
+    """What `up` starts; everything else answered already and is reused."""
+
+    start_broker: bool = False
+    start_weed: bool = False
+    start_redis: bool = False
+    start_mysql: bool = False
+    reused: list[str] = field(default_factory=list)  # "kafka 127.0.0.1:9092", shown at the end
+
+
+class Up:
+    def __init__(self, settings: Settings, opts: UpOptions, out: IO[str] | None = None) -> None:
+        self.settings = settings
+        self.opts = opts
+        self.out = out or sys.stdout
+        self.children: list[Child] = []
+        self.plan = Plan()
+        self.stop_requested: str | None = None  # the signal's name once one arrived
+        self._lock: IO[str] | None = None
+
+    # ----- the whole run
+
+    def run(self) -> int:
+        """Start everything, stay until a signal or a fatal failure, then stop everything. Exit code."""
+        previous = self._install_signal_handlers()
+        try:
+            self.claim()
+        except UpError as e:
+            self.say(f"roomcast up: {e}")
+            self._restore_signal_handlers(previous)
+            return 1
+        code = 0
+        try:
+            for step in (self.make_plan, self.check_ports, self.install_missing, self.start_broker,
+                         self.start_redis, self.start_mysql, self.migrate, self.ensure_topic, self.start_services):
+                if self.stop_requested:
+                    self.say(f"{self.stop_requested} received: not starting the rest")
+                    return 0
+                step()
+            self.announce()
+            code = self.watch()
+        except (UpError, LocalStackError) as e:
+            self.say(f"\nroomcast up failed: {e}")
+            code = 1
+        finally:
+            self.stop_all()
+            self.release()
+            self._restore_signal_handlers(previous)
+        return code
+
+    def say(self, text: str) -> None:
+        print(text, file=self.out, flush=True)
+
+    # ----- signals: the handler only records that one came
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.stop_requested = self.stop_requested or signal.Signals(signum).name
+
+    def _install_signal_handlers(self) -> dict[int, object]:
+        previous: dict[int, object] = {}
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            previous[sig] = signal.signal(sig, self._on_signal)
+        return previous
+
+    @staticmethod
+    def _restore_signal_handlers(previous: dict[int, object]) -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
+
+    # ----- step 1: one `up` per data folder
+
+    def claim(self) -> None:
+        """Lock <data>/pids/up.pid (released by the kernel even if we are killed -9), write our PID,
+        and stop app services an earlier `up` left running when it died."""
+        self.opts.pids.mkdir(parents=True, exist_ok=True)
+        self.opts.logs.mkdir(parents=True, exist_ok=True)
+        path = self.opts.pids / "up.pid"
+        lock = open(path, "a+")  # held (and locked) for the whole run
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            pid = _read_pid(path)
+            raise UpError(f"another `roomcast up` (pid {pid}) is already running with data folder "
+                          f"{self.opts.data_dir}; stop it with Ctrl-C there or `make stop` "
+                          f"(roomcast down --data-dir {self.opts.data_dir})") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        self._lock = lock
+        for pidfile in role_pidfiles(self.opts.pids):
+            if kind_of(pidfile.stem) in APP_KINDS and localstack.stop_pidfile(pidfile, expected_exe(pidfile.stem)):
+                self.say(f"stopped {pidfile.stem}, left running by an earlier `up` that did not stop cleanly")
+
+    def release(self) -> None:
+        if self._lock is not None:
+            (self.opts.pids / "up.pid").unlink(missing_ok=True)
+            self._lock.close()
+            self._lock = None
+
+    # ----- step 2: reuse what answers, adopt what an earlier `up` left, start the rest
+
+    def make_plan(self) -> None:
+        self._plan_broker()
+        self._plan_redis()
+        self._plan_mysql()
+
+    def _plan_broker(self) -> None:
+        s, plan = self.settings, self.plan
+        kafka = _kafka_addresses(s.kafka_bootstrap)
+        weed = self._adopt("weed", lambda: localstack.port_open(LOCALHOST, self.opts.weed_ports.s3))
+        tansu = self._adopt("tansu", lambda: weed is not None and localstack.port_open(*kafka[0]))
+        if tansu is not None:
+            self.say(f"kafka  {s.kafka_bootstrap}: Tansu (pid {tansu.pid}) from an earlier `up`, adopted")
+            return
+        if any(localstack.port_open(h, p) for h, p in kafka):
+            plan.reused.append(f"kafka {s.kafka_bootstrap}")
+        elif kafka[0][0] in _LOCAL_HOSTS:
+            plan.start_broker, plan.start_weed = True, weed is None
+        else:
+            raise UpError(f"no Kafka broker answers at {s.kafka_bootstrap} (KAFKA_BOOTSTRAP), and `up` can only "
+                          "start one on this machine: start it, or unset KAFKA_BOOTSTRAP")
+        if weed is not None and not plan.start_broker:
+            self._stop_child(weed)  # a leftover weed without its Tansu, while another broker is in use
+
+    def _plan_redis(self) -> None:
+        s, plan = self.settings, self.plan
+        if not self.opts.own_redis:
+            if not _redis_answers(s.redis_url):
+                raise UpError(f"REDIS_URL={_redact(s.redis_url)} does not answer PING: start it, or unset "
+                              "REDIS_URL to let `up` run its own")
+            plan.reused.append(f"redis {_redact(s.redis_url)}")
+        elif self._adopt("redis", lambda: _redis_answers(s.redis_url)) is not None:
+            self.say(f"redis  {s.redis_url}: our redis-server from an earlier `up`, adopted")
+        else:
+            plan.start_redis = True
+
+    def _plan_mysql(self) -> None:
+        target, plan = MysqlTarget.from_dsn(self.settings.mysql_dsn), self.plan
+        where = f"{target.host}:{target.port}"
+        if self._adopt("mariadb", lambda: localstack.port_open(target.host, target.port)) is not None:
+            self.say(f"mysql  {where}: our MariaDB from an earlier `up`, adopted")
+        elif localstack.port_open(target.host, target.port):
+            plan.reused.append(f"mysql {where}")
+        elif target.host in _LOCAL_HOSTS:
+            plan.start_mysql = True
+        else:
+            raise UpError(f"no MySQL answers at {where} (MYSQL_DSN), and `up` can only start one on this machine")
+
+    def _adopt(self, role: str, answers: Callable[[], bool]) -> Child | None:
+        """Our own infrastructure process from an earlier `up` that died without stopping it: keep
+        it if it still serves where the settings say; else stop it, so a fresh one can start."""
+        pidfile = self.opts.pids / f"{role}.pid"
+        pid = _read_pid(pidfile)
+        if pid is None:
+            return None
+        child = Child(role, pid, self.opts.logs / f"{role}.log")
+        if role == "weed":
+            child.cleanup = self.opts.weed_ports.leftover_sockets
+        if not child.alive:
+            pidfile.unlink(missing_ok=True)
+            return None
+        if not answers():
+            self.say(f"stopping {role} (pid {pid}) left by an earlier `up`: it does not serve where expected")
+            self._stop_child(child)
+            return None
+        self.children.append(child)
+        return child
+
+    # ----- step 3: fail fast on a busy port (before anything is started)
+
+    def check_ports(self) -> None:
+        o, plan = self.opts, self.plan
+        wanted: list[tuple[int, str]] = [(p, "--gateway-ports") for p in o.gateway_ports]
+        wanted += [(o.persister_metrics_port, "--persister-metrics-port"),
+                   (o.sweeper_metrics_port, "--sweeper-metrics-port")]
+        if plan.start_broker:
+            wanted.append((_kafka_addresses(self.settings.kafka_bootstrap)[0][1], "--kafka-port / KAFKA_BOOTSTRAP"))
+        if plan.start_weed:
+            wanted += [(p, "--weed-ports") for p in o.weed_ports.all]
+        if plan.start_redis:
+            wanted.append((_redis_port(self.settings.redis_url), "--redis-port"))
+        if plan.start_mysql:
+            wanted.append((MysqlTarget.from_dsn(self.settings.mysql_dsn).port, "--mysql-port / MYSQL_DSN"))
+        busy = [(p, flag) for p, flag in wanted if not _port_free(p)]
+        if busy:
+            listed = ", ".join(f"{p} (move it with {flag})" for p, flag in busy)
+            raise UpError(f"port(s) already in use on {LOCALHOST}: {listed}")
+
+    # ----- step 4: OS packages
+
+    def install_missing(self) -> None:
+        """redis-server / mariadbd missing: apt-get install them when we are root, else say how."""
+        binaries = (["redis-server"] if self.plan.start_redis else []) + (
+            ["mariadbd", "mariadb-install-db"] if self.plan.start_mysql else [])
+        pkgs = localstack.missing_packages(binaries)
+        if not pkgs:
+            return
+        command = localstack.apt_command(pkgs)
+        if self.opts.install and os.geteuid() == 0 and localstack.find_binary("apt-get"):
+            self.say(f"installing {' '.join(pkgs)} with apt-get (log {self.opts.logs / 'apt-get.log'}) ...")
+            localstack.apt_install(pkgs, self.opts.logs)
+            return
+        raise UpError(f"{', '.join(pkgs)} missing; install with:\n    {command}\nthen run `make run` again")
+
+    # ----- step 5: the durable broker pair (KAFKA.md)
+
+    def start_broker(self) -> None:
+        if not self.plan.start_broker:
+            return
+        port = _kafka_addresses(self.settings.kafka_bootstrap)[0][1]
+        ports = self.opts.weed_ports
+        if self.plan.start_weed:
+            self.say(f"starting SeaweedFS (S3 on {LOCALHOST}:{ports.s3}, data {self.opts.data_dir / 'seaweed'}) ...")
+            weed = localstack.start_seaweed(self.opts.data_dir / "seaweed", self.opts.logs, ports=ports)
+            self._own(Child.started("weed", weed))
+            wait_weed_volumes(self.opts.data_dir / "seaweed", ports, weed)
+        self.say(f"starting Tansu (Kafka on {LOCALHOST}:{port}, stored in SeaweedFS S3) ...")
+        self._own(Child.started("tansu", localstack.start_tansu_s3(port, self.opts.logs, s3_port=ports.s3)))
+
+    # ----- step 6: Redis with AOF on
+
+    def start_redis(self) -> None:
+        if not self.plan.start_redis:
+            return
+        port = _redis_port(self.settings.redis_url)
+        self.say(f"starting redis-server ({LOCALHOST}:{port}, AOF everysec, maxmemory {self.opts.redis_maxmemory} "
+                 f"noeviction, data {self.opts.data_dir / 'redis'}) ...")
+        proc = localstack.start_redis(port, self.opts.data_dir / "redis", self.opts.logs, appendonly=True,
+                                      appendfsync="everysec", maxmemory=self.opts.redis_maxmemory)
+        self._own(Child.started("redis", proc))
+
+    # ----- step 7: MySQL / MariaDB
+
+    def start_mysql(self) -> None:
+        target = MysqlTarget.from_dsn(self.settings.mysql_dsn)
+        if self.plan.start_mysql:
+            self.say(f"starting MariaDB ({LOCALHOST}:{target.port}, data {self.opts.data_dir / 'mariadb'}) ...")
+            proc = localstack.start_mariadb(target.port, self.opts.data_dir / "mariadb", self.opts.logs)
+            self._own(Child.started("mariadb", proc))
+            _ensure_mysql_user(target)
+        try:
+            if localstack.ensure_mysql_database(target.host, target.port, target.user, target.password,
+                                                target.database):
+                self.say(f"created database {target.database!r}")
+        except Exception as e:
+            raise UpError(f"MySQL at {target.host}:{target.port}: {e}") from e
+
+    # ----- step 8: schema and topic
+
+    def migrate(self) -> None:
+        from shared.migrate import migrate
+
+        try:
+            applied = asyncio.run(migrate(self.settings.mysql_dsn))
+        except Exception as e:
+            raise UpError(f"migrating {MysqlTarget.from_dsn(self.settings.mysql_dsn).database!r} failed: {e}") from e
+        if applied:
+            self.say(f"applied migrations: {', '.join(applied)}")
+
+    def ensure_topic(self) -> None:
+        """Create the topic, then verify it: an existing one with another partition count would map
+        rooms to the wrong partitions."""
+        from shared import ops
+        from shared.kafka import ensure_topic
+
+        async def create_and_read() -> tuple[int | None, int | None]:
+            deadline = time.monotonic() + TOPIC_TIMEOUT_S
+            while True:  # a broker just started on old data may need a moment to read its metadata
+                try:
+                    await asyncio.wait_for(ensure_topic(self.settings), TOPIC_TIMEOUT_S)
+                    return await ops.kafka_topic_state(self.settings, timeout_s=10)
+                except (KafkaConnectionError, ops.Unreachable):
+                    if time.monotonic() > deadline or self.stop_requested:
+                        raise
+                    await asyncio.sleep(0.5)
+
+        try:
+            partitions, retention = asyncio.run(create_and_read())
+        except Exception as e:
+            raise UpError(f"creating topic {self.settings.kafka_topic!r} on {self.settings.kafka_bootstrap} "
+                          f"failed: {e!r}") from e
+        status, detail = ops.judge_topic(self.settings.kafka_topic, partitions, retention, self.settings)
+        if status == ops.MISCONFIGURED:
+            raise UpError(detail)
+
+    # ----- step 9: our services, consumers first, gateways (the front door) last
+
+    def start_services(self) -> None:
+        self.say("starting the persister, the sweeper and the gateways ...")
+        self._own(Child.started("persister", self._start_persister(), self._start_persister))
+        self._own(Child.started("sweeper", self._start_sweeper(), self._start_sweeper))
+        for port in self.opts.gateway_ports:
+
+            def start(port: int = port) -> Proc:
+                return self._start_gateway(port)
+
+            self._own(Child.started(f"gateway-{port}", start(), start))
+
+    # Each starts without waiting, then waits for its HTTP endpoint, so that a start that times
+    # out stops the process instead of leaving it running unowned.
+
+    def _start_gateway(self, port: int) -> Proc:
+        settings = self.settings.model_copy(update={"dev_mode": True})  # the chat page's dev token
+        proc = start_gateway(settings, port, self.opts.logs, name=f"gateway-{port}", wait=False)
+        return self._ready_or_stop(proc, f"http://{settings.host}:{port}/readyz")
+
+    def _start_persister(self) -> Proc:
+        port = self.opts.persister_metrics_port
+        proc = start_persister(self.settings, self.opts.logs, METRICS_PORT=str(port))
+        return self._ready_or_stop(proc, f"http://{self.settings.host}:{port}/metrics")
+
+    def _start_sweeper(self) -> Proc:
+        port = self.opts.sweeper_metrics_port
+        proc = start_sweeper(self.settings, self.opts.logs, metrics_port=port)
+        return self._ready_or_stop(proc, f"http://{self.settings.host}:{port}/metrics")
+
+    @staticmethod
+    def _ready_or_stop(proc: Proc, url: str) -> Proc:
+        proc.ports = (urlsplit(url).port or 0,)
+        try:
+            wait_http_ok(url, proc, timeout=60)
+        except BaseException:
+            proc.stop(5)
+            raise
+        return proc
+
+    def _own(self, child: Child) -> None:
+        self.children.append(child)
+        assert child.proc is not None
+        child.proc.write_pidfile(self.opts.pids / f"{child.role}.pid")
+
+    # ----- step 10: where to connect
+
+    def announce(self) -> None:
+        from shared.auth import mint_token
+
+        s, o = self.settings, self.opts
+        token = mint_token(s, "dev")
+        first = f"{s.host}:{o.gateway_ports[0]}"
+        ours = ", ".join(c.role for c in self.children)
+        lines = [
+            "",
+            "roomcast is ready.",
+            f"  gateways    {'  '.join(f'ws://{s.host}:{p}/ws' for p in o.gateway_ports)}",
+            f"  chat page   http://{first}/",
+            f"  dev token   {token}",
+            f"              (user 'dev', valid {s.token_ttl_s // 3600} h; `roomcast token NAME` mints others)",
+            f"  try         ws://{first}/ws?v=1&token={token}",
+            f"  kafka       {s.kafka_bootstrap} topic {s.kafka_topic!r}",
+            f"  redis       {_redact(s.redis_url)}",
+            f"  mysql       {_redact(s.mysql_dsn)}",
+            f"  ours        {ours} (stopped on exit)",
+        ]
+        if self.plan.reused:
+            lines.append(f"  reused      {', '.join(self.plan.reused)} (left running on exit)")
+        lines += [
+            f"  logs        {o.logs}/ (one file per process)",
+            f"  metrics     http://{s.host}:{o.persister_metrics_port}/metrics (persister), "
+            f"http://{s.host}:{o.sweeper_metrics_port}/metrics (sweeper), /metrics on each gateway",
+            "  stop        Ctrl-C here, or `make stop` from another shell",
+        ]
+        self.say("\n".join(lines))
+
+    # ----- step 11: watch the children until asked to stop
+
+    def watch(self) -> int:
+        while not self.stop_requested:
+            time.sleep(0.25)
+            for child in list(self.children):
+                if self.stop_requested or child.alive:
+                    continue
+                if not self._handle_death(child):
+                    return 1
+        self.say(f"\n{self.stop_requested} received: stopping everything `up` started ...")
+        return 0
+
+    def _handle_death(self, child: Child) -> bool:
+        """Report a dead child; restart it if it is an app service that is not crash-looping.
+        False: give up (everything gets stopped)."""
+        self.say(f"\n{child.role} (pid {child.pid}) {child.exit_status}; last lines of {child.log_path}:\n"
+                 + _indent(localstack.log_tail(child.log_path, 20)))
+        if child.restart is None:
+            self.say(f"{child.role} is infrastructure the others depend on: stopping everything")
+            return False
+        now = time.monotonic()
+        child.restarted_at = [t for t in child.restarted_at if now - t < RESTART_WINDOW_S]
+        if len(child.restarted_at) >= MAX_RESTARTS:
+            self.say(f"{child.role} died {MAX_RESTARTS + 1} times within {RESTART_WINDOW_S:g}s: stopping everything")
+            return False
+        child.restarted_at.append(now)
+        self.say(f"restarting {child.role} ...")
+        try:
+            proc = child.restart()
+        except LocalStackError as e:
+            self.say(f"{child.role} could not be restarted: {e}")
+            return False
+        child.proc, child.pid, child.log_path = proc, proc.pid, proc.log_path
+        proc.write_pidfile(self.opts.pids / f"{child.role}.pid")
+        self.say(f"{child.role} is back (pid {proc.pid})")
+        return True
+
+    # ----- step 12: stop in order
+
+    def stop_all(self) -> None:
+        """Stage by stage (gateways, sweeper, persister, Tansu, weed, Redis, MariaDB); within a stage
+        all get SIGTERM at once (the gateways drain in parallel), then each is waited for."""
+        stages = list(_stages(self.children))
+        for stage in stages:
+            self.say(f"stopping {', '.join(c.role for c in stage)} ...")
+            for child in stage:
+                child.terminate()
+            for child in stage:
+                self._stop_child(child)
+        if stages:
+            self.say("stopped everything `up` started." + (
+                f" Left running, not ours: {', '.join(self.plan.reused)}." if self.plan.reused else ""))
+
+    def _stop_child(self, child: Child) -> None:
+        child.terminate()
+        child.wait(child.stop_timeout(self.settings))
+        (self.opts.pids / f"{child.role}.pid").unlink(missing_ok=True)
+        with contextlib.suppress(ValueError):
+            self.children.remove(child)
+
+
+def _stages(children: list[Child]) -> Iterator[list[Child]]:
+    for kind in STOP_ORDER:
+        stage = [c for c in children if c.kind == kind]
+        if stage:
+            yield stage
+
+
+# --------------------------------------------------------------------------- down
+
+
+def down(data_dir: Path, out: IO[str] | None = None, timeout_s: float = DOWN_TIMEOUT_S) -> int:
+    """Stop what a `roomcast up` with this data folder started. A running `up` is asked (SIGTERM)
+    and does it in order; whatever is left (an `up` that was killed -9) is stopped by pidfile."""
+    out = out or sys.stdout
+    pids = data_dir / "pids"
+    up_pid = _read_pid(pids / "up.pid")
+    did = False
+    if up_pid is not None and is_up_process(up_pid):
+        print(f"asking roomcast up (pid {up_pid}) to stop everything it started ...", file=out, flush=True)
+        os.kill(up_pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while localstack.pid_alive(up_pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if localstack.pid_alive(up_pid):
+            print(f"roomcast up still running after {timeout_s:g}s: killing it", file=out, flush=True)
+            os.kill(up_pid, signal.SIGKILL)
+        did = True
+    for pidfile in role_pidfiles(pids) if pids.is_dir() else []:
+        pid = _read_pid(pidfile)
+        if localstack.stop_pidfile(pidfile, expected_exe(pidfile.stem), timeout=30):
+            print(f"stopped {pidfile.stem} (pid {pid})", file=out, flush=True)
+            did = True
+    if up_pid is not None and not localstack.pid_alive(up_pid):
+        (pids / "up.pid").unlink(missing_ok=True)
+    print("everything is stopped" if did else f"nothing to stop ({data_dir})", file=out, flush=True)
+    return 0
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _kafka_addresses(bootstrap: str) -> list[tuple[str, int]]:
+    out = []
+    for item in bootstrap.split(","):
+        host, _, port = item.strip().rpartition(":")
+        out.append((host.strip("[]") or LOCALHOST, int(port or 9092)))
+    return out
+
+
+def _port_free(port: int) -> bool:
+    """Nothing listens on 127.0.0.1:port. SO_REUSEADDR, like the servers themselves: connections
+    of an earlier run still in TIME_WAIT do not keep a server from binding."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((LOCALHOST, port))
+        except OSError:
+            return False
+        return True
+
+
+_VOLUME_FILE = re.compile(r"^(?:.+_)?(\d+)\.dat$")  # "7.dat", or "<collection>_7.dat"
+
+
+def wait_weed_volumes(data_dir: Path, ports: WeedPorts, proc: Proc, timeout: float = 30.0) -> None:
+    """Wait until the weed master knows every volume kept in `data_dir`.
+
+    `weed mini` on an existing folder answers S3 before its volume server has registered with
+    the master; a read meanwhile fails with "volume N not found" (HTTP 500), and Tansu, reading
+    its metadata at its first request, gives up after ~2 s of retries. Seen on `make run` after
+    `make stop`.
+    """
+    on_disk = {int(m.group(1)) for f in data_dir.glob("*.dat") if (m := _VOLUME_FILE.match(f.name))}
+
+    def registered() -> bool:
+        with urllib.request.urlopen(f"http://{LOCALHOST}:{ports.master}/vol/status", timeout=2) as resp:
+            status = json.load(resp)
+        volumes = status.get("Volumes") or {}
+        known = {v["Id"] for dc in (volumes.get("DataCenters") or {}).values() for rack in dc.values()
+                 for node in rack.values() for v in node or ()}
+        return int(volumes.get("Max", 0)) > 0 and on_disk <= known
+
+    localstack.wait_until(registered, f"the weed master to know volumes {sorted(on_disk)}", timeout, proc)
+
+
+def _redis_port(url: str) -> int:
+    return urlsplit(url).port or 6379
+
+
+def _redis_answers(url: str) -> bool:
+    import redis
+
+    client = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=3)
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+    finally:
+        client.close()
+
+
+def _redact(url: str) -> str:
+    from shared.ops import redact
+
+    return redact(url)
+
+
+def _ensure_mysql_user(target: MysqlTarget) -> None:
+    """Our fresh MariaDB has only root without a password: create the DSN's user if it is another."""
+    if target.user == "root":
+        if target.password:
+            raise UpError("the MariaDB `up` starts has root without a password; use MYSQL_DSN="
+                          f"mysql://root:@{target.host}:{target.port}/{target.database} or a non-root user")
+        return
+    conn = localstack.mysql_connect(LOCALHOST, target.port)
+    try:
+        with conn.cursor() as cur:
+            for host in ("127.0.0.1", "localhost"):
+                cur.execute("CREATE USER IF NOT EXISTS %s@%s IDENTIFIED BY %s", (target.user, host, target.password))
+                cur.execute(f"GRANT ALL ON `{target.database.replace('`', '')}`.* TO %s@%s", (target.user, host))
+        conn.commit()
+    finally:
+        conn.close()
+
+
+def _indent(text: str) -> str:
+    return "\n".join(f"    {line}" for line in text.strip("\n").splitlines()) or "    (empty log)"
