@@ -17,11 +17,13 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 
 from gateway import metrics
+from gateway.devtoken import dev_token
 from gateway.endpoint import ws_endpoint
 from gateway.fanout import Fanout
 from gateway.hub import Hub
 from gateway.node import Node
 from gateway.publisher import Publisher
+from gateway.rest import room_messages
 from shared.kafka import ensure_topic, new_consumer, new_producer
 from shared.keys import Keys
 from shared.mysql import create_pool
@@ -66,6 +68,8 @@ def create_app(settings: Settings) -> Starlette:
         Route("/healthz", healthz),
         Route("/readyz", readyz),
         Route("/metrics", metrics_endpoint),
+        Route("/rooms/{room}/messages", room_messages),
+        *([Route("/dev/token", dev_token(settings))] if settings.dev_mode else []),
     ]
     if (STATIC / "index.html").exists():
         routes.append(Mount("/", StaticFiles(directory=STATIC, html=True), name="static"))

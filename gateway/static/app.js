@@ -1,0 +1,386 @@
+// roomcast chat page (wire protocol v1). Sign in with a dev token, join a room, read history, send
+// with pending -> acknowledged state, and survive dropped connections: reconnect with jittered
+// exponential back-off, re-join with the last cursor (the server replays what was missed), resend
+// un-acked sends under the same client_msg_id. Messages are deduplicated by id. User text is only
+// ever set through textContent.
+
+const $ = (id) => document.getElementById(id);
+const scroller = $("scroller"), list = $("messages"), olderBtn = $("older"), input = $("text");
+const ROOM_RE = /^[A-Za-z0-9_.-]{1,64}$/;
+const CLOSES = {
+  1008: "The server refused the sign-in (bad or expired token)",
+  1009: "A message was too large for the server",
+  1012: "The server is restarting (draining); reconnecting",
+  4008: "The connection fell behind the room; reconnecting",
+};
+const BACKOFF_BASE_MS = 500, BACKOFF_MAX_MS = 10000, PING_EVERY_MS = 25000, PONG_WITHIN_MS = 10000;
+
+const st = {
+  user: "", token: "", room: "", ws: null, wantOpen: false, joined: false, joining: false,
+  cursor: "", next: undefined, loading: "", attempt: 0, timer: 0, pingTimer: 0, pongDue: 0,
+  authRetried: false, joinFailures: 0, refill: false,
+  ids: new Map(), pending: new Map(), // message id -> <li>; client_msg_id -> {li, frame, retry}
+};
+// Counters for tests and the curious (window.roomcast in the console).
+const stats = { reconnects: 0, duplicates: 0, resumeFallbacks: 0, errors: 0 };
+window.roomcast = { st, stats };
+
+const NODE = nodeUrl(new URLSearchParams(location.search).get("node"));
+$("node").textContent = NODE;
+
+function nodeUrl(param) {
+  const own = `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}`;
+  if (!param) return own;
+  try {
+    const u = new URL(param);
+    if (u.protocol === "ws:" || u.protocol === "wss:") return `${u.protocol}//${u.host}`;
+  } catch { /* reported below */ }
+  queueMicrotask(() => banner(`Ignoring ?node=${param}: expected ws://host:port or wss://host:port.`));
+  return own;
+}
+
+// --- small DOM helpers
+function el(tag, cls, text) {
+  const e = document.createElement(tag);
+  if (cls) e.className = cls;
+  if (text !== undefined) e.textContent = text;
+  return e;
+}
+function banner(text, kind = "error") {
+  $("banner-text").textContent = text;
+  $("banner").dataset.kind = kind;
+  $("banner").hidden = false;
+}
+function hideBanner(kind) {
+  if (!kind || $("banner").dataset.kind === kind) $("banner").hidden = true;
+}
+$("banner-close").onclick = () => hideBanner();
+function announce(text) { $("announce").textContent = text; }
+function setConn(state, detail = state) {
+  $("conn").dataset.state = state;
+  $("conn").textContent = detail;
+}
+function offsetOf(cursor) {
+  const i = typeof cursor === "string" ? cursor.indexOf("-") : -1;
+  const n = i < 0 ? NaN : Number(cursor.slice(i + 1));
+  return Number.isFinite(n) ? n : NaN;
+}
+function newId() {
+  const b = crypto.getRandomValues(new Uint8Array(16)); // also in insecure (plain http) contexts
+  return Array.from(b, (x) => x.toString(16).padStart(2, "0")).join("");
+}
+const timeFmt = new Intl.DateTimeFormat(undefined, { hour: "2-digit", minute: "2-digit" });
+
+// --- messages in the list: ordered by cursor offset (one room = one partition); pending ones last
+function render(user, body, ts) {
+  const li = el("li", "msg");
+  if (user === st.user) li.classList.add("mine");
+  const when = el("time", "when", timeFmt.format(new Date(ts)));
+  when.dateTime = new Date(ts).toISOString();
+  const meta = el("div", "meta");
+  meta.append(el("span", "who", user), when, el("span", "state"));
+  li.append(meta, el("p", "body", body));
+  return li;
+}
+function setState(li, state, text) {
+  li.dataset.state = state;
+  li.querySelector(".state").textContent = text;
+}
+function place(li, off) {
+  li.remove();
+  li.dataset.off = String(off);
+  const items = list.children;
+  let lo = 0, hi = items.length;
+  while (hi > 0 && items[hi - 1].dataset.off === undefined) hi--;
+  while (lo < hi) {
+    const mid = (lo + hi) >> 1;
+    if (Number(items[mid].dataset.off) <= off) lo = mid + 1; else hi = mid;
+  }
+  list.insertBefore(li, items[lo] ?? null);
+}
+function nearBottom() { return scroller.scrollHeight - scroller.scrollTop - scroller.clientHeight < 80; }
+function toBottom() { scroller.scrollTop = scroller.scrollHeight; }
+
+function advanceCursor(cursor) {
+  const off = offsetOf(cursor);
+  if (!Number.isNaN(off) && !(offsetOf(st.cursor) >= off)) st.cursor = cursor;
+}
+
+/** Adds a message frame or history item; false when it is already shown (same id). */
+function addMessage(m) {
+  if (st.ids.has(m.id)) { stats.duplicates++; return false; }
+  const mine = m.user === st.user && m.cmid ? st.pending.get(m.cmid) : undefined;
+  const li = mine ? mine.li : render(m.user, m.body, m.ts);
+  li.dataset.id = m.id;
+  st.ids.set(m.id, li);
+  place(li, offsetOf(m.cursor));
+  return true;
+}
+
+// --- the connection
+function connect() {
+  clearTimeout(st.timer);
+  if (!st.wantOpen || st.ws) return;
+  setConn("connecting", st.attempt ? "reconnecting…" : "connecting…");
+  const ws = new WebSocket(`${NODE}/ws?v=1&token=${encodeURIComponent(st.token)}`);
+  st.ws = ws;
+  ws.onopen = () => {
+    if (ws !== st.ws) return;
+    setConn("online", "connected");
+    ping();
+    if (st.room) join();
+  };
+  ws.onmessage = (e) => { if (ws === st.ws) onFrame(JSON.parse(e.data)); };
+  ws.onclose = (e) => { if (ws === st.ws) dropped(e.code, e.reason); };
+}
+
+function send(frame) {
+  if (st.ws && st.ws.readyState === WebSocket.OPEN) st.ws.send(JSON.stringify(frame));
+}
+
+function dropped(code, reason) {
+  const ws = st.ws;
+  st.ws = null;
+  st.joined = st.joining = false;
+  st.loading = "";
+  clearTimeout(st.pingTimer);
+  clearTimeout(st.timer);
+  if (ws && ws.readyState < WebSocket.CLOSING) ws.close();
+  composer();
+  updateOlder();
+  if (!st.wantOpen) return setConn("offline");
+  if (code === 1008) {
+    if (st.authRetried) return signedOut(`${CLOSES[1008]}: ${reason || "no reason given"}. Sign in again.`);
+    st.authRetried = true; // one fresh token, then give up
+    return fetchToken(st.user).then((t) => { st.token = t; connect(); }, (err) => signedOut(err.message));
+  }
+  const soon = code === 1012 || code === 4008; // the server asks us to come back: no growing back-off
+  const text = CLOSES[code] ?? "The connection was lost; reconnecting";
+  banner(`${text} (close code ${code}${reason ? `: ${reason}` : ""}).`, "warn"); // hidden once re-joined
+  const cap = soon && st.attempt === 0 ? 300 : Math.min(BACKOFF_MAX_MS, BACKOFF_BASE_MS * 2 ** st.attempt);
+  const delay = cap / 2 + Math.random() * cap / 2; // jitter, never a tight loop
+  st.attempt++;
+  stats.reconnects++;
+  setConn("reconnecting", `reconnecting in ${(delay / 1000).toFixed(1)} s`);
+  st.timer = setTimeout(connect, delay);
+}
+
+function signedOut(text) { // the room and its messages stay: signing in again resumes from the cursor
+  st.wantOpen = false;
+  setConn("offline");
+  composer();
+  banner(text);
+  $("signin").hidden = false;
+  $("name").focus();
+}
+
+function ping() {
+  clearTimeout(st.pingTimer);
+  st.pingTimer = setTimeout(() => {
+    if (!st.ws) return;
+    st.pongDue = Date.now() + PONG_WITHIN_MS;
+    send({ type: "ping" });
+    st.pingTimer = setTimeout(() => { if (st.pongDue) dropped(4000, "no pong from the server"); }, PONG_WITHIN_MS);
+  }, PING_EVERY_MS);
+}
+
+function join() {
+  if (!st.ws || st.ws.readyState !== WebSocket.OPEN || !st.room) return;
+  const frame = { type: "join", room: st.room };
+  if (st.cursor) frame.cursor = st.cursor;
+  st.joining = true;
+  send(frame);
+}
+
+// --- frames from the server
+function onFrame(f) {
+  switch (f.type) {
+    case "joined": return onJoined(f);
+    case "message": return onMessage(f);
+    case "ack": return onAck(f);
+    case "history": return onHistory(f);
+    case "error": return onError(f);
+    case "pong": st.pongDue = 0; return ping();
+  }
+}
+
+function onJoined(f) {
+  if (f.room !== st.room) return send({ type: "leave", room: f.room }); // switched rooms meanwhile
+  const resumed = Boolean(st.cursor);
+  st.joining = false;
+  st.joined = true;
+  st.attempt = st.joinFailures = 0;
+  st.authRetried = false;
+  if (!resumed) st.cursor = f.cursor; // when resuming, only replayed messages move the cursor
+  hideBanner("warn");
+  if (resumed && f.recovered === false) {
+    banner("Some messages could not be recovered after the reconnect; showing the newest ones.", "warn");
+    st.refill = true;
+  }
+  if (st.next === undefined || st.refill) requestHistory(null);
+  for (const p of st.pending.values()) send(p.frame); // same client_msg_id: never stored twice
+  composer();
+}
+
+function onMessage(f) {
+  if (f.room !== st.room) return;
+  advanceCursor(f.cursor);
+  const follow = nearBottom() || (f.user === st.user && st.pending.has(f.cmid));
+  if (addMessage(f)) {
+    if (follow) toBottom();
+    if (f.user !== st.user) announce(`${f.user}: ${f.body}`);
+  }
+}
+
+function onAck(f) {
+  const p = st.pending.get(f.client_msg_id);
+  if (!p) return;
+  st.pending.delete(f.client_msg_id);
+  clearTimeout(p.retry);
+  setState(p.li, "acked", "✓ sent");
+  p.li.title = "Acknowledged by the server";
+  if (!st.ids.has(f.id)) {
+    p.li.dataset.id = f.id;
+    st.ids.set(f.id, p.li);
+    place(p.li, offsetOf(f.cursor));
+  }
+}
+
+function requestHistory(before) {
+  if (!st.joined || st.loading) return;
+  st.loading = before ? "older" : "newest";
+  send(before ? { type: "history", room: st.room, before, limit: 50 } : { type: "history", room: st.room, limit: 50 });
+  updateOlder();
+}
+
+function onHistory(f) {
+  if (f.room !== st.room) return;
+  const older = st.loading === "older", height = scroller.scrollHeight, top = scroller.scrollTop;
+  st.loading = "";
+  let added = 0;
+  for (const m of f.messages) if (addMessage(m)) added++;
+  if (older) {
+    scroller.scrollTop = top + (scroller.scrollHeight - height); // keep the reader where they were
+    st.next = f.next;
+    announce(added ? `${added} older messages loaded` : "No older messages");
+  } else {
+    if (st.next === undefined) st.next = f.next;
+    st.refill = false;
+    toBottom();
+  }
+  updateOlder();
+}
+
+function onError(f) {
+  stats.errors++;
+  const p = f.ref ? st.pending.get(f.ref) : undefined;
+  banner(`Server error ${f.code}: ${f.reason}`, p && f.code === "rate_limited" ? "warn" : "error");
+  if (p) {
+    if (f.code === "rate_limited" || f.code === "unavailable") {
+      clearTimeout(p.retry);
+      p.retry = setTimeout(() => { if (st.joined) send(p.frame); }, (f.retry_after_ms ?? 1000) + Math.random() * 250);
+    } else {
+      st.pending.delete(f.ref);
+      setState(p.li, "failed", `✗ not sent: ${f.reason}`);
+    }
+  } else if (st.joining) {
+    joinFailed(f);
+  } else if (st.loading) {
+    st.loading = "";
+    updateOlder();
+  }
+}
+
+function joinFailed(f) {
+  st.joining = false;
+  st.joinFailures++;
+  if (st.cursor && (f.code === "bad_cursor" || st.joinFailures > 3)) {
+    // Cannot resume: join live from now and fill in with the newest history page.
+    stats.resumeFallbacks++;
+    st.cursor = "";
+    st.refill = true;
+    banner(`Could not resume the room (${f.code}: ${f.reason}); some messages may be missing.`, "warn");
+    return join();
+  }
+  if (f.code === "unavailable" || st.cursor) {
+    st.timer = setTimeout(join, Math.min(BACKOFF_MAX_MS, BACKOFF_BASE_MS * 2 ** st.joinFailures) * (0.5 + Math.random() / 2));
+  }
+}
+
+// --- the forms
+function composer() { // usable while reconnecting too: sends wait as pending and go out once re-joined
+  input.disabled = $("send").disabled = !st.room || !st.wantOpen;
+  input.placeholder = !st.wantOpen ? "Sign in to chat" : st.joined ? `Message #${st.room}`
+    : st.room ? "Reconnecting: messages go out once connected" : "Join a room to chat";
+}
+function updateOlder() {
+  olderBtn.hidden = st.next === undefined;
+  olderBtn.disabled = !st.next || Boolean(st.loading) || !st.joined;
+  olderBtn.textContent = st.loading === "older" ? "Loading…" : st.next === null ? "Start of the room" : "Load older messages";
+}
+olderBtn.onclick = () => requestHistory(st.next);
+scroller.addEventListener("scroll", () => { if (scroller.scrollTop < 40 && st.next) requestHistory(st.next); });
+
+async function fetchToken(user) {
+  const r = await fetch(`/dev/token?user=${encodeURIComponent(user)}`, { cache: "no-store" });
+  if (r.status === 404) throw new Error("Sign-in by name is off on this server (it needs DEV_MODE=true).");
+  const body = await r.json().catch(() => ({}));
+  if (!r.ok || !body.token) throw new Error(`Sign-in failed: ${body.reason ?? `HTTP ${r.status}`}`);
+  return body.token;
+}
+
+$("signin").addEventListener("submit", async (e) => {
+  e.preventDefault();
+  const user = $("name").value.trim();
+  try {
+    st.token = await fetchToken(user);
+  } catch (err) {
+    return banner(String(err.message || err));
+  }
+  hideBanner();
+  Object.assign(st, { user, wantOpen: true, authRetried: false, attempt: 0 });
+  $("who").textContent = `signed in as ${user}`;
+  $("signin").hidden = true;
+  $("chat").hidden = false;
+  composer();
+  (st.room ? input : $("room")).focus();
+  connect();
+});
+
+$("roomform").addEventListener("submit", (e) => {
+  e.preventDefault();
+  const room = $("room").value.trim();
+  if (!ROOM_RE.test(room)) return banner("A room name is 1–64 characters of A–Z a–z 0–9 _ . -");
+  hideBanner();
+  if (room === st.room && (st.joined || st.joining)) return input.focus();
+  if (st.room && st.joined) send({ type: "leave", room: st.room });
+  for (const p of st.pending.values()) clearTimeout(p.retry);
+  Object.assign(st, { room, joined: false, joining: false, cursor: "", next: undefined, loading: "", joinFailures: 0 });
+  st.ids.clear();
+  st.pending.clear();
+  list.replaceChildren();
+  composer();
+  updateOlder();
+  document.title = `#${room} · roomcast`;
+  join();
+  input.focus();
+});
+
+$("composer").addEventListener("submit", (e) => {
+  e.preventDefault();
+  const body = input.value;
+  if (!body.trim() || !st.room) return;
+  const cmid = newId();
+  const li = render(st.user, body, Date.now());
+  li.dataset.cmid = cmid;
+  setState(li, "pending", "sending…");
+  list.append(li);
+  toBottom();
+  const p = { li, frame: { type: "send", room: st.room, client_msg_id: cmid, body }, retry: 0 };
+  st.pending.set(cmid, p);
+  if (st.joined) send(p.frame); // otherwise sent once the room is (re)joined
+  input.value = "";
+  input.focus();
+});
+
+window.addEventListener("online", () => { if (st.wantOpen && !st.ws) connect(); });
