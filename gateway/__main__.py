@@ -12,6 +12,8 @@ from shared.settings import Settings
 def main() -> None:
     settings = Settings()
     setup_logging("gateway", settings.name, settings.log_level, settings.log_json)
+    if problem := settings.unsafe_secret():
+        raise SystemExit(f"roomcast-gateway: refusing to start: {problem}")
     uvicorn.run(
         create_app(settings),
         host=settings.host,

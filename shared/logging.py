@@ -40,3 +40,4 @@ def setup_logging(service: str, node: str, level: str = "INFO", json: bool = Tru
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     logging.getLogger("aiokafka").setLevel(max(logging.WARNING, root.level))
+    logging.getLogger("uvicorn.error").setLevel(max(logging.WARNING, root.level))  # one line per connection

@@ -31,10 +31,12 @@ async def migrate(dsn: str) -> list[str]:
     applied: list[str] = []
     try:
         async with conn.cursor() as cur:
-            await cur.execute(
-                "CREATE TABLE IF NOT EXISTS schema_migrations (version INT PRIMARY KEY, "
-                "name VARCHAR(255) NOT NULL, applied_at TIMESTAMP DEFAULT CURRENT_TIMESTAMP)"
-            )
+            await cur.execute("SHOW TABLES LIKE 'schema_migrations'")
+            if not await cur.fetchone():
+                await cur.execute(
+                    "CREATE TABLE IF NOT EXISTS schema_migrations (version INT PRIMARY KEY, "
+                    "name VARCHAR(255) NOT NULL, applied_at TIMESTAMP DEFAULT CURRENT_TIMESTAMP)"
+                )
             # One migrator at a time (a k8s Job and a developer may race).
             await cur.execute("SELECT GET_LOCK('roomcast_migrate', 30)")
             try:

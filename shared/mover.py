@@ -4,7 +4,7 @@ Used by the persister's flush (list past its cap) and by the sweeper (retention)
 crash-safety lives here once:
 
 1. LRANGE the oldest n entries (bounded by the chunk size);
-2. insert them into MySQL in one multi-row INSERT IGNORE (the unique message id makes a repeat a
+2. insert them into MySQL in one multi-row insert that skips known ids (the unique message id makes a repeat a
    no-op, so a crash between 2 and 3 only causes a harmless re-insert next time);
 3. trim exactly those entries, and only if the list still starts with them (a Lua script): when two
    movers meet on a room, the second finds its chunk gone and trims nothing it did not archive.
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import aiomysql
 import redis.asyncio as aioredis
@@ -40,9 +41,11 @@ return redis.call('LLEN', KEYS[1])
 """
 
 INSERT_SQL = (
-    "INSERT IGNORE INTO messages "
+    "INSERT INTO messages "
     "(id, room_id, kafka_partition, kafka_offset, user_id, client_msg_id, body, created_at) VALUES "
 )
+# Ignore rows already archived without INSERT IGNORE, whose duplicate warnings cost a round trip.
+ON_DUPLICATE = " ON DUPLICATE KEY UPDATE id = id"
 
 
 @dataclass
@@ -67,8 +70,8 @@ class Mover:
         """Archive up to `limit` of the room's oldest entries; with `keep`, stop at the first entry
         it wants to keep in Redis (e.g. one newer than the retention)."""
         list_key = self._keys.msgs(room)
-        raw: list[bytes] = await self._redis.lrange(list_key, 0, limit - 1)
-        chunk: list[tuple[bytes, Message]] = []
+        raw: list[Any] = await self._redis.lrange(list_key, 0, limit - 1)
+        chunk: list[tuple[Any, Message]] = []
         for item in raw:
             msg = Message.from_entry(item)
             if keep is not None and keep(msg):
@@ -90,8 +93,8 @@ class Mover:
             assert m.position is not None
             params += [m.id, room_id, m.position.partition, m.position.offset, m.user,
                        m.client_msg_id, m.body, m.ts]
-        sql = INSERT_SQL + ",".join(["(%s,%s,%s,%s,%s,%s,%s,%s)"] * len(messages))
+        sql = INSERT_SQL + ",".join(["(%s,%s,%s,%s,%s,%s,%s,%s)"] * len(messages)) + ON_DUPLICATE
         async with self._pool.acquire() as conn, conn.cursor() as cur:
             await cur.execute(sql, params)
             self.insert_statements += 1
-            self.rows_inserted += cur.rowcount
+            self.rows_inserted += cur.rowcount  # 1 per new row, 0 per duplicate

@@ -44,6 +44,9 @@ async def ensure_database(dsn: str) -> None:
     conn = await aiomysql.connect(connect_timeout=5, **target.connect_kwargs(with_db=False))
     try:
         async with conn.cursor() as cur:
+            await cur.execute(f"SHOW DATABASES LIKE '{target.database.replace(chr(39), '')}'")
+            if await cur.fetchone():
+                return
             await cur.execute(
                 f"CREATE DATABASE IF NOT EXISTS `{target.database.replace('`', '')}` "
                 "CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"

@@ -25,7 +25,8 @@ class RoomDirectory:
             now = int(time.time() * 1000)
             async with self._pool.acquire() as conn, conn.cursor() as cur:
                 await cur.executemany(
-                    "INSERT IGNORE INTO rooms (name, created_at, last_message_at) VALUES (%s, %s, %s)",
+                    "INSERT INTO rooms (name, created_at, last_message_at) VALUES (%s, %s, %s) "
+                    "ON DUPLICATE KEY UPDATE name = name",
                     [(n, now, now) for n in missing],
                 )
                 await cur.execute(

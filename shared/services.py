@@ -23,7 +23,7 @@ def start_gateway(settings: Settings, port: int, log_dir: Path, name: str | None
     proc = _start("gateway", name or f"gateway-{port}", settings, log_dir, {"PORT": str(port), **extra})
     proc.ports = (port,)
     if wait:
-        wait_http_ok(f"http://{settings.host}:{port}/readyz", proc)
+        _ready_or_stop(proc, f"http://{settings.host}:{port}/readyz")
     return proc
 
 
@@ -32,7 +32,7 @@ def start_persister(settings: Settings, log_dir: Path, name: str = "persister", 
     proc = _start("persister", name, settings, log_dir, {"METRICS_PORT": str(metrics_port), **extra})
     if metrics_port:
         proc.ports = (metrics_port,)
-        wait_http_ok(f"http://{settings.host}:{metrics_port}/metrics", proc)
+        _ready_or_stop(proc, f"http://{settings.host}:{metrics_port}/metrics")
     return proc
 
 
@@ -40,6 +40,14 @@ def start_sweeper(settings: Settings, log_dir: Path, name: str = "sweeper", once
                   metrics_port: int = 0, **extra: str) -> Proc:
     return _start("sweeper", name, settings, log_dir, {"METRICS_PORT": str(metrics_port), **extra},
                   ("--once",) if once else ())
+
+
+def _ready_or_stop(proc: Proc, url: str) -> None:
+    try:
+        wait_http_ok(url, proc)
+    except BaseException:
+        proc.stop()
+        raise
 
 
 def wait_http_ok(url: str, proc: Proc, timeout: float = 30.0) -> None:

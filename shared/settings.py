@@ -12,6 +12,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DAY_S = 24 * 3600
+DEV_JWT_SECRET = "roomcast-dev-secret-change-me-in-production"
 
 
 class Settings(BaseSettings):
@@ -63,7 +64,7 @@ class Settings(BaseSettings):
     # --- gateway
     host: str = "127.0.0.1"
     port: int = 8001
-    jwt_secret: SecretStr = SecretStr("roomcast-dev-secret-change-me-in-production")
+    jwt_secret: SecretStr = SecretStr(DEV_JWT_SECRET)
     jwt_algorithm: Literal["HS256", "HS384", "HS512"] = "HS256"
     token_ttl_s: int = Field(24 * 3600, ge=1, description="Lifetime of tokens minted by `roomcast token`")
     dev_mode: bool = Field(False, description="Serves /dev/token for the chat page; never in production")
@@ -97,6 +98,17 @@ class Settings(BaseSettings):
     def model_post_init(self, __context: object) -> None:
         if self.flush_chunk > self.buffer_cap:
             raise ValueError("flush_chunk must not exceed buffer_cap")
+
+    def unsafe_secret(self) -> str | None:
+        """Why the JWT secret must not sign production tokens, or None when it is fine."""
+        secret = self.jwt_secret.get_secret_value()
+        if self.dev_mode:
+            return None
+        if secret == DEV_JWT_SECRET or "REPLACE-ME" in secret:
+            return "JWT_SECRET is the development default or a placeholder; set a real secret (or DEV_MODE=true)"
+        if len(secret) < 32:
+            return "JWT_SECRET is shorter than 32 bytes"
+        return None
 
     def to_env(self) -> dict[str, str]:
         """These settings as the environment of a child process."""

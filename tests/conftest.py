@@ -18,6 +18,7 @@ from pathlib import Path
 import aiomysql
 import pytest
 import redis.asyncio as aioredis
+from pydantic import SecretStr
 
 from shared import localstack
 from shared.migrate import migrate
@@ -117,6 +118,7 @@ def settings(kafka_bootstrap: str, redis_url: str, mysql_server_dsn: str, kafka_
         redis_url=redis_url,
         redis_prefix=tag,
         mysql_dsn=f"{mysql_server_dsn}/rc_{tag}",
+        jwt_secret=SecretStr(f"test-secret-{uuid.uuid4().hex}"),
         log_json=False,
     )
 

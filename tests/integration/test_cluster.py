@@ -9,8 +9,8 @@ from pathlib import Path
 
 import aiomysql
 import pytest
-from pydantic import SecretStr
 import redis.asyncio as aioredis
+from pydantic import SecretStr
 
 from shared.keys import Keys
 from shared.services import scrape

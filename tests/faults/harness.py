@@ -1,0 +1,150 @@
+"""Load for the fault tests: clients on every node stream messages into a few rooms while a test
+breaks something; afterwards the checker compares acks, deliveries and storage."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiomysql
+import redis.asyncio as aioredis
+
+from shared.auth import mint_token
+from shared.checker import Ack, Report, check_delivery, check_storage, stored_ids, stored_messages
+from shared.client import RoomcastClient
+from shared.keys import Keys
+from shared.settings import Settings
+
+
+@dataclass
+class Member:
+    name: str
+    client: RoomcastClient
+    rooms: list[str]
+    joined: dict[str, str] = field(default_factory=dict)  # room -> cursor at the first join
+    received: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+    acks: list[Ack] = field(default_factory=list)
+    latencies: list[float] = field(default_factory=list)
+
+
+class Load:
+    """`clients` clients split over `urls`, each in two of `rooms` rooms, each sending `rate` msgs/s."""
+
+    def __init__(self, settings: Settings, urls: list[str], clients: int = 20, rooms: int = 4,
+                 rate: float = 5.0) -> None:
+        self.settings = settings
+        self.urls = urls
+        self.rooms = [f"room-{i}" for i in range(rooms)]
+        self.n = clients
+        self.rate = rate
+        self.members: list[Member] = []
+        self._senders: list[asyncio.Task[None]] = []
+        self._seq = itertools.count()
+        self.errors: list[BaseException] = []
+
+    async def start(self) -> None:
+        for i in range(self.n):
+            urls = self.urls[i % len(self.urls):] + self.urls[: i % len(self.urls)]
+            name = f"user-{i}"
+            rooms = [self.rooms[i % len(self.rooms)], self.rooms[(i + 1) % len(self.rooms)]]
+            member = Member(name, None, rooms)  # type: ignore[arg-type]
+            member.client = RoomcastClient(urls, mint_token(self.settings, name), backoff_base=0.1,
+                                           backoff_max=1.0, request_timeout=3.0,
+                                           on_message=self._collector(member))
+            await member.client.start()
+            for room in rooms:
+                joined = await member.client.join(room)
+                member.joined[room] = joined["cursor"]
+            self.members.append(member)
+        self._senders = [asyncio.create_task(self._send_loop(m)) for m in self.members]
+
+    def _collector(self, member: Member) -> Any:
+        def on_message(frame: dict[str, Any]) -> None:
+            member.received.setdefault(frame["room"], []).append((frame["id"], frame["cursor"]))
+        return on_message
+
+    async def _send_loop(self, m: Member) -> None:
+        interval = 1.0 / self.rate
+        in_flight: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                k = next(self._seq)
+                task = asyncio.create_task(self._send_one(m, m.rooms[k % 2], k))
+                in_flight.add(task)
+                task.add_done_callback(in_flight.discard)
+                await asyncio.sleep(interval)
+        except asyncio.CancelledError:
+            # stop starting new sends; the ones in flight finish (the client retries them)
+            if in_flight:
+                await asyncio.wait(in_flight, timeout=60)
+            raise
+
+    async def _send_one(self, m: Member, room: str, k: int) -> None:
+        t0 = time.monotonic()
+        try:
+            ack = await asyncio.wait_for(m.client.send(room, f"{m.name}:{k}"), 60)
+        except Exception as e:  # a send that never got an ack promises nothing; note why
+            self.errors.append(e)
+            return
+        m.acks.append(Ack.from_frame(ack))
+        m.latencies.append(time.monotonic() - t0)
+
+    async def stop_sending(self) -> None:
+        for t in self._senders:
+            t.cancel()
+        await asyncio.gather(*self._senders, return_exceptions=True)
+
+    @property
+    def acked(self) -> dict[str, list[Ack]]:
+        return {m.name: m.acks for m in self.members}
+
+    def owed(self) -> int:
+        """Deliveries still missing (each member, each of its rooms, acks after its join)."""
+        by_room: dict[str, set[str]] = {}
+        for m in self.members:
+            for a in m.acks:
+                by_room.setdefault(a.room, set()).add(a.id)
+        missing = 0
+        for m in self.members:
+            for room in m.rooms:
+                got = {i for i, _ in m.received.get(room, [])}
+                missing += len(by_room.get(room, set()) - got)
+        return missing
+
+    async def drain(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self.owed() and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+
+    def delivery(self) -> Report:
+        return check_delivery(self.acked, {m.name: m.received for m in self.members},
+                              {m.name: m.joined for m in self.members})
+
+    async def storage(self, redis: aioredis.Redis, mysql: aiomysql.Pool, timeout: float = 60.0) -> Report:
+        """Storage against the acks, once the persister has had time to catch up."""
+        keys = Keys(self.settings.redis_prefix, self.settings.kafka_partitions)
+        by_room: dict[str, set[str]] = {r: set() for r in self.rooms}
+        for m in self.members:
+            for a in m.acks:
+                by_room[a.room].add(a.id)
+        deadline = time.monotonic() + timeout
+        while True:
+            stored = {r: stored_ids(await stored_messages(redis, mysql, keys, r)) for r in self.rooms}
+            report = check_storage(by_room, stored)
+            if report.ok or time.monotonic() > deadline:
+                return report
+            await asyncio.sleep(0.5)
+
+    @property
+    def total_acked(self) -> int:
+        return sum(len(m.acks) for m in self.members)
+
+    async def close(self) -> None:
+        await self.stop_sending()
+        for m in self.members:
+            with contextlib.suppress(Exception):
+                await m.client.close()

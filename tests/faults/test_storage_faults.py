@@ -1,0 +1,204 @@
+"""Issue 3, faults 3-6 and 9: the persister killed, Redis restarted or wiped, MySQL cut off, the
+broker killed, and a record produced twice. Each ends with the checker at 0 lost, 0 duplicated,
+0 out of order, against what the clients were acknowledged."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aiomysql
+import pytest
+import redis.asyncio as aioredis
+from aiokafka import AIOKafkaProducer
+
+from shared import localstack
+from shared.keys import Keys
+from shared.message import Message, new_message_id
+from shared.mysql import MysqlTarget
+from shared.services import scrape
+from shared.settings import Settings
+from tests.faults.harness import Load
+from tests.faults.proxy import TcpProxy
+from tests.support import Cluster, Peer, eventually, token
+
+pytestmark = [pytest.mark.faults, pytest.mark.timeout(300)]
+
+
+def small(settings: Settings, **extra: object) -> Settings:
+    return settings.model_copy(update={"buffer_cap": 40, "flush_chunk": 20, **extra})
+
+
+async def run_load_through(cluster: Cluster, fault: object, redis: aioredis.Redis, mysql: aiomysql.Pool,
+                           rate: float = 5.0) -> Load:
+    """Stream from 12 clients on both nodes, run `fault()` meanwhile, then check everything."""
+    load = Load(cluster.settings, [cluster.url(i) for i in range(len(cluster.gateways))],
+                clients=12, rooms=4, rate=rate)
+    await load.start()
+    try:
+        await asyncio.sleep(1.5)
+        await fault()  # type: ignore[operator]
+        await asyncio.sleep(1.5)
+        await load.stop_sending()
+        await load.drain(90)
+        assert load.total_acked > 50
+        delivery = load.delivery()
+        assert delivery.ok, f"delivery: {delivery}"
+        storage = await load.storage(redis, mysql, timeout=90)
+        assert storage.ok, f"storage: {storage}"
+    finally:
+        await load.close()
+    return load
+
+
+@pytest.fixture
+def cluster_factory(log_dir: Path) -> Iterator[list[Cluster]]:
+    made: list[Cluster] = []
+    yield made
+    for c in made:
+        c.stop()
+
+
+async def test_persister_killed_mid_batch_and_restarted(
+        migrated: Settings, log_dir: Path, cluster_factory: list[Cluster],
+        redis: aioredis.Redis, mysql: aiomysql.Pool) -> None:
+    cluster = Cluster(small(migrated), log_dir).start()
+    cluster_factory.append(cluster)
+
+    async def kill_and_restart() -> None:
+        for _ in range(3):
+            assert cluster.persister is not None
+            cluster.persister.kill()
+            await asyncio.sleep(0.7)
+            await asyncio.to_thread(cluster.start_persister)
+            await asyncio.sleep(0.7)
+
+    await run_load_through(cluster, kill_and_restart, redis, mysql)
+
+
+@pytest.fixture
+async def own_redis(tmp_path: Path, log_dir: Path) -> AsyncIterator[tuple[localstack.Proc, int, Path]]:
+    port = localstack.free_port()
+    proc = localstack.start_redis(port, tmp_path / "redis", log_dir)
+    yield proc, port, tmp_path / "redis"
+    proc.stop()
+
+
+@pytest.mark.parametrize("how", ["restart", "wipe"])
+async def test_redis_restarted_or_wiped_under_load(
+        migrated: Settings, log_dir: Path, cluster_factory: list[Cluster], mysql: aiomysql.Pool,
+        own_redis: tuple[localstack.Proc, int, Path], how: str) -> None:
+    proc, port, data = own_redis
+    settings = small(migrated, redis_url=f"redis://127.0.0.1:{port}/0")
+    cluster = Cluster(settings, log_dir).start()
+    cluster_factory.append(cluster)
+    client = aioredis.from_url(settings.redis_url)
+    holder = {"proc": proc}
+
+    async def fault() -> None:
+        if how == "restart":  # kill -9 and start again on the same AOF
+            holder["proc"].kill()
+            await asyncio.sleep(1)
+            holder["proc"] = await asyncio.to_thread(localstack.start_redis, port, data, log_dir)
+        else:  # everything gone at once: the persister must replay from Kafka
+            await client.flushall()
+
+    try:
+        await run_load_through(cluster, fault, client, mysql)
+    finally:
+        if holder["proc"] is not proc:
+            holder["proc"].stop()
+        await client.aclose()
+
+
+async def test_mysql_cut_off_for_30s_buffers_in_redis_then_catches_up(
+        migrated: Settings, log_dir: Path, cluster_factory: list[Cluster],
+        redis: aioredis.Redis, mysql: aiomysql.Pool) -> None:
+    target = MysqlTarget.from_dsn(migrated.mysql_dsn)
+    proxy = await TcpProxy(target.host, target.port).start()
+    via_proxy = f"mysql://{target.user}:{target.password}@127.0.0.1:{proxy.port}/{target.database}"
+    settings = small(migrated, mysql_dsn=via_proxy, persister_backlog_budget=300)
+    cluster = Cluster(settings, log_dir).start()
+    cluster_factory.append(cluster)
+    keys = Keys(settings.redis_prefix, settings.kafka_partitions)
+    longest = {"len": 0}
+
+    async def outage() -> None:
+        await proxy.cut()
+        for _ in range(30):
+            await asyncio.sleep(1)
+            for room in (f"room-{i}" for i in range(4)):
+                longest["len"] = max(longest["len"], await redis.llen(keys.msgs(room)))
+        metrics = scrape(f"http://127.0.0.1:{cluster.persister_metrics}/metrics")
+        assert metrics["roomcast_persister_flush_errors_total"] > 0
+        await proxy.restore()
+
+    try:
+        await run_load_through(cluster, outage, redis, mysql, rate=8.0)
+    finally:
+        await proxy.close()
+    assert longest["len"] > settings.buffer_cap, "Redis kept buffering past the cap while MySQL was away"
+    assert cluster.persister is not None
+    log = cluster.persister.log_path.read_text()
+    assert "pausing consumption" in log and "resuming" in log, "the backlog budget paused consuming"
+
+
+async def test_broker_killed_for_10s_sends_fail_cleanly_and_nothing_acked_is_lost(
+        migrated: Settings, log_dir: Path, tmp_path: Path, cluster_factory: list[Cluster],
+        redis: aioredis.Redis, mysql: aiomysql.Pool) -> None:
+    ports = localstack.WeedPorts.free()
+    weed = localstack.start_seaweed(tmp_path / "weed", log_dir, ports=ports)
+    kafka_port = localstack.free_port()
+    holder = {"tansu": localstack.start_tansu_s3(kafka_port, log_dir, s3_port=ports.s3)}
+    settings = small(migrated, kafka_bootstrap=f"127.0.0.1:{kafka_port}")
+    cluster = Cluster(settings, log_dir).start()
+    cluster_factory.append(cluster)
+
+    async def broker_down() -> None:
+        holder["tansu"].kill()
+        await asyncio.sleep(10)
+        holder["tansu"] = await asyncio.to_thread(localstack.start_tansu_s3, kafka_port, log_dir, ports.s3)
+
+    try:
+        load = await run_load_through(cluster, broker_down, redis, mysql)
+    finally:
+        cluster.stop()
+        holder["tansu"].stop()
+        weed.stop()
+    assert not load.errors, "every send was eventually acknowledged (the client resent it)"
+
+
+async def test_a_record_produced_twice_is_delivered_and_stored_once(
+        migrated: Settings, log_dir: Path, cluster_factory: list[Cluster],
+        redis: aioredis.Redis, mysql: aiomysql.Pool) -> None:
+    from shared.checker import stored_ids, stored_messages
+
+    cluster = Cluster(migrated, log_dir).start()
+    cluster_factory.append(cluster)
+    subs = [await Peer.connect(cluster.url(i), token(migrated, f"watcher{i}")) for i in (0, 1)]
+    for s in subs:
+        await s.join("dup-room")
+    msg = Message(new_message_id(), "dup-room", "mallory", "twice", int(time.time() * 1000), "k-1")
+    producer = AIOKafkaProducer(bootstrap_servers=migrated.kafka_bootstrap, acks="all")
+    await producer.start()
+    try:
+        partition = Keys(migrated.redis_prefix, migrated.kafka_partitions).partition("dup-room")
+        for _ in range(2):  # what a producer retry without idempotence can do
+            await producer.send_and_wait(migrated.kafka_topic, msg.kafka_value(), key=b"dup-room",
+                                         partition=partition)
+    finally:
+        await producer.stop()
+    for s in subs:
+        await s.wait_for(lambda f: f["type"] == "message")
+    await asyncio.sleep(1)
+    for s in subs:
+        assert [m["id"] for m in s.messages("dup-room")] == [msg.id]
+        await s.close()
+    keys = Keys(migrated.redis_prefix, migrated.kafka_partitions)
+
+    async def once() -> bool:
+        return stored_ids(await stored_messages(redis, mysql, keys, "dup-room")) == [msg.id]
+
+    await eventually(once, 20, what="stored once")
