@@ -139,6 +139,12 @@ class Load:
                 return report
             await asyncio.sleep(0.5)
 
+    def describe(self) -> str:
+        """Per client: reconnects, resume gaps, unmatched errors (for failure messages)."""
+        return "; ".join(f"{m.name}: reconnects={m.client.reconnects} gaps={m.client.gaps} "
+                         f"errors={m.client.errors}" for m in self.members
+                         if m.client.reconnects or m.client.gaps or m.client.errors)
+
     @property
     def total_acked(self) -> int:
         return sum(len(m.acks) for m in self.members)

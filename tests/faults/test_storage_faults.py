@@ -45,7 +45,7 @@ async def run_load_through(cluster: Cluster, fault: object, redis: aioredis.Redi
         await load.drain(90)
         assert load.total_acked > 50
         delivery = load.delivery()
-        assert delivery.ok, f"delivery: {delivery}"
+        assert delivery.ok, f"delivery: {delivery} ({load.describe()})"
         storage = await load.storage(redis, mysql, timeout=90)
         assert storage.ok, f"storage: {storage}"
     finally:
@@ -111,6 +111,9 @@ async def test_redis_restarted_or_wiped_under_load(
         if holder["proc"] is not proc:
             holder["proc"].stop()
         await client.aclose()
+    if how == "wipe":
+        assert cluster.persister is not None
+        assert "replaying from Kafka" in cluster.persister.log_path.read_text()
 
 
 async def test_mysql_cut_off_for_30s_buffers_in_redis_then_catches_up(
@@ -168,6 +171,7 @@ async def test_broker_killed_for_10s_sends_fail_cleanly_and_nothing_acked_is_los
         holder["tansu"].stop()
         weed.stop()
     assert not load.errors, "every send was eventually acknowledged (the client resent it)"
+    assert sum(m.client.resends for m in load.members) > 0, "sends were refused while the broker was down"
 
 
 async def test_a_record_produced_twice_is_delivered_and_stored_once(
