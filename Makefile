@@ -5,7 +5,11 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run stop test test-unit test-integration test-e2e test-faults lint typecheck bench image clean
+.PHONY: system-deps run stop test test-unit test-integration test-e2e test-faults lint typecheck bench image clean
+
+# System packages the suite needs (its own Redis and MariaDB instances, the browser test);
+# installed with apt when we are root and one is missing. `make run` installs what it needs itself.
+SYSTEM_BINS := redis-server:redis-server mariadbd:mariadb-server chromium:chromium
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -13,13 +17,21 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
 
+system-deps:
+	@missing=""; for pair in $(SYSTEM_BINS); do bin=$${pair%%:*}; pkg=$${pair##*:}; \
+	  command -v $$bin >/dev/null 2>&1 || [ -x /usr/sbin/$$bin ] || missing="$$missing $$pkg"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing:$$missing"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  else echo "missing system packages:$$missing (run: sudo apt-get install -y$$missing)"; exit 1; fi; fi
+
 run: $(STAMP)  ## the whole cluster in the foreground until Ctrl-C
 	$(BIN)/roomcast up
 
 stop:  ## stop what `make run` started (from another shell)
 	@test -x $(BIN)/roomcast && $(BIN)/roomcast down || echo "nothing to stop (no venv)"
 
-test: $(STAMP) lint typecheck  ## everything: unit, integration, end-to-end, faults
+test: system-deps $(STAMP) lint typecheck  ## everything: unit, integration, end-to-end, faults
 	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15 tests
 
 test-unit: $(STAMP)
@@ -28,10 +40,10 @@ test-unit: $(STAMP)
 test-integration: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/integration
 
-test-e2e: $(STAMP)
+test-e2e: system-deps $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/e2e
 
-test-faults: $(STAMP)
+test-faults: system-deps $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/faults
 
 lint: $(STAMP)
