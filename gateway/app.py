@@ -47,7 +47,7 @@ def create_app(settings: Settings) -> Starlette:
         node = Node(settings, Keys(settings.redis_prefix, settings.kafka_partitions), hub, fanout, producer,
                     Publisher(settings, producer, redis), redis, mysql)
         fan_task = asyncio.create_task(fanout.run(), name="fanout")
-        fan_task.add_done_callback(_log_crash)
+        fan_task.add_done_callback(lambda t: _fanout_died(t, fanout))
         log.info("gateway ready", extra={"port": settings.port})
         try:
             yield {"node": node}
@@ -76,8 +76,9 @@ def create_app(settings: Settings) -> Starlette:
     return Starlette(routes=routes, lifespan=lifespan)
 
 
-def _log_crash(task: asyncio.Task[None]) -> None:
+def _fanout_died(task: asyncio.Task[None], fanout: Fanout) -> None:
     if not task.cancelled() and task.exception() is not None:
+        fanout.failed = task.exception()
         log.critical("fan-out consumer crashed; this node is not ready", exc_info=task.exception())
 
 
@@ -95,6 +96,7 @@ async def readyz(request: Request) -> Response:
 
 async def metrics_endpoint(request: Request) -> Response:
     node: Node = request.state.node
-    metrics.FANOUT_LAG.set(node.fanout.lag())
+    for partition, lag in node.fanout.lag_by_partition().items():
+        metrics.FANOUT_LAG.labels(str(partition)).set(lag)
     metrics.FANOUT_QUEUE.set(sum(s.queued for s in node.hub.sessions))
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

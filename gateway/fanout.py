@@ -45,7 +45,9 @@ class Fanout:
         self.tps: list[TopicPartition] = []
         self.recent = RecentIds(50_000)
         self.started = False
-        self.last_progress = time.monotonic()
+        self.failed: BaseException | None = None  # set when the consume loop died
+        self.last_poll = time.monotonic()  # the consume loop came round (even with nothing new)
+        self.last_advance = time.monotonic()  # a record was consumed
         self.advanced = asyncio.Condition()
 
     async def start(self) -> None:
@@ -64,9 +66,10 @@ class Fanout:
     async def run(self) -> None:
         while True:
             batch = await self.consumer.getmany(timeout_ms=1000, max_records=5000)
-            self.last_progress = time.monotonic()
+            self.last_poll = time.monotonic()
             if not batch:
                 continue
+            self.last_advance = self.last_poll
             delivered = 0
             for tp, records in batch.items():
                 for r in records:
@@ -88,20 +91,29 @@ class Fanout:
     def position(self, partition: int) -> int:
         return self.positions.get(partition, 0)
 
-    def lag(self) -> int:
-        total = 0
+    def lag_by_partition(self) -> dict[int, int]:
+        """Records between this node's position and the high-water mark of the last fetch."""
+        out = {}
         for tp in self.tps:
             high = self.consumer.highwater(tp)
-            if high is not None:
-                total += max(0, high - self.positions.get(tp.partition, 0))
-        return total
+            out[tp.partition] = max(0, high - self.positions.get(tp.partition, 0)) if high is not None else 0
+        return out
+
+    def lag(self) -> int:
+        return sum(self.lag_by_partition().values())
 
     def ready(self) -> tuple[bool, str]:
+        """Not ready when this node would accept clients but not deliver to them (a "deaf" node)."""
+        if self.failed is not None:
+            return False, f"fan-out consumer died: {self.failed!r}"
         if not self.started:
             return False, "fan-out consumer not started"
+        now = time.monotonic()
+        if now - self.last_poll > self.s.ready_stall_s:
+            return False, "fan-out loop stuck"
         lag = self.lag()
         if lag > self.s.ready_max_lag:
             return False, f"fan-out lag {lag} > {self.s.ready_max_lag}"
-        if time.monotonic() - self.last_progress > self.s.ready_stall_s:
-            return False, "fan-out consumer stalled"
+        if lag > 0 and now - self.last_advance > self.s.ready_stall_s:
+            return False, f"fan-out not advancing with {lag} records to deliver"
         return True, "ok"

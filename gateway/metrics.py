@@ -17,7 +17,8 @@ ERRORS = Counter("roomcast_gateway_error_frames_total", "Error frames sent", ["c
 DUPLICATES_DROPPED = Counter("roomcast_gateway_duplicates_dropped_total", "Repeated message ids not fanned out")
 RESENDS = Counter("roomcast_gateway_resends_total", "Sends answered from the dedupe record")
 FANOUT_QUEUE = Gauge("roomcast_gateway_fanout_queue_frames", "Frames queued to clients, all connections")
-FANOUT_LAG = Gauge("roomcast_gateway_fanout_lag_records", "Records between fan-out position and high-water mark")
+FANOUT_LAG = Gauge("roomcast_gateway_fanout_lag_records", "Records between fan-out position and high-water mark",
+                   ["partition"])
 HISTORY_MYSQL_QUERIES = Counter("roomcast_gateway_history_mysql_queries_total",
                                 "MySQL queries made for history pages (single-flight shares one between callers)")
 RESUMED = Counter("roomcast_gateway_resumed_messages_total", "Missed messages replayed on a resume")

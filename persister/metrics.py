@@ -13,6 +13,9 @@ FLUSH_BATCH = Histogram("roomcast_persister_flush_batch_size", "Messages per MyS
 FLUSH_SECONDS = Histogram("roomcast_persister_flush_seconds", "Duration of one chunk move to MySQL")
 FLUSH_ERRORS = Counter("roomcast_persister_flush_errors_total", "Failed chunk moves (MySQL or Redis away)")
 REDIS_ERRORS = Counter("roomcast_persister_redis_errors_total", "Failed Redis calls (retried)")
+LAG = Gauge("roomcast_persister_lag_records", "Records between the applied mark and the high-water mark",
+            ["partition"])
+BUFFERED = Gauge("roomcast_persister_buffered_messages", "Messages in the Redis lists of the rooms seen since start")
 BACKLOG = Gauge("roomcast_persister_backlog_messages", "Messages buffered in Redis past the cap")
 INSERT_STATEMENTS = Gauge("roomcast_persister_mysql_insert_statements",
                           "MySQL statements that inserted messages since start")

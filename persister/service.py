@@ -47,6 +47,7 @@ class Persister:
         self.expected: dict[int, int | None] = {}  # partition -> applied mark we believe Redis holds
         self.to_flush: set[str] = set()
         self.backlog: dict[str, int] = {}  # room -> messages past the cap (MySQL slow or down)
+        self.lengths: dict[str, int] = {}  # room -> its list length, as last seen
         self.flush_wakeup = asyncio.Event()
         self.paused = False
 
@@ -91,6 +92,15 @@ class Persister:
                 with contextlib.suppress(KafkaError):
                     await self.consumer.commit()
             self._pause_or_resume()
+            self._observe()
+
+    def _observe(self) -> None:
+        assert self.consumer is not None
+        for tp in self.consumer.assignment():
+            high, mark = self.consumer.highwater(tp), self.expected.get(tp.partition)
+            if high is not None:
+                metrics.LAG.labels(str(tp.partition)).set(max(0, high - (-1 if mark is None else mark) - 1))
+        metrics.BUFFERED.set(sum(self.lengths.values()))
 
     async def check_marks(self) -> None:
         """Notice a Redis that lost data (restart without AOF, FLUSHALL) even when no records arrive."""
@@ -127,6 +137,7 @@ class Persister:
             return
         self.expected[tp.partition] = res.mark
         metrics.APPLIED.inc(len(messages))
+        self.lengths.update(res.lengths)
         for room, length in res.lengths.items():
             if length > self.s.buffer_cap:
                 self.to_flush.add(room)
@@ -178,6 +189,7 @@ class Persister:
             length = await self.buffer.length(room)
             self.backlog[room] = max(0, length - self.s.buffer_cap)
         length = await self.buffer.done_if_short(room)
+        self.lengths[room] = length
         if length <= self.s.buffer_cap:
             self.backlog.pop(room, None)
         else:
