@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Iterator
-from pathlib import Path
 
 import aiomysql
 import pytest
@@ -18,19 +16,6 @@ from shared.settings import Settings
 from tests.support import Cluster, Peer, eventually, offset, token
 
 pytestmark = pytest.mark.timeout(180)
-
-
-@pytest.fixture
-def small_buffer(migrated: Settings) -> Settings:
-    """Small cap and chunk so a few hundred messages exercise the flush to MySQL."""
-    return migrated.model_copy(update={"buffer_cap": 20, "flush_chunk": 10, "send_burst": 1000})
-
-
-@pytest.fixture
-def cluster(small_buffer: Settings, log_dir: Path) -> Iterator[Cluster]:
-    c = Cluster(small_buffer, log_dir).start()
-    yield c
-    c.stop()
 
 
 async def stored(redis: aioredis.Redis, mysql: aiomysql.Pool, settings: Settings, room: str

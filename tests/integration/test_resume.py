@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-from pathlib import Path
 
 import aiomysql
 import pytest
@@ -14,18 +12,6 @@ from shared.settings import Settings
 from tests.support import Cluster, Peer, eventually, offset, token
 
 pytestmark = pytest.mark.timeout(180)
-
-
-@pytest.fixture
-def small(migrated: Settings) -> Settings:
-    return migrated.model_copy(update={"buffer_cap": 20, "flush_chunk": 10, "send_burst": 1000})
-
-
-@pytest.fixture
-def cluster(small: Settings, log_dir: Path) -> Iterator[Cluster]:
-    c = Cluster(small, log_dir).start()
-    yield c
-    c.stop()
 
 
 async def send_many(p: Peer, room: str, n: int, tag: str) -> list[dict]:
@@ -42,9 +28,9 @@ async def send_many(p: Peer, room: str, n: int, tag: str) -> list[dict]:
 
 @pytest.mark.parametrize("missed", [5, 100])  # 100 > cap: most of the gap is already in MySQL
 async def test_resume_replays_exactly_the_missed_messages_then_live(
-        cluster: Cluster, small: Settings, missed: int) -> None:
-    sender = await Peer.connect(cluster.url(0), token(small, "alice"))
-    b = await Peer.connect(cluster.url(1), token(small, "bob"))
+        cluster: Cluster, small_buffer: Settings, missed: int) -> None:
+    sender = await Peer.connect(cluster.url(0), token(small_buffer, "alice"))
+    b = await Peer.connect(cluster.url(1), token(small_buffer, "bob"))
     await b.join("lobby")
     await send_many(sender, "lobby", 3, "before")
     await b.wait_for(lambda f: f["type"] == "message" and f["body"] == "before 2")
@@ -52,7 +38,7 @@ async def test_resume_replays_exactly_the_missed_messages_then_live(
     await b.close()
 
     gap = await send_many(sender, "lobby", missed, "gap")
-    b2 = await Peer.connect(cluster.url(0), token(small, "bob"))  # the other node
+    b2 = await Peer.connect(cluster.url(0), token(small_buffer, "bob"))  # the other node
     joined = await b2.join("lobby", cursor=last)
     assert joined["type"] == "joined" and joined["recovered"] is True
     await send_many(sender, "lobby", 3, "after")
@@ -68,8 +54,8 @@ async def test_resume_replays_exactly_the_missed_messages_then_live(
 
 
 async def test_resume_with_an_invalid_cursor_is_live_only_and_says_not_recovered(
-        cluster: Cluster, small: Settings) -> None:
-    p = await Peer.connect(cluster.url(0), token(small, "carol"))
+        cluster: Cluster, small_buffer: Settings) -> None:
+    p = await Peer.connect(cluster.url(0), token(small_buffer, "carol"))
     for bad in ("garbage", "99-5"):  # not a cursor; a cursor of another partition
         joined = await p.join("lobby", cursor=bad)
         assert joined["type"] == "joined" and joined["recovered"] is False
@@ -77,13 +63,13 @@ async def test_resume_with_an_invalid_cursor_is_live_only_and_says_not_recovered
 
 
 async def test_a_resend_to_the_other_node_is_acked_with_the_first_ack_and_stored_once(
-        cluster: Cluster, small: Settings, redis: aioredis.Redis, mysql: aiomysql.Pool) -> None:
+        cluster: Cluster, small_buffer: Settings, redis: aioredis.Redis, mysql: aiomysql.Pool) -> None:
     from shared.checker import stored_ids, stored_messages
     from shared.keys import Keys
 
-    a = await Peer.connect(cluster.url(0), token(small, "dave"))
-    b = await Peer.connect(cluster.url(1), token(small, "dave"))
-    watcher = await Peer.connect(cluster.url(1), token(small, "erin"))
+    a = await Peer.connect(cluster.url(0), token(small_buffer, "dave"))
+    b = await Peer.connect(cluster.url(1), token(small_buffer, "dave"))
+    watcher = await Peer.connect(cluster.url(1), token(small_buffer, "erin"))
     await watcher.join("lobby")
     frame = {"type": "send", "room": "lobby", "client_msg_id": "same-key", "body": "once"}
     await a.send(frame)
@@ -94,7 +80,7 @@ async def test_a_resend_to_the_other_node_is_acked_with_the_first_ack_and_stored
     await watcher.wait_for(lambda f: f["type"] == "message")
     await asyncio.sleep(0.5)
     assert len(watcher.messages("lobby")) == 1
-    keys = Keys(small.redis_prefix, small.kafka_partitions)
+    keys = Keys(small_buffer.redis_prefix, small_buffer.kafka_partitions)
 
     async def stored_once() -> bool:
         return stored_ids(await stored_messages(redis, mysql, keys, "lobby")) == [first["id"]]
