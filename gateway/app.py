@@ -91,6 +91,8 @@ async def readyz(request: Request) -> Response:
     if node.draining:
         return JSONResponse({"ready": False, "reason": "draining"}, status_code=503)
     ok, reason = node.fanout.ready()
+    if ok and (trouble := node.publisher.broker_trouble()):
+        ok, reason = False, trouble
     return JSONResponse({"ready": ok, "reason": reason, "lag": node.fanout.lag()}, status_code=200 if ok else 503)
 
 

@@ -40,6 +40,13 @@ class Publisher:
         self.keys = Keys(settings.redis_prefix, settings.kafka_partitions)
         self._produce_timeout = settings.kafka_request_timeout_ms / 1000 * 2
         self._pending_ttl = int(self._produce_timeout) + 5
+        self.last_ok = self.last_failure = 0.0  # monotonic times of the last acked / failed produce
+
+    def broker_trouble(self, window_s: float = 10.0) -> str | None:
+        """Why sends fail now (the last produce failed within the window), else None."""
+        if self.last_failure > self.last_ok and time.monotonic() - self.last_failure < window_s:
+            return "the producer cannot reach the broker"
+        return None
 
     async def send(self, user: str, room: str, client_msg_id: str, body: str) -> Awaitable[dict[str, object]]:
         """Claim the dedupe key and hand the record to the producer, in the caller's send order;
@@ -59,6 +66,7 @@ class Publisher:
             delivery = await self.producer.send(self.s.kafka_topic, msg.kafka_value(), key=room.encode(),
                                                 partition=self.keys.partition(room))
         except (KafkaError, OSError) as e:
+            self.last_failure = time.monotonic()
             await self._forget(key)
             raise Unavailable(f"broker unavailable: {type(e).__name__}") from e
         return self._ack(key, msg, delivery, t0)
@@ -67,8 +75,10 @@ class Publisher:
         try:
             md = await asyncio.wait_for(delivery, self._produce_timeout)
         except (KafkaError, TimeoutError, OSError) as e:
+            self.last_failure = time.monotonic()
             await self._forget(key)
             raise Unavailable(f"broker unavailable: {type(e).__name__}") from e
+        self.last_ok = time.monotonic()
         acked = dataclasses.replace(msg, position=Position(md.partition, md.offset))
         ack_json = acked.ack()
         try:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -161,8 +163,15 @@ async def test_broker_killed_for_10s_sends_fail_cleanly_and_nothing_acked_is_los
 
     async def broker_down() -> None:
         holder["tansu"].kill()
-        await asyncio.sleep(10)
+        await asyncio.sleep(7)
+        assert [await readyz(cluster, i) for i in (0, 1)] == [503, 503], "no node claims to be ready"
+        await asyncio.sleep(3)
         holder["tansu"] = await asyncio.to_thread(localstack.start_tansu_s3, kafka_port, log_dir, ports.s3)
+
+        async def ready_again() -> bool:
+            return [await readyz(cluster, i) for i in (0, 1)] == [200, 200]
+
+        await eventually(ready_again, 30, what="nodes ready again")
 
     try:
         load = await run_load_through(cluster, broker_down, redis, mysql)
@@ -172,6 +181,17 @@ async def test_broker_killed_for_10s_sends_fail_cleanly_and_nothing_acked_is_los
         weed.stop()
     assert not load.errors, "every send was eventually acknowledged (the client resent it)"
     assert sum(m.client.resends for m in load.members) > 0, "sends were refused while the broker was down"
+
+
+async def readyz(cluster: Cluster, i: int) -> int:
+    def get() -> int:
+        try:
+            with urllib.request.urlopen(f"{cluster.http(i)}/readyz", timeout=3) as r:
+                return int(r.status)
+        except urllib.error.HTTPError as e:
+            return int(e.code)
+
+    return await asyncio.to_thread(get)
 
 
 async def test_a_record_produced_twice_is_delivered_and_stored_once(
