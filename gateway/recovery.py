@@ -4,7 +4,8 @@ The order matters (DESIGN.md, delivery guarantee 3):
 1. subscribe live first, holding live frames back;
 2. note this node's fan-out position P of the room's partition: every record below P was fanned
    out before the subscription, every record from P on will arrive live (held);
-3. wait, bounded, until the persister has applied the partition up to P - 1;
+3. wait, bounded, until the persister has applied the partition up to P - 1; if it does not
+   (down or lagging), read what it has not applied straight from Kafka instead;
 4. read the stored messages with cursor < position < P: the Redis list from its newest end, then
    MySQL for the part older than the list (a mover inserts before it trims, so nothing falls
    between the two reads);
@@ -20,6 +21,8 @@ from collections.abc import Callable
 from typing import Any
 
 import orjson
+from aiokafka import TopicPartition
+from aiokafka.errors import KafkaError
 from redis.exceptions import RedisError
 
 from gateway import metrics
@@ -27,6 +30,7 @@ from gateway.node import Node
 from gateway.protocol import Err, dumps
 from gateway.session import Session
 from shared.cursor import CursorError, Position, parse_cursor
+from shared.kafka import new_consumer
 from shared.message import Message
 
 WINDOW = 200  # list entries per LRANGE while walking back from the newest end
@@ -34,6 +38,14 @@ WINDOW = 200  # list entries per LRANGE while walking back from the newest end
 
 class ResumeUnavailable(Exception):
     pass
+
+
+class PersisterBehind(Exception):
+    """The persister has not applied the partition up to the join point (yet)."""
+
+    def __init__(self, mark: int | None) -> None:
+        super().__init__(f"applied mark {mark}")
+        self.mark = mark
 
 
 async def resume(node: Node, session: Session, room: str, cursor: str, fail: Callable[..., None]) -> None:
@@ -52,8 +64,11 @@ async def resume(node: Node, session: Session, room: str, cursor: str, fail: Cal
     if valid:
         assert after is not None
         try:
-            await wait_applied(node, partition, position - 1)
-            replay, recovered = await missed(node, room, after.offset, position)
+            try:
+                await wait_applied(node, partition, position - 1)
+                replay, recovered = await missed(node, room, after.offset, position)
+            except PersisterBehind as behind:
+                replay, recovered = await missed_with_kafka(node, room, after.offset, position, behind.mark)
         except ResumeUnavailable as e:
             node.hub.leave(room, session)
             fail(Err.UNAVAILABLE, f"cannot resume {room} now: {e}; join again", room)
@@ -80,10 +95,11 @@ async def wait_applied(node: Node, partition: int, offset: int) -> None:
             raw = await node.redis.get(key)
         except (RedisError, OSError) as e:
             raise ResumeUnavailable("history store unreachable") from e
-        if raw is not None and int(raw) >= offset:
+        mark = None if raw is None else int(raw)
+        if mark is not None and mark >= offset:
             return
         if time.monotonic() > deadline:
-            raise ResumeUnavailable("the persister is behind")
+            raise PersisterBehind(mark)
         await asyncio.sleep(0.02)
 
 
@@ -132,6 +148,58 @@ async def missed(node: Node, room: str, after: int, before: int) -> tuple[list[b
             seen.add(msg_id)
             out.append(entry)
     return out, True
+
+
+async def missed_with_kafka(node: Node, room: str, after: int, before: int, mark: int | None
+                            ) -> tuple[list[bytes], bool]:
+    """The persister is behind (or down): what it applied comes from storage as usual, the rest
+    (mark, before) straight from Kafka, so a resume never depends on the persister being up."""
+    start = max(after, -1 if mark is None else mark) + 1
+    if before - start > node.settings.resume_kafka_max_records:
+        raise ResumeUnavailable("the persister is too far behind")
+    stored: list[bytes] = []
+    if mark is not None and mark > after:
+        stored, complete = await missed(node, room, after, mark + 1)
+        if not complete:
+            return [], False
+    recent = await from_kafka(node, room, start, before)
+    if len(stored) + len(recent) > node.settings.resume_max_messages:
+        return [], False
+    known = {orjson.loads(e)["id"] for e in stored}
+    return stored + [e for e in recent if orjson.loads(e)["id"] not in known], True
+
+
+async def from_kafka(node: Node, room: str, start: int, end: int) -> list[bytes]:
+    """The room's records at offsets [start, end) of its partition: a short-lived assign + seek."""
+    if start >= end:
+        return []
+    tp = TopicPartition(node.settings.kafka_topic, node.keys.partition(room))
+    consumer = new_consumer(node.settings, group_id=None, fetch_max_wait_ms=50)
+    out: list[bytes] = []
+    seen: set[str] = set()
+    try:
+        await consumer.start()
+        consumer.assign([tp])
+        consumer.seek(tp, start)
+        deadline = time.monotonic() + node.settings.recovery_wait_s
+        position = start
+        while position < end:
+            if time.monotonic() > deadline:
+                raise ResumeUnavailable("reading the log took too long")
+            batch = await consumer.getmany(tp, timeout_ms=500, max_records=5000)
+            for r in batch.get(tp, []):
+                position = r.offset + 1
+                if r.offset >= end:
+                    break
+                msg = Message.from_kafka(r.value, r.partition, r.offset)
+                if msg.room == room and msg.id not in seen:  # a producer retry may have written it twice
+                    seen.add(msg.id)
+                    out.append(msg.entry())
+    except KafkaError as e:
+        raise ResumeUnavailable("the log is unreachable") from e
+    finally:
+        await consumer.stop()
+    return out
 
 
 async def from_mysql(node: Node, room: str, after: int, before: int, limit: int) -> list[bytes]:

@@ -81,6 +81,9 @@ class Settings(BaseSettings):
     history_limit_default: int = Field(50, ge=1)
     history_limit_max: int = Field(200, ge=1)
     recovery_wait_s: float = Field(5.0, gt=0, description="How long a resume waits for the persister")
+    resume_kafka_max_records: int = Field(
+        100_000, ge=0, description="Most records a resume reads from Kafka when the persister is behind"
+    )
     resume_max_messages: int = Field(
         5000, ge=1, description="A resume that missed more replays nothing (recovered=false; page history)"
     )

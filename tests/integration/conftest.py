@@ -14,7 +14,8 @@ from tests.support import Cluster
 @pytest.fixture
 def small_buffer(migrated: Settings) -> Settings:
     """Small cap and chunk so a few hundred messages exercise the flush to MySQL."""
-    return migrated.model_copy(update={"buffer_cap": 20, "flush_chunk": 10, "send_burst": 1000})
+    return migrated.model_copy(update={"buffer_cap": 20, "flush_chunk": 10, "send_burst": 1000,
+                                        "recovery_wait_s": 2.0})
 
 
 @pytest.fixture

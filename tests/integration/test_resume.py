@@ -88,3 +88,27 @@ async def test_a_resend_to_the_other_node_is_acked_with_the_first_ack_and_stored
     await eventually(stored_once, 10, what="stored exactly once")
     for p in (a, b, watcher):
         await p.close()
+
+
+async def test_resume_while_the_persister_is_down_reads_the_gap_from_kafka(
+        cluster: Cluster, small_buffer: Settings) -> None:
+    sender = await Peer.connect(cluster.url(0), token(small_buffer, "alice"))
+    b = await Peer.connect(cluster.url(1), token(small_buffer, "bob"))
+    await b.join("lobby")
+    await send_many(sender, "lobby", 30, "stored")  # past the cap: partly in MySQL already
+    await b.wait_for(lambda f: f["type"] == "message" and f["body"] == "stored 29")
+    first = b.messages("lobby")[4]  # resume from early on: the gap spans storage and the log
+    await b.close()
+    assert cluster.persister is not None
+    await asyncio.sleep(1)  # let the persister apply what was sent so far
+    cluster.persister.stop()
+    gap = await send_many(sender, "lobby", 10, "unpersisted")
+    b2 = await Peer.connect(cluster.url(0), token(small_buffer, "bob"))
+    joined = await b2.join("lobby", cursor=first["cursor"])
+    assert joined["type"] == "joined" and joined["recovered"] is True
+    await b2.wait_for(lambda f: f["type"] == "message" and f["body"] == "unpersisted 9")
+    got = b2.messages("lobby")
+    assert [m["body"] for m in got] == [f"stored {i}" for i in range(5, 30)] + [f"unpersisted {i}" for i in range(10)]
+    assert [m["id"] for m in got[-10:]] == [a["id"] for a in gap]
+    for p in (sender, b2):
+        await p.close()
