@@ -40,7 +40,7 @@ from shared.mover import Mover
 from shared.mysql import MysqlTarget, create_pool
 from shared.rooms import RoomDirectory
 from shared.settings import Settings
-from sweeper.service import Sweeper, WalkedRooms
+from sweeper.service import Sweeper
 
 DAY_MS = 24 * 3600 * 1000
 
@@ -169,7 +169,7 @@ async def main(args: argparse.Namespace) -> None:
             await redis.slowlog_reset()
             sampler = asyncio.create_task(sample_slowlog(redis, latencies, done))
 
-        walked = WalkedRooms(pool)
+        walked = RoomDirectory(pool)
         mover = Mover(redis, pool, Keys(s.redis_prefix, s.kafka_partitions), walked)
         sweeper = Sweeper(s, redis, pool, mover, walked)
         t0 = time.monotonic()

@@ -36,6 +36,12 @@ class RoomDirectory:
                 self._ids.update({name: int(rid) for name, rid in await cur.fetchall()})
         return {n: self._ids[n] for n in wanted}
 
+    def remember(self, ids: dict[str, int]) -> None:
+        """Prime the cache with ids already read (the sweeper walks `rooms` anyway)."""
+        if len(self._ids) + len(ids) > self._max:
+            self._ids.clear()
+        self._ids.update(ids)
+
     async def id(self, name: str) -> int:
         return (await self.ids([name]))[name]
 

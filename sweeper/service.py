@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import aiomysql
@@ -42,16 +42,6 @@ MAX_CONTENDED = 50  # consecutive moves lost to another mover before a room is l
 STORE_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError, pymysql.err.Error, TimeoutError)
 
 
-class WalkedRooms(RoomDirectory):
-    """The room directory, primed with the ids the sweeper already read while walking `rooms`,
-    so a move does not look its room up again."""
-
-    def remember(self, ids: Mapping[str, int]) -> None:
-        if len(self._ids) + len(ids) > self._max:
-            self._ids.clear()
-        self._ids.update(ids)
-
-
 @dataclass
 class SweepStats:
     rooms_scanned: int = 0
@@ -64,7 +54,7 @@ class SweepStats:
 
 class Sweeper:
     def __init__(self, settings: Settings, redis: aioredis.Redis, pool: aiomysql.Pool, mover: Mover,
-                 rooms: WalkedRooms | None = None, clock: Callable[[], float] = time.time,
+                 rooms: RoomDirectory | None = None, clock: Callable[[], float] = time.time,
                  parallel: int = PARALLEL_ROOMS) -> None:
         self.s = settings
         self.parallel = parallel
@@ -207,7 +197,7 @@ async def run(settings: Settings, stop: asyncio.Event, once: bool = False) -> No
     redis = aioredis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
     pool = await create_pool(settings.mysql_dsn, min(settings.mysql_pool_max, PARALLEL_ROOMS + 1))
     try:
-        rooms = WalkedRooms(pool)
+        rooms = RoomDirectory(pool)
         mover = Mover(redis, pool, Keys(settings.redis_prefix, settings.kafka_partitions), rooms)
         sweeper = Sweeper(settings, redis, pool, mover, rooms)
         log.info("sweeper started", extra={"policy": settings.sweep_policy, "once": once})

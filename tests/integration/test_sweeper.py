@@ -15,9 +15,10 @@ from shared.keys import Keys
 from shared.message import Message
 from shared.mover import Mover
 from shared.mysql import create_pool
+from shared.rooms import RoomDirectory
 from shared.services import start_sweeper
 from shared.settings import Settings
-from sweeper.service import Sweeper, WalkedRooms
+from sweeper.service import Sweeper
 from tests.support import eventually
 from tests.support_seed import DAY_MS, Seeder, count_messages, mysql_ids, redis_ids
 
@@ -57,7 +58,7 @@ async def seed_world(settings: Settings, redis: aioredis.Redis, mysql: aiomysql.
 
 
 def new_sweeper(settings: Settings, redis: aioredis.Redis, pool: aiomysql.Pool, mover: Mover | None = None) -> Sweeper:
-    rooms = WalkedRooms(pool)
+    rooms = RoomDirectory(pool)
     mover = mover or Mover(redis, pool, Keys(settings.redis_prefix, settings.kafka_partitions), rooms)
     return Sweeper(settings, redis, pool, mover, rooms)
 
@@ -148,7 +149,7 @@ async def test_crash_between_insert_and_trim_then_rerun_is_exactly_once(
     s = settings.model_copy(update={"sweep_pause_s": 0.0})
     world = await seed_world(s, redis, mysql)
     keys = Keys(s.redis_prefix, s.kafka_partitions)
-    rooms = WalkedRooms(mysql)
+    rooms = RoomDirectory(mysql)
     crashing = CrashAfterInsert(redis, mysql, keys, rooms, crash_at=300)
     try:
         await Sweeper(s, redis, mysql, crashing, rooms).sweep(asyncio.Event())

@@ -22,8 +22,9 @@ import redis.asyncio as aioredis
 from shared import localstack
 from shared.keys import Keys
 from shared.mover import Mover
+from shared.rooms import RoomDirectory
 from shared.settings import Settings
-from sweeper.service import Sweeper, WalkedRooms
+from sweeper.service import Sweeper
 from tests.support_seed import DAY_MS, Seeder, count_messages
 
 ROOMS, PER_ROOM = 1000, 100
@@ -71,7 +72,7 @@ async def test_sweeping_100k_messages_keeps_every_command_bounded(
         await _wait_for_marker(redis, log, f"start-{uuid.uuid4().hex}")
 
         keys = Keys(s.redis_prefix, s.kafka_partitions)
-        walked = WalkedRooms(mysql)
+        walked = RoomDirectory(mysql)
         sweeper = Sweeper(s, redis, mysql, Mover(redis, mysql, keys, walked), walked)
         started = time.monotonic()
         stats = await sweeper.sweep(asyncio.Event())
