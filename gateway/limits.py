@@ -1,8 +1,21 @@
-"""Per-user send rate on this node: a token bucket."""
+"""Per-user send rate on this node (a token bucket), and the bounds a connection is held to."""
 
 from __future__ import annotations
 
 import time
+
+from shared.settings import Settings
+
+# join and history frames each start a task (Redis/MySQL reads); a connection may have this many
+# running at once, further ones are answered `rate_limited` (a flood of them cannot pile up tasks).
+MAX_PENDING_REQUESTS = 32
+# Frames read per second per connection (any frame) is held to a budget well above what a polite
+# client sends, see `inbound_bucket`; past it the receive loop stops reading for a while, so TCP
+# pushes back on the client instead of the node spending a core answering one flooder.
+INBOUND_MIN_RATE = 500.0
+# The receive loop yields to the event loop after this many frames read back to back, so one
+# client's burst (a TCP read can hold a thousand small frames) cannot hold up everyone else.
+FRAMES_PER_TURN = 8
 
 
 class TokenBucket:
@@ -12,12 +25,35 @@ class TokenBucket:
         self.tokens = float(burst)
         self.stamp = time.monotonic()
 
-    def take(self) -> float:
-        """0 when a token was taken, else the seconds until one will be available."""
+    def _refill(self) -> None:
         now = time.monotonic()
         self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
+
+    def take(self) -> float:
+        """0 when a token was taken, else the seconds until one will be available."""
+        self._refill()
         if self.tokens >= 1:
             self.tokens -= 1
             return 0.0
         return (1 - self.tokens) / self.rate
+
+    def debit(self) -> float:
+        """Take a token even when there is none (the balance goes below zero); the seconds to wait
+        until the balance is back at zero."""
+        self._refill()
+        self.tokens -= 1
+        return -self.tokens / self.rate if self.tokens < 0 else 0.0
+
+    def full_in(self) -> float:
+        """Seconds until the bucket is full again (0 when it is): from then on, a new bucket
+        would be indistinguishable from this one, so it can be forgotten."""
+        self._refill()
+        return (self.burst - self.tokens) / self.rate
+
+
+def inbound_bucket(settings: Settings) -> TokenBucket:
+    """A connection's budget of frames read: room for its sends at the full rate and burst, a
+    join per room on reconnect, history paging and pings, several times over."""
+    rate = max(INBOUND_MIN_RATE, 4 * settings.send_rate_per_s)
+    return TokenBucket(rate, int(max(rate, 2 * (settings.send_burst + settings.max_rooms_per_conn))))

@@ -75,24 +75,44 @@ class FrameError(Exception):
         self.code, self.reason, self.ref = code, reason, ref
 
 
+REF_MAX = 128  # a longer room or client_msg_id is invalid anyway: not echoed back
+CURSOR_MAX = 64
+
+
+def ref_of(value: object) -> str | None:
+    """`value` as the `ref` of an error frame: a short string, else None (never echo a huge field)."""
+    return value if isinstance(value, str) and len(value) <= REF_MAX else None
+
+
+def _ref(raw: dict[str, object]) -> str | None:
+    """What an error about this frame refers to: a send's client_msg_id, else its room (clients
+    match errors to their requests by it)."""
+    return ref_of(raw.get("client_msg_id") if raw.get("type") == "send" else raw.get("room"))
+
+
 def parse_frame(text: str) -> Inbound:
     """A validated inbound frame, or FrameError with the code to answer."""
     try:
         raw = orjson.loads(text)
-    except orjson.JSONDecodeError as e:
-        raise FrameError(Err.BAD_FRAME, "not JSON") from e
+    except orjson.JSONDecodeError as e:  # includes lone surrogates (\ud800), NaN, depth > 1024
+        raise FrameError(Err.BAD_FRAME, f"not JSON: {e.msg}"[:120]) from None
     if not isinstance(raw, dict):
         raise FrameError(Err.BAD_FRAME, "a frame is a JSON object")
     kind = raw.get("type")
-    ref = raw.get("client_msg_id") if isinstance(raw.get("client_msg_id"), str) else None
-    if kind not in KNOWN_TYPES:
-        raise FrameError(Err.UNKNOWN_TYPE, f"unknown type {str(kind)[:40]!r}", ref)
+    ref = _ref(raw)
+    if not isinstance(kind, str) or kind not in KNOWN_TYPES:  # (a list is not hashable)
+        shown = repr(kind[:40]) if isinstance(kind, str) else type(kind).__name__
+        raise FrameError(Err.UNKNOWN_TYPE, f"unknown type {shown}", ref)
     try:
-        return _INBOUND.validate_python(raw)
+        frame = _INBOUND.validate_python(raw)
     except ValidationError as e:
-        first = e.errors()[0]
+        first = e.errors(include_url=False, include_input=False)[0]
         where = ".".join(str(p) for p in first["loc"][1:]) or "frame"
-        raise FrameError(Err.BAD_FRAME, f"{where}: {first['msg']}", ref) from None
+        raise FrameError(Err.BAD_FRAME, f"{where}: {first['msg']}"[:200], ref) from None
+    cursor = frame.cursor if isinstance(frame, Join) else frame.before if isinstance(frame, History) else None
+    if cursor and (len(cursor) > CURSOR_MAX or not cursor.isascii()):
+        raise FrameError(Err.BAD_CURSOR, "bad cursor: cursors are short ASCII strings from the server", ref)
+    return frame
 
 
 def dumps(frame: dict[str, object]) -> str:

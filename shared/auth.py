@@ -34,17 +34,32 @@ def mint_token(settings: Settings, user: str, rooms: list[str] | None = None, tt
     return jwt.encode(claims, settings.jwt_secret.get_secret_value(), algorithm=settings.jwt_algorithm)
 
 
+def _text(value: object, max_chars: int) -> bool:
+    """A non-empty string of at most max_chars that is valid Unicode text: Python's JSON decoder
+    (PyJWT's) lets lone surrogates such as "\\ud800" through, and those cannot be encoded again."""
+    if not isinstance(value, str) or not value or len(value) > max_chars:
+        return False
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def verify_token(settings: Settings, token: str | None) -> Identity:
+    """The identity of a valid token. Only the configured algorithm is accepted (never `none`, nor
+    another HMAC size), `sub`, `exp` and `rooms` are required: a token without a `rooms` claim
+    (e.g. one minted for another service with the same secret) is refused, never read as "all rooms"."""
     if not token:
         raise AuthError("no token")
     try:
         claims = jwt.decode(token, settings.jwt_secret.get_secret_value(), algorithms=[settings.jwt_algorithm],
-                            options={"require": ["sub", "exp"]})
+                            options={"require": ["sub", "exp", "rooms"]})
     except jwt.PyJWTError as e:
         raise AuthError(str(e)) from e
-    user, rooms = claims.get("sub"), claims.get("rooms", ["*"])
-    if not isinstance(user, str) or not user or len(user) > 255:
+    user, rooms = claims["sub"], claims["rooms"]
+    if not _text(user, 255):
         raise AuthError("bad sub claim")
-    if not isinstance(rooms, list) or not all(isinstance(r, str) for r in rooms):
+    if not isinstance(rooms, list) or len(rooms) > 1000 or not all(_text(r, 128) for r in rooms):
         raise AuthError("bad rooms claim")
     return Identity(user, tuple(rooms), float(claims["exp"]))
