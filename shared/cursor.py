@@ -28,6 +28,7 @@ def parse_cursor(text: str) -> Position | None:
     if text == "":
         return None
     part, sep, off = text.partition("-")
-    if not sep or not part.isdigit() or not (off.isdigit() or off == "-1") or len(text) > 40:
+    if (len(text) > 40 or not text.isascii() or not sep or not part.isdigit()
+            or not (off.isdigit() or off == "-1")):
         raise CursorError(f"bad cursor {text!r}")
     return Position(int(part), int(off))
