@@ -40,6 +40,7 @@ class Publisher:
         self.keys = Keys(settings.redis_prefix, settings.kafka_partitions)
         self._produce_timeout = settings.kafka_request_timeout_ms / 1000 * 2
         self._pending_ttl = int(self._produce_timeout) + 5
+        self._acks = AckWriter(redis, settings.dedupe_ttl_s)
         self.last_ok = self.last_failure = 0.0  # monotonic times of the last acked / failed produce
 
     def broker_trouble(self, window_s: float = 10.0) -> str | None:
@@ -81,11 +82,9 @@ class Publisher:
         self.last_ok = time.monotonic()
         acked = dataclasses.replace(msg, position=Position(md.partition, md.offset))
         ack_json = acked.ack()
-        try:
-            # Only over our own claim: the persister may have recorded this ack already.
-            await self.redis.set(key, ack_json, ex=self.s.dedupe_ttl_s, xx=True)
-        except (RedisError, OSError):
-            pass  # the message is in Kafka: ack it; only a later resend's dedupe is weakened
+        # Recorded in the background: the client need not wait for it (a resend meanwhile finds our
+        # claim and waits for the ack to appear), and acks that complete together share one write.
+        self._acks.put(key, ack_json)
         metrics.MESSAGES_IN.inc()
         metrics.SEND_ACK_SECONDS.observe(time.perf_counter() - t0)
         ack: dict[str, object] = orjson.loads(ack_json)
@@ -111,3 +110,40 @@ class Publisher:
             await self.redis.delete(key)
         except (RedisError, OSError):
             pass
+
+
+class AckWriter:
+    """Writes acks over their pending claims in Redis, off the ack path. A produce response
+    acknowledges a whole batch in one event-loop turn; the acks of one turn go out as one pipeline.
+    Best effort, as before: the message is in Kafka either way, and the persister records the same
+    ack when it applies the message; a failed write only weakens a later resend's dedupe until then."""
+
+    def __init__(self, redis: aioredis.Redis, ttl_s: int) -> None:
+        self._redis = redis
+        self._ttl = ttl_s
+        self._pending: dict[str, bytes] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def put(self, key: str, ack_json: bytes) -> None:
+        self._pending[key] = ack_json
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._flush(), name="ack-writer")
+
+    async def _flush(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, {}
+                try:
+                    if len(batch) == 1:
+                        ((key, value),) = batch.items()
+                        # Only over our own claim: the persister may have recorded this ack already.
+                        await self._redis.set(key, value, ex=self._ttl, xx=True)
+                    else:
+                        async with self._redis.pipeline(transaction=False) as pipe:
+                            for key, value in batch.items():
+                                pipe.set(key, value, ex=self._ttl, xx=True)
+                            await pipe.execute()
+                except (RedisError, OSError):
+                    pass
+        finally:
+            self._task = None

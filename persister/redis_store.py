@@ -97,6 +97,22 @@ class RedisBuffer:
         return _int_or_none(await self._redis.get(self._keys.applied(partition)))
 
     async def apply(self, partition: int, expected: int | None, messages: list[Message]) -> Applied:
+        return (await self.apply_many([(partition, expected, messages)]))[0]
+
+    async def apply_many(self, batches: list[tuple[int, int | None, list[Message]]]) -> list[Applied]:
+        """One APPLY_BATCH call per (partition, expected mark, messages), sent in one pipeline (no
+        MULTI: each call is atomic on its own, and each touches only its partition's slot)."""
+        if len(batches) == 1:
+            keys, args = self._apply_call(*batches[0])
+            return [_applied(await self._apply(keys=keys, args=args))]
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for batch in batches:
+                keys, args = self._apply_call(*batch)
+                await self._apply(keys=keys, args=args, client=pipe)
+            return [_applied(res) for res in await pipe.execute()]
+
+    def _apply_call(self, partition: int, expected: int | None,
+                    messages: list[Message]) -> tuple[list[str], list[Any]]:
         k = self._keys
         keys = [k.applied(partition), k.new_rooms(partition), k.over_cap(partition)]
         args: list[Any] = ["" if expected is None else str(expected), self._cap, self._ttl, self._ttl]
@@ -104,10 +120,7 @@ class RedisBuffer:
             assert m.position is not None and m.position.partition == partition
             keys += [k.msgs(m.room), k.meta(m.room), k.seen(partition, m.ts), k.sent(m.room, m.user, m.client_msg_id)]
             args += [m.position.offset, m.entry(), m.ts, m.room, m.id, m.ack()]
-        res = await self._apply(keys=keys, args=args)
-        status, mark = int(res[0]), _int_or_none(res[1])
-        lens = {res[i].decode(): int(res[i + 1]) for i in range(2, len(res), 2)}
-        return Applied(mark, status == 1, lens)
+        return keys, args
 
     async def done_if_short(self, room: str) -> int:
         p = self._keys.partition(room)
@@ -126,3 +139,8 @@ class RedisBuffer:
 
     async def length(self, room: str) -> int:
         return int(await self._redis.llen(self._keys.msgs(room)))
+
+
+def _applied(res: list[Any]) -> Applied:
+    status, mark = int(res[0]), _int_or_none(res[1])
+    return Applied(mark, status == 1, {res[i].decode(): int(res[i + 1]) for i in range(2, len(res), 2)})

@@ -22,7 +22,7 @@ from aiokafka.errors import KafkaError
 from redis.exceptions import RedisError
 
 from persister import metrics
-from persister.redis_store import RedisBuffer
+from persister.redis_store import Applied, RedisBuffer
 from shared.kafka import ensure_topic, new_consumer
 from shared.keys import Keys
 from shared.message import Message
@@ -34,6 +34,10 @@ from shared.settings import Settings
 
 log = logging.getLogger("roomcast.persister")
 T = TypeVar("T")
+
+# Offsets are committed for lag monitoring only (the applied mark in Redis is the truth), so at most
+# this often: a commit per fetch was a broker request per fetch.
+COMMIT_INTERVAL_S = 1.0
 
 
 class Persister:
@@ -77,22 +81,48 @@ class Persister:
     # --- the main loop
     async def consume(self, stop: asyncio.Event) -> None:
         assert self.consumer is not None
-        checked = time.monotonic()
+        checked = committed = time.monotonic()
+        uncommitted = False
         while not stop.is_set():
             if time.monotonic() - checked > 1.0:
                 await self.check_marks()
                 checked = time.monotonic()
-            batch = await self.consumer.getmany(timeout_ms=200, max_records=self.s.persister_batch_max)
+            batch = await self.gather()
+            ours: dict[TopicPartition, list[ConsumerRecord]] = {}
             for tp, records in batch.items():
                 if tp.partition in self.expected:
-                    await self.apply(tp, records)
+                    ours[tp] = records
                 elif tp in self.consumer.assignment():  # fetched before its seek: read it again
                     self.consumer.seek(tp, records[0].offset)
-            if batch:
+            if ours:
+                await self.apply_all(ours)
+            uncommitted = uncommitted or bool(batch)
+            if uncommitted and time.monotonic() - committed >= COMMIT_INTERVAL_S:
                 with contextlib.suppress(KafkaError):
                     await self.consumer.commit()
+                committed, uncommitted = time.monotonic(), False
             self._pause_or_resume()
             self._observe()
+
+    async def gather(self) -> dict[TopicPartition, list[ConsumerRecord]]:
+        """The next batch: what one fetch returned plus what arrives within PERSISTER_LINGER_MS, applied
+        in one Redis round trip (at low rates a fetch brings a record or two, and a round trip per
+        partition per fetch cost more than the appends; the linger delays nothing but storage)."""
+        assert self.consumer is not None
+        most = self.s.persister_batch_max
+        batch = await self.consumer.getmany(timeout_ms=200, max_records=most)
+        n = sum(len(records) for records in batch.values())
+        if not batch or n >= most:
+            return batch
+        await asyncio.sleep(self.s.persister_linger_ms / 1000)
+        more = await self.consumer.getmany(timeout_ms=0, max_records=most - n)
+        for tp, records in more.items():
+            had = batch.get(tp)
+            if had and records[0].offset > had[-1].offset:  # offsets grow, not always by one
+                had.extend(records)
+            else:  # new, or the partition was sought back meanwhile: the later read is the current one
+                batch[tp] = records
+        return batch
 
     def _observe(self) -> None:
         assert self.consumer is not None
@@ -122,16 +152,28 @@ class Persister:
             self.consumer.seek(tp, mark + 1)
 
     async def apply(self, tp: TopicPartition, records: list[ConsumerRecord]) -> None:
-        assert self.consumer is not None
-        messages = []
-        for r in records:
-            try:
-                messages.append(Message.from_kafka(r.value, r.partition, r.offset))
-            except (ValueError, KeyError, TypeError):
-                log.error("undecodable record skipped", extra={"partition": r.partition, "offset": r.offset})
-        if not messages:
+        await self.apply_all({tp: records})
+
+    async def apply_all(self, batch: dict[TopicPartition, list[ConsumerRecord]]) -> None:
+        """Append every partition's records, one script call each, all in one Redis round trip."""
+        work: list[tuple[TopicPartition, list[Message]]] = []
+        for tp, records in batch.items():
+            messages = []
+            for r in records:
+                try:
+                    messages.append(Message.from_kafka(r.value, r.partition, r.offset))
+                except (ValueError, KeyError, TypeError):
+                    log.error("undecodable record skipped", extra={"partition": r.partition, "offset": r.offset})
+            if messages:
+                work.append((tp, messages))
+        if not work:
             return
-        res = await self._retry_redis(self.buffer.apply, tp.partition, self.expected.get(tp.partition), messages)
+        results = await self._retry_redis(
+            self.buffer.apply_many, [(tp.partition, self.expected.get(tp.partition), ms) for tp, ms in work])
+        for (tp, messages), res in zip(work, results, strict=True):
+            await self._applied(tp, messages, res)
+
+    async def _applied(self, tp: TopicPartition, messages: list[Message], res: Applied) -> None:
         if res.rewind:
             await self.rewind(tp, res.mark)
             return
@@ -237,7 +279,8 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
     mover = Mover(redis, pool, Keys(settings.redis_prefix, settings.kafka_partitions), rooms)
     metrics.bind_mover(mover)
     p = Persister(settings, redis, mover, rooms)
-    p.consumer = new_consumer(settings, group_id=settings.kafka_persister_group, max_poll_records=None)
+    p.consumer = new_consumer(settings, group_id=settings.kafka_persister_group, max_poll_records=None,
+                              fetch_max_wait_ms=settings.persister_fetch_wait_ms)
     p.consumer.subscribe([settings.kafka_topic], listener=_Rebalance(p))
     await p.consumer.start()
     flusher = asyncio.create_task(p.flush_loop(stop), name="flush")

@@ -82,6 +82,12 @@ def cmd_stats(args: argparse.Namespace, settings: Settings) -> int:
     return 1 if stats.errors else 0
 
 
+def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
+    from bench.cli import main as bench_main
+
+    return bench_main(args.workload, args.args, settings)
+
+
 def _quiet_client_logs() -> None:
     """aiokafka logs every failed connection attempt; the checks report them once, as a verdict."""
     logging.basicConfig(level=logging.CRITICAL)
@@ -178,6 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=3.0, help="seconds per request (default %(default)s)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser("bench", help="the load tool: fanout | connections | persist | history (see bench/README.md)",
+                       description="Runs one workload against a running cluster (--url ...) or a throwaway one "
+                                   "(--cluster). `roomcast bench WORKLOAD --help` lists its options.")
+    p.add_argument("workload", choices=("fanout", "connections", "persist", "history"))
+    p.add_argument("args", nargs=argparse.REMAINDER, help="the workload's options")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -46,6 +46,12 @@ class Settings(BaseSettings):
     persister_backlog_budget: int = Field(
         500_000, ge=1, description="Messages buffered past the cap (MySQL down) before consuming pauses"
     )
+    persister_linger_ms: int = Field(
+        20, ge=0, description="Records gathered this long after a fetch, then applied in one Redis round trip"
+    )
+    persister_fetch_wait_ms: int = Field(
+        50, ge=0, description="The persister's fetch wait: it is not on the fan-out path (broker CPU trade)"
+    )
     persister_batch_max: int = Field(500, ge=1, description="Kafka records applied per Redis round trip")
     dedupe_ttl_s: int = Field(3600, ge=1, description="How long a (user, client_msg_id) is remembered")
 

@@ -1,0 +1,197 @@
+"""A throwaway cluster for one benchmark run, pinned like the peer harness.
+
+    .venv/bin/python -m bench.cluster                   # start, print URLs/PIDs/env, wait for Ctrl-C
+    .venv/bin/python -m bench.cluster --env-file /tmp/rc.env --fetch-wait 25
+
+Starts, on 127.0.0.1 free ports: Tansu (memory storage), our own redis-server (AOF on, everysec),
+the MySQL database `roomcast_bench` on the configured MariaDB (MYSQL_DSN's server; created,
+migrated and emptied), two gateways and the persister. Every server is started while this process
+is pinned to the server CPUs (default CPU 0), so the children inherit that affinity (threads
+included); afterwards this process moves to the generator CPUs (default CPU 1). The local MariaDB
+is not ours and is not pinned (it is the machine's shared server).
+
+Bench settings: the per-user send rate limit is lifted (the generator's senders are paced by the
+workload, not by the limit), the JWT secret is random for the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import secrets
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import SecretStr
+
+from shared import localstack
+from shared.localstack import LOCALHOST, Proc
+from shared.migrate import migrate
+from shared.mysql import MysqlTarget
+from shared.services import start_gateway, start_persister
+from shared.settings import Settings
+
+BENCH_DB = "roomcast_bench"
+
+
+def parse_cpus(text: str) -> set[int]:
+    """'0' / '0,1' / '0-1' -> {0, 1}."""
+    out: set[int] = set()
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        out.update(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+def bench_settings(base: Settings | None = None, **updates: Any) -> Settings:
+    base = base or Settings()
+    target = MysqlTarget.from_dsn(base.mysql_dsn)
+    dsn = urlunsplit(urlsplit(base.mysql_dsn)._replace(path=f"/{BENCH_DB}"))
+    defaults: dict[str, Any] = dict(
+        mysql_dsn=dsn if target.database != BENCH_DB else base.mysql_dsn,
+        jwt_secret=SecretStr(secrets.token_urlsafe(48)),
+        send_rate_per_s=1e6, send_burst=1_000_000, max_conns_per_user=100_000,
+        kafka_session_timeout_ms=6000, kafka_heartbeat_interval_ms=1000,
+        log_level="WARNING", drain_grace_s=1.0,
+    )
+    defaults.update(updates)
+    return base.model_copy(update=defaults)
+
+
+@dataclass
+class Cluster:
+    settings: Settings
+    work: Path
+    procs: dict[str, Proc] = field(default_factory=dict)
+    gateway_ports: list[int] = field(default_factory=list)
+    persister_metrics_port: int = 0
+
+    @property
+    def urls(self) -> list[str]:
+        return [f"ws://{LOCALHOST}:{p}" for p in self.gateway_ports]
+
+    @property
+    def persister_metrics(self) -> str:
+        return f"http://{LOCALHOST}:{self.persister_metrics_port}/metrics"
+
+    def pids(self) -> dict[str, int]:
+        return {name: p.pid for name, p in self.procs.items()}
+
+    def gateway_pids(self) -> dict[str, int]:
+        return {name: p.pid for name, p in self.procs.items() if name.startswith("gateway")}
+
+    def env(self) -> dict[str, str]:
+        return self.settings.to_env()
+
+    def stop(self) -> None:
+        for name in ("gateway-a", "gateway-b", "persister", "tansu", "redis"):
+            proc = self.procs.pop(name, None)
+            if proc is not None:
+                with contextlib.suppress(Exception):
+                    proc.stop(20)
+
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _empty_bench_db(settings: Settings) -> None:
+    target = MysqlTarget.from_dsn(settings.mysql_dsn)
+    if "bench" not in target.database:
+        raise SystemExit(f"refusing to empty {target.database!r}: the bench database name must contain 'bench'")
+    asyncio.run(migrate(settings.mysql_dsn))
+    conn = localstack.mysql_connect(target.host, target.port, target.user, target.password, database=target.database)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("DELETE FROM messages")
+            cur.execute("DELETE FROM rooms")
+        conn.commit()
+    finally:
+        conn.close()
+
+
+def start_cluster(settings: Settings | None = None, *, server_cpus: set[int] | None = None,
+                  gen_cpus: set[int] | None = None, gateways: int = 2, persister: bool = True,
+                  work: Path | None = None, out: Any = None, **updates: Any) -> Cluster:
+    """Start everything (see the module doc); returns once every piece answers."""
+    def say(text: str) -> None:
+        print(text, file=sys.stderr if out is None else out, flush=True)
+    server_cpus = server_cpus if server_cpus is not None else {0}
+    gen_cpus = gen_cpus if gen_cpus is not None else {1}
+    work = work or Path(tempfile.mkdtemp(prefix="roomcast-bench-"))
+    logs = work / "logs"
+    kafka_port, redis_port = localstack.free_port(), localstack.free_port()
+    s = bench_settings(settings, kafka_bootstrap=f"{LOCALHOST}:{kafka_port}",
+                       redis_url=f"redis://{LOCALHOST}:{redis_port}/0", **updates)
+    cluster = Cluster(s, work)
+    own = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, server_cpus)  # children inherit it
+        t0 = time.monotonic()
+        cluster.procs["tansu"] = localstack.start_tansu_memory(kafka_port, logs)
+        cluster.procs["redis"] = localstack.start_redis(redis_port, work / "redis", logs, appendonly=True)
+        _empty_bench_db(s)
+        if persister:
+            cluster.persister_metrics_port = localstack.free_port()
+            cluster.procs["persister"] = start_persister(s, logs, metrics_port=cluster.persister_metrics_port)
+        for i in range(gateways):
+            port = localstack.free_port()
+            name = f"gateway-{'abcdefgh'[i]}"
+            cluster.procs[name] = start_gateway(s, port, logs, name=name)
+            cluster.gateway_ports.append(port)
+        say(f"cluster up in {time.monotonic() - t0:.1f}s: gateways {cluster.urls}, kafka {s.kafka_bootstrap}, "
+            f"redis {s.redis_url}, mysql {MysqlTarget.from_dsn(s.mysql_dsn).database}; pids {cluster.pids()}; "
+            f"servers on CPU {sorted(server_cpus)}, logs {logs}")
+    except BaseException:
+        cluster.stop()
+        raise
+    finally:
+        os.sched_setaffinity(0, gen_cpus or own)
+    return cluster
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--server-cpus", type=parse_cpus, default={0})
+    p.add_argument("--fetch-wait", type=int, default=None, help="KAFKA_FETCH_MAX_WAIT_MS for every consumer")
+    p.add_argument("--env-file", type=Path, help="write `export NAME=value` lines of the cluster's settings here")
+    args = p.parse_args(argv)
+    updates: dict[str, Any] = {}
+    if args.fetch_wait is not None:
+        updates["kafka_fetch_max_wait_ms"] = args.fetch_wait
+    cluster = start_cluster(server_cpus=args.server_cpus, gen_cpus=os.sched_getaffinity(0), **updates)
+    with cluster:
+        if args.env_file:
+            args.env_file.write_text("".join(f"export {k}='{v}'\n" for k, v in cluster.env().items()))
+        print(" ".join(cluster.urls))
+        for name, pid in cluster.pids().items():
+            print(f"{name}={pid}")
+        print(f"JWT_SECRET={cluster.settings.jwt_secret.get_secret_value()}", flush=True)
+        stop = False
+
+        def on_signal(*_: object) -> None:
+            nonlocal stop
+            stop = True
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        while not stop and all(proc.alive for proc in cluster.procs.values()):
+            time.sleep(0.5)
+        dead = [n for n, proc in cluster.procs.items() if not proc.alive]
+        if dead:
+            print(f"died: {dead}; see {cluster.work / 'logs'}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
