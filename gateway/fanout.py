@@ -12,7 +12,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from gateway import metrics
 from gateway.hub import Hub
-from shared.kafka import all_partitions, offsets_now
+from shared.kafka import GapGuard, all_partitions, offsets_now
 from shared.message import Message
 from shared.settings import Settings
 
@@ -44,6 +44,7 @@ class Fanout:
         self.positions: dict[int, int] = {}  # partition -> next offset this node will deliver
         self.tps: list[TopicPartition] = []
         self.recent = RecentIds(50_000)
+        self.gaps = GapGuard()
         self.started = False
         self.failed: BaseException | None = None  # set when the consume loop died
         self.last_poll = time.monotonic()  # the consume loop came round (even with nothing new)
@@ -72,7 +73,11 @@ class Fanout:
             self.last_advance = self.last_poll
             delivered = 0
             for tp, records in batch.items():
-                for r in records:
+                n, again = self.gaps.cut(tp.partition, self.positions.get(tp.partition), [r.offset for r in records])
+                if again is not None:
+                    metrics.FANOUT_GAPS.inc()
+                    self.consumer.seek(tp, again)
+                for r in records[:n]:
                     self.positions[tp.partition] = r.offset + 1
                     try:
                         msg = Message.from_kafka(r.value, r.partition, r.offset)

@@ -23,7 +23,7 @@ from redis.exceptions import RedisError
 
 from persister import metrics
 from persister.redis_store import Applied, RedisBuffer
-from shared.kafka import ensure_topic, new_consumer
+from shared.kafka import GapGuard, ensure_topic, new_consumer
 from shared.keys import Keys
 from shared.message import Message
 from shared.mover import Mover
@@ -52,6 +52,7 @@ class Persister:
         self.to_flush: set[str] = set()
         self.backlog: dict[str, int] = {}  # room -> messages past the cap (MySQL slow or down)
         self.lengths: dict[str, int] = {}  # room -> its list length, as last seen
+        self.gaps = GapGuard()
         self.flush_wakeup = asyncio.Event()
         self.paused = False
 
@@ -158,8 +159,13 @@ class Persister:
         """Append every partition's records, one script call each, all in one Redis round trip."""
         work: list[tuple[TopicPartition, list[Message]]] = []
         for tp, records in batch.items():
+            mark = self.expected.get(tp.partition)
+            n, again = self.gaps.cut(tp.partition, None if mark is None else mark + 1, [r.offset for r in records])
+            if again is not None:
+                assert self.consumer is not None
+                self.consumer.seek(tp, again)
             messages = []
-            for r in records:
+            for r in records[:n]:
                 try:
                     messages.append(Message.from_kafka(r.value, r.partition, r.offset))
                 except (ValueError, KeyError, TypeError):

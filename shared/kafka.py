@@ -86,3 +86,24 @@ async def offsets_now(consumer: AIOKafkaConsumer, tps: list[TopicPartition]) -> 
     by_time = await consumer.offsets_for_times({tp: now_ms for tp in tps})
     ends = await consumer.end_offsets(tps)
     return {tp: (by_time[tp].offset if by_time.get(tp) is not None else ends[tp]) for tp in tps}
+
+
+class GapGuard:
+    """Records of our topic have dense offsets (no transactions, no compaction), so a fetch that
+    skips offsets is a fault of the fetch, not of the log: cut the batch at the gap and have the
+    caller read again from there, once. A gap still there on the second read is accepted."""
+
+    def __init__(self) -> None:
+        self._retried: dict[int, int] = {}  # partition -> offset already read again
+
+    def cut(self, partition: int, expected: int | None, offsets: list[int]) -> tuple[int, int | None]:
+        """(how many leading records to use, the offset to read again from, or None)."""
+        prev = None if expected is None else expected - 1
+        for i, off in enumerate(offsets):
+            if prev is not None and off > prev + 1 and self._retried.get(partition) != prev + 1:
+                self._retried[partition] = prev + 1
+                log.warning("a fetch skipped offsets; reading them again",
+                            extra={"partition": partition, "expected": prev + 1, "got": off})
+                return i, prev + 1
+            prev = off if prev is None else max(prev, off)
+        return len(offsets), None
