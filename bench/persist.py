@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import sys
 import time
-import urllib.request
 from typing import Any
 
 import uvloop
@@ -29,22 +28,12 @@ from aiokafka import AIOKafkaProducer
 from bench.common import Progress, Watch, add_cluster_args, maybe_cluster, meta, parse_watch, table, write_json
 from shared.keys import Keys
 from shared.message import Message, new_message_id
+from shared.services import scrape
 from shared.settings import Settings
 
 APPLIED = "roomcast_persister_applied_total"
 ROWS = "roomcast_persister_mysql_rows_inserted"
 STATEMENTS = "roomcast_persister_mysql_insert_statements"
-
-
-def scrape(url: str) -> dict[str, float]:
-    with urllib.request.urlopen(url, timeout=5) as r:
-        text = r.read().decode()
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            out[name] = float(value)
-    return out
 
 
 async def produce(settings: Settings, a: argparse.Namespace, counter: list[int]) -> float:
