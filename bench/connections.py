@@ -163,12 +163,3 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     write_json(args.out, out)
     return 0 if out["failed"] == 0 and out["fanout_received"] == out["open"] else 1
 
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_args(p)
-    return run(p.parse_args(argv), Settings())
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -153,12 +153,3 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     write_json(args.out, out)
     return 0
 
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_args(p)
-    return run(p.parse_args(argv), Settings())
-
-
-if __name__ == "__main__":
-    sys.exit(main())
