@@ -1,0 +1,25 @@
+"""The load tool keeps working: one small run of a workload against a throwaway cluster.
+
+No figure is asserted (speed is measured by the benchmarks, not by tests); only that the tool runs
+end to end and reports complete pages from both stores."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+@pytest.mark.timeout(180)
+def test_bench_history_runs_against_a_throwaway_cluster(tmp_path: Path) -> None:
+    out = tmp_path / "history.json"
+    subprocess.run([sys.executable, "-m", "shared.cli", "bench", "history", "--cluster", "--requests", "20",
+                    "--seed", "250", "--out", str(out)], check=True, capture_output=True, timeout=170)
+    result = json.loads(out.read_text())
+    assert result["workload"] == "history" and result["requests"] == 20
+    for source in ("redis", "mysql"):
+        assert result[source]["page_sizes"] == [50], "every page was full"
+        assert result[source]["p50_ms"] > 0
