@@ -11,19 +11,18 @@ from __future__ import annotations
 
 import os
 import socket
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aiomysql
 import pytest
 import redis.asyncio as aioredis
-from pydantic import SecretStr
 
 from shared import localstack
 from shared.migrate import migrate
 from shared.mysql import MysqlTarget, create_pool
 from shared.settings import Settings
+from tests.support import delete_keys, drop_database, isolated_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "test-output"
@@ -98,29 +97,10 @@ def mysql_server_dsn() -> str:
     return f"mysql://{t.user}:{t.password}@{t.host}:{t.port}"
 
 
-def unique(name: str) -> str:
-    return f"{name}_{uuid.uuid4().hex[:10]}"
-
-
 @pytest.fixture
-def settings(kafka_bootstrap: str, redis_url: str, mysql_server_dsn: str, kafka_idempotence: bool,
-             request: pytest.FixtureRequest) -> Settings:
+def settings(kafka_bootstrap: str, redis_url: str, mysql_server_dsn: str, kafka_idempotence: bool) -> Settings:
     """Settings isolated to this test: own topic, own key prefix, own database."""
-    tag = unique("t")
-    return Settings(
-        kafka_bootstrap=kafka_bootstrap,
-        kafka_topic=f"roomcast.{tag}",
-        kafka_persister_group=f"persister.{tag}",
-        kafka_partitions=4,
-        kafka_idempotence=kafka_idempotence,
-        kafka_session_timeout_ms=2000,
-        kafka_heartbeat_interval_ms=300,
-        redis_url=redis_url,
-        redis_prefix=tag,
-        mysql_dsn=f"{mysql_server_dsn}/rc_{tag}",
-        jwt_secret=SecretStr(f"test-secret-{uuid.uuid4().hex}"),
-        log_json=False,
-    )
+    return isolated_settings(kafka_bootstrap, redis_url, mysql_server_dsn, kafka_idempotence)
 
 
 @pytest.fixture
@@ -128,11 +108,7 @@ async def migrated(settings: Settings) -> AsyncIterator[Settings]:
     """`settings` with its database created and migrated; dropped afterwards."""
     await migrate(settings.mysql_dsn)
     yield settings
-    t = MysqlTarget.from_dsn(settings.mysql_dsn)
-    conn = await aiomysql.connect(**t.connect_kwargs(with_db=False))
-    async with conn.cursor() as cur:
-        await cur.execute(f"DROP DATABASE IF EXISTS `{t.database}`")
-    conn.close()
+    await drop_database(settings.mysql_dsn)
 
 
 @pytest.fixture
@@ -140,14 +116,7 @@ async def redis(settings: Settings) -> AsyncIterator[aioredis.Redis]:
     """A client of the test Redis; this test's keys are deleted afterwards (bounded SCAN)."""
     client = aioredis.from_url(settings.redis_url)
     yield client
-    batch: list[bytes] = []
-    async for key in client.scan_iter(match=f"{settings.redis_prefix}:*", count=1000):
-        batch.append(key)
-        if len(batch) >= 500:
-            await client.delete(*batch)
-            batch.clear()
-    if batch:
-        await client.delete(*batch)
+    await delete_keys(client, settings.redis_prefix)
     await client.aclose()
 
 

@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiomysql
 import orjson
+import redis.asyncio as aioredis
 import websockets
+from pydantic import SecretStr
 from websockets.asyncio.client import ClientConnection
 
 from shared import localstack
 from shared.auth import mint_token
 from shared.localstack import Proc
+from shared.mysql import MysqlTarget
 from shared.services import start_gateway, start_persister
 from shared.settings import Settings
 
@@ -135,6 +140,41 @@ class Peer:
     async def close(self) -> None:
         await self.ws.close()
         await asyncio.gather(self._reader, return_exceptions=True)
+
+
+def isolated_settings(kafka_bootstrap: str, redis_url: str, mysql_server_dsn: str, kafka_idempotence: bool,
+                      **overrides: Any) -> Settings:
+    """Settings with their own topic, consumer group, key prefix and database (fast group joins)."""
+    tag = f"t_{uuid.uuid4().hex[:10]}"
+    base: dict[str, Any] = dict(
+        kafka_bootstrap=kafka_bootstrap, kafka_topic=f"roomcast.{tag}", kafka_persister_group=f"persister.{tag}",
+        kafka_partitions=4, kafka_idempotence=kafka_idempotence, kafka_session_timeout_ms=2000,
+        kafka_heartbeat_interval_ms=300, redis_url=redis_url, redis_prefix=tag,
+        mysql_dsn=f"{mysql_server_dsn}/rc_{tag}",
+        jwt_secret=SecretStr(f"test-secret-{uuid.uuid4().hex}{uuid.uuid4().hex}"),  # 64+ bytes: fit for HS512
+        log_json=False,
+    )
+    return Settings(**{**base, **overrides})
+
+
+async def drop_database(dsn: str) -> None:
+    t = MysqlTarget.from_dsn(dsn)
+    conn = await aiomysql.connect(**t.connect_kwargs(with_db=False))
+    async with conn.cursor() as cur:
+        await cur.execute(f"DROP DATABASE IF EXISTS `{t.database}`")
+    conn.close()
+
+
+async def delete_keys(client: aioredis.Redis, prefix: str) -> None:
+    """Every key under `prefix:`, in bounded SCAN pages and DEL batches."""
+    batch: list[bytes] = []
+    async for key in client.scan_iter(match=f"{prefix}:*", count=1000):
+        batch.append(key)
+        if len(batch) >= 500:
+            await client.delete(*batch)
+            batch.clear()
+    if batch:
+        await client.delete(*batch)
 
 
 def token(settings: Settings, user: str, **kw: Any) -> str:

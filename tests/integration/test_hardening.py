@@ -9,13 +9,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
 
-import aiomysql
 import jwt
 import orjson
 import pytest
@@ -29,9 +27,8 @@ from gateway.endpoint import forget_user_later
 from gateway.limits import MAX_PENDING_REQUESTS, TokenBucket
 from gateway.node import Node, UserState
 from shared.migrate import migrate
-from shared.mysql import MysqlTarget
 from shared.settings import Settings
-from tests.support import Cluster, Peer, eventually, token
+from tests.support import Cluster, Peer, delete_keys, drop_database, eventually, isolated_settings, token
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -43,28 +40,17 @@ ORIGIN = "https://chat.example"
 async def hard(kafka_bootstrap: str, redis_url: str, mysql_server_dsn: str,
                kafka_idempotence: bool) -> AsyncIterator[Settings]:
     """Settings of this module (own topic, key prefix and database), every limit set small."""
-    tag = f"t_{uuid.uuid4().hex[:10]}"
-    s = Settings(
-        kafka_bootstrap=kafka_bootstrap, kafka_topic=f"roomcast.{tag}", kafka_persister_group=f"persister.{tag}",
-        kafka_partitions=4, kafka_idempotence=kafka_idempotence, kafka_session_timeout_ms=2000,
-        kafka_heartbeat_interval_ms=300, redis_url=redis_url, redis_prefix=tag,
-        mysql_dsn=f"{mysql_server_dsn}/rc_{tag}",
-        jwt_secret=SecretStr(f"test-secret-{uuid.uuid4().hex}{uuid.uuid4().hex}"),  # 64+ bytes: fit for HS512 too
-        log_json=False, max_frame_bytes=FRAME_MAX, max_body_chars=BODY_MAX, max_rooms_per_conn=ROOMS_MAX,
+    s = isolated_settings(
+        kafka_bootstrap, redis_url, mysql_server_dsn, kafka_idempotence,
+        max_frame_bytes=FRAME_MAX, max_body_chars=BODY_MAX, max_rooms_per_conn=ROOMS_MAX,
         max_conns_per_user=CONNS_MAX, send_rate_per_s=RATE, send_burst=BURST, history_limit_max=HISTORY_MAX,
         allowed_origins=[ORIGIN],
     )
     await migrate(s.mysql_dsn)
     yield s
-    t = MysqlTarget.from_dsn(s.mysql_dsn)
-    conn = await aiomysql.connect(**t.connect_kwargs(with_db=False))
-    async with conn.cursor() as cur:
-        await cur.execute(f"DROP DATABASE IF EXISTS `{t.database}`")
-    conn.close()
+    await drop_database(s.mysql_dsn)
     r = aioredis.from_url(s.redis_url)
-    keys = [k async for k in r.scan_iter(match=f"{tag}:*", count=1000)]
-    for i in range(0, len(keys), 500):
-        await r.delete(*keys[i:i + 500])
+    await delete_keys(r, s.redis_prefix)
     await r.aclose()
 
 
