@@ -269,9 +269,9 @@ class Connection:
                 continue
             self.spawn(self._reply_ack(f.client_msg_id, ack), f.client_msg_id)
 
-    async def _reply_ack(self, client_msg_id: str, ack: Awaitable[dict[str, object]]) -> None:
+    async def _reply_ack(self, client_msg_id: str, ack: Awaitable[bytes]) -> None:
         try:
-            self.reply(dumps(await ack))
+            self.reply((await ack).decode())
         except Unavailable as e:
             self.fail(Err.UNAVAILABLE, str(e), client_msg_id)
 

@@ -13,7 +13,6 @@ import time
 from collections.abc import Awaitable
 from typing import Any
 
-import orjson
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
@@ -49,10 +48,11 @@ class Publisher:
             return "the producer cannot reach the broker"
         return None
 
-    async def send(self, user: str, room: str, client_msg_id: str, body: str) -> Awaitable[dict[str, object]]:
+    async def send(self, user: str, room: str, client_msg_id: str, body: str) -> Awaitable[bytes]:
         """Claim the dedupe key and hand the record to the producer, in the caller's send order;
-        returns an awaitable of the ack frame. Either step raises Unavailable when nothing can be
-        promised (no ack is ever given for a record Kafka has not acknowledged)."""
+        returns an awaitable of the ack frame's JSON (the same bytes stored for a resend). Either step
+        raises Unavailable when nothing can be promised (no ack is ever given for a record Kafka has
+        not acknowledged)."""
         t0 = time.perf_counter()
         key = self.keys.sent(room, user, client_msg_id)
         try:
@@ -72,7 +72,7 @@ class Publisher:
             raise Unavailable(f"broker unavailable: {type(e).__name__}") from e
         return self._ack(key, msg, delivery, t0)
 
-    async def _ack(self, key: str, msg: Message, delivery: asyncio.Future[Any], t0: float) -> dict[str, object]:
+    async def _ack(self, key: str, msg: Message, delivery: asyncio.Future[Any], t0: float) -> bytes:
         try:
             md = await asyncio.wait_for(delivery, self._produce_timeout)
         except (KafkaError, TimeoutError, OSError) as e:
@@ -87,10 +87,9 @@ class Publisher:
         self._acks.put(key, ack_json)
         metrics.MESSAGES_IN.inc()
         metrics.SEND_ACK_SECONDS.observe(time.perf_counter() - t0)
-        ack: dict[str, object] = orjson.loads(ack_json)
-        return ack
+        return ack_json
 
-    async def _first_ack(self, key: str) -> dict[str, object]:
+    async def _first_ack(self, key: str) -> bytes:
         deadline = time.monotonic() + self._pending_ttl
         while time.monotonic() < deadline:
             try:
@@ -100,8 +99,7 @@ class Publisher:
             if raw is None:
                 raise Unavailable("the first send of this client_msg_id failed; send it again")
             if raw != PENDING:
-                ack: dict[str, object] = orjson.loads(raw)
-                return ack
+                return raw if isinstance(raw, bytes) else raw.encode()
             await asyncio.sleep(0.05)
         raise Unavailable("the first send of this client_msg_id is still pending")
 
