@@ -3,7 +3,6 @@ serialised once, then queued for this node's members of its room."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections import OrderedDict
@@ -49,7 +48,6 @@ class Fanout:
         self.failed: BaseException | None = None  # set when the consume loop died
         self.last_poll = time.monotonic()  # the consume loop came round (even with nothing new)
         self.last_advance = time.monotonic()  # a record was consumed
-        self.advanced = asyncio.Condition()
 
     async def start(self) -> None:
         await self.consumer.start()
@@ -90,8 +88,6 @@ class Fanout:
                     if self.hub.has_room(msg.room):
                         delivered += self.hub.publish(msg.room, r.offset, msg.frame().decode())
             metrics.DELIVERED.inc(delivered)
-            async with self.advanced:
-                self.advanced.notify_all()
 
     def position(self, partition: int) -> int:
         return self.positions.get(partition, 0)
