@@ -20,6 +20,7 @@ from gateway import metrics
 from gateway.devtoken import dev_token
 from gateway.endpoint import ws_endpoint
 from gateway.fanout import Fanout
+from gateway.history import HistoryReader
 from gateway.hub import Hub
 from gateway.node import Node
 from gateway.publisher import Publisher
@@ -44,8 +45,9 @@ def create_app(settings: Settings) -> Starlette:
         hub = Hub()
         fanout = Fanout(settings, hub, new_consumer(settings))
         await fanout.start()
-        node = Node(settings, Keys(settings.redis_prefix, settings.kafka_partitions), hub, fanout, producer,
-                    Publisher(settings, producer, redis), redis, mysql)
+        keys = Keys(settings.redis_prefix, settings.kafka_partitions)
+        node = Node(settings, keys, hub, fanout, producer, Publisher(settings, producer, redis), redis, mysql,
+                    HistoryReader(settings, keys, redis, mysql))
         fan_task = asyncio.create_task(fanout.run(), name="fanout")
         fan_task.add_done_callback(lambda t: _fanout_died(t, fanout))
         log.info("gateway ready", extra={"port": settings.port})

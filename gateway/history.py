@@ -10,7 +10,6 @@ one query (single-flight). Both the WebSocket `history` frame and REST use `Hist
 from __future__ import annotations
 
 import asyncio
-import weakref
 from collections.abc import Awaitable, Callable
 from typing import Generic, Protocol, TypeVar
 
@@ -173,29 +172,15 @@ class HistoryReader:
         return out
 
 
-class _NodeParts(Protocol):
-    settings: Settings
-    keys: Keys
-    redis: aioredis.Redis
-    mysql: aiomysql.Pool
+class _HasHistory(Protocol):
+    history: HistoryReader
 
 
-# One reader per node, found by the node's MySQL pool (Node has no field for it yet).
-_readers: weakref.WeakKeyDictionary[aiomysql.Pool, HistoryReader] = weakref.WeakKeyDictionary()
-
-
-def reader_for(node: _NodeParts) -> HistoryReader:
-    reader = _readers.get(node.mysql)
-    if reader is None:
-        reader = _readers[node.mysql] = HistoryReader(node.settings, node.keys, node.redis, node.mysql)
-    return reader
-
-
-async def history_frame(node: _NodeParts, room: str, before: str | None, limit: int | None,
+async def history_frame(node: _HasHistory, room: str, before: str | None, limit: int | None,
                         fail: Callable[..., None]) -> str:
     """The `history` frame's JSON, or "" after `fail(code, reason)`."""
     try:
-        page = await reader_for(node).page(room, before, limit)
+        page = await node.history.page(room, before, limit)
     except HistoryError as e:
         fail(e.code, e.reason)
         return ""

@@ -9,6 +9,7 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
 
 from gateway.fanout import Fanout
+from gateway.history import HistoryReader
 from gateway.hub import Hub
 from gateway.limits import TokenBucket
 from gateway.publisher import Publisher
@@ -32,6 +33,7 @@ class Node:
     publisher: Publisher
     redis: aioredis.Redis
     mysql: aiomysql.Pool
+    history: HistoryReader
     users: dict[str, UserState] = field(default_factory=dict)
     draining: bool = False
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from gateway.history import reader_for
 from gateway.history_plan import HistoryError
 from gateway.node import Node
 from gateway.protocol import Err
@@ -46,7 +45,7 @@ async def room_messages(request: Request) -> Response:
     if raw_limit and not (raw_limit.isascii() and raw_limit.isdigit() and len(raw_limit) <= 9):
         return _error(400, Err.BAD_FRAME, "limit must be a positive integer")
     try:
-        page = await reader_for(node).page(room, request.query_params.get("before"),
+        page = await node.history.page(room, request.query_params.get("before"),
                                            int(raw_limit) if raw_limit else None)
     except HistoryError as e:
         return _error(e.status, e.code, e.reason)

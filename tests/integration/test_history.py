@@ -94,7 +94,7 @@ async def test_frames_match_pages_and_bad_cursors_fail(settings: Settings, redis
                                                        mysql: aiomysql.Pool, reader: HistoryReader) -> None:
     msgs = await seed_room(settings, redis, mysql, total=120, mysql_upto=60, redis_from=60)
     keys = Keys(settings.redis_prefix, settings.kafka_partitions)
-    node = SimpleNamespace(settings=settings, keys=keys, redis=redis, mysql=mysql)
+    node = SimpleNamespace(history=HistoryReader(settings, keys, redis, mysql))
     failures: list[tuple[str, str]] = []
 
     def fail(code: str, reason: str, *args: object, **kw: object) -> None:
