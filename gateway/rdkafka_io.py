@@ -40,6 +40,7 @@ def _common(settings: Settings) -> dict[str, Any]:
         "bootstrap.servers": settings.kafka_bootstrap,
         "client.id": f"roomcast-{settings.name}",
         "socket.connection.setup.timeout.ms": settings.kafka_request_timeout_ms,
+        "socket.nagle.disable": True,  # small requests go out now, not after the peer's delayed ACK
         "error_cb": _log_error,
     }
 
@@ -152,7 +153,7 @@ class RdFanoutConsumer:
         self.connected = True  # a broker connection is up (from librdkafka's statistics, once a second)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._batches: asyncio.Queue[list[Record]] = asyncio.Queue(maxsize=1)
-        self._taken = threading.Event()
+        self._taken: queue.SimpleQueue[bool] = queue.SimpleQueue()  # the loop took a batch (or: stop)
         self._seeks: queue.SimpleQueue[tuple[int, int]] = queue.SimpleQueue()
         self._high: dict[int, int] = {}
         self._stop = threading.Event()
@@ -167,7 +168,6 @@ class RdFanoutConsumer:
         starts = await self._loop.run_in_executor(None, self._ends)
         self._consumer.assign([TopicPartition(self.topic, p, off) for p, off in starts.items()])
         self._high = dict(starts)
-        self._taken.set()
         self._thread.start()
         return starts
 
@@ -206,20 +206,17 @@ class RdFanoutConsumer:
                     log.warning("fan-out fetch error", extra={"error": str(m.error())})
                     continue
                 records.append(Record(m.partition() or 0, m.offset() or 0, m.value() or b""))
-            self._taken.clear()
             try:
                 assert self._loop is not None
                 self._loop.call_soon_threadsafe(self._batches.put_nowait, records)
             except RuntimeError:  # the loop closed during shutdown
                 return
-            while not self._taken.wait(0.5):
-                if self._stop.is_set():
-                    return
+            self._taken.get()
 
     async def getmany(self) -> list[Record]:
         """The next batch (empty when nothing arrived within ~100 ms)."""
         records = await self._batches.get()
-        self._taken.set()
+        self._taken.put(True)
         return records
 
     def _on_stats(self, stats_json: str) -> None:  # in the consume thread
@@ -234,7 +231,7 @@ class RdFanoutConsumer:
 
     async def stop(self) -> None:
         self._stop.set()
-        self._taken.set()
+        self._taken.put(False)
         if self._thread.is_alive():
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
         await asyncio.get_running_loop().run_in_executor(None, self._consumer.close)
