@@ -1,20 +1,22 @@
-"""The `/ws` endpoint: authenticate, then a receiver loop and a sender task per connection."""
+"""The `/ws` endpoint: authenticate, then read frames in the connection's task while a sender task writes."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Coroutine
+from collections import deque
+from collections.abc import Coroutine
 from typing import Any
 
+from starlette.datastructures import Headers, QueryParams
+from starlette.types import Scope
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from gateway import metrics
 from gateway.history import history_frame
-from gateway.limits import FRAMES_PER_TURN, MAX_PENDING_REQUESTS, inbound_bucket
+from gateway.limits import FRAMES_PER_TURN, MAX_PENDING_REQUESTS, MAX_QUEUED_SENDS, inbound_bucket
 from gateway.node import Node, UserState
 from gateway.protocol import (
     PONG,
@@ -36,6 +38,7 @@ from gateway.publisher import Unavailable
 from gateway.recovery import resume
 from gateway.session import Session
 from shared.auth import AuthError, Identity, verify_token
+from shared.settings import Settings
 from shared.validation import ROOM_RULE, valid_room
 
 log = logging.getLogger("roomcast.gateway")
@@ -51,22 +54,35 @@ def origin_allowed(allowed: list[str], origin: str | None) -> bool:
     return origin.strip().lower() in {o.strip().rstrip("/").lower() for o in allowed}
 
 
+class Refused(Exception):
+    """The handshake is refused: closed 1008 with this reason."""
+
+
+def authenticate(settings: Settings, scope: Scope) -> Identity:
+    """The identity of a connecting client, from the query of its handshake, or Refused."""
+    query = QueryParams(scope["query_string"])  # (parsed here: the connection does not keep it)
+    if query.get("v", PROTOCOL_VERSION) != PROTOCOL_VERSION:
+        raise Refused("unsupported protocol version")
+    try:
+        return verify_token(settings, query.get("token"))
+    except AuthError as e:
+        raise Refused(f"bad token: {e}"[:120]) from None
+
+
 async def ws_endpoint(websocket: WebSocket) -> None:
-    node: Node = websocket.state.node
+    # The node, the origin and the query come straight from the scope: starlette's `state`,
+    # `headers` and `query_params` would keep a parsed copy for the life of the connection.
+    node: Node = websocket.scope["state"]["node"]
     s = node.settings
-    if not origin_allowed(s.allowed_origins, websocket.headers.get("origin")):
+    if not origin_allowed(s.allowed_origins, Headers(scope=websocket.scope).get("origin")):
         # Refused during the handshake: uvicorn answers HTTP 403 and the page never gets a socket.
         await websocket.close(Close.BAD_TOKEN, "origin not allowed")
         return
-    if websocket.query_params.get("v", PROTOCOL_VERSION) != PROTOCOL_VERSION:
-        await websocket.accept()
-        await websocket.close(Close.BAD_TOKEN, "unsupported protocol version")
-        return
     try:
-        identity = verify_token(s, websocket.query_params.get("token"))
-    except AuthError as e:
+        identity = authenticate(s, websocket.scope)
+    except Refused as e:
         await websocket.accept()
-        await websocket.close(Close.BAD_TOKEN, f"bad token: {e}"[:120])
+        await websocket.close(Close.BAD_TOKEN, str(e))
         return
     user = node.user(identity.user)
     if user.connections >= s.max_conns_per_user:
@@ -77,7 +93,7 @@ async def ws_endpoint(websocket: WebSocket) -> None:
     metrics.CONNECTIONS.inc()
     try:
         await websocket.accept()
-        await serve(node, websocket, identity)
+        await Connection(node, websocket, identity).serve()
     finally:
         user.connections -= 1
         metrics.CONNECTIONS.dec()
@@ -100,54 +116,65 @@ def forget_user_later(node: Node, user_id: str, state: UserState) -> None:
         asyncio.get_running_loop().call_later(wait, forget)
 
 
-async def serve(node: Node, websocket: WebSocket, identity: Identity) -> None:
-    """An accepted connection, until either side closes it."""
-
-    async def send_text(text: str) -> None:
-        await websocket.send({"type": "websocket.send", "text": text})
-
-    async def close(code: int, reason: str) -> None:
-        with contextlib.suppress(Exception):
-            await websocket.close(code, reason)
-
-    session = Session(identity, send_text, close, node.settings.send_queue_max)
-    node.hub.sessions.add(session)
-    conn = Connection(node, session, websocket)
-    expiry: asyncio.TimerHandle | None = None
-    if identity.expires_at is not None:  # closes an idle connection too, not just at its next frame
-        expiry = asyncio.get_running_loop().call_later(
-            max(0.0, identity.expires_at - time.time()), session.close, Close.BAD_TOKEN, "token expired")
-    sender = asyncio.create_task(session.run_sender(), name="ws-sender")
-    receiver = asyncio.create_task(conn.receive_loop(), name="ws-receiver")
-    try:
-        await asyncio.wait({sender, receiver}, return_when=asyncio.FIRST_COMPLETED)
-        if session.close_code is not None and not sender.done():
-            await asyncio.wait({sender}, timeout=CLOSE_WAIT_S)  # it sends the close frame with its code
-    finally:
-        if expiry is not None:
-            expiry.cancel()
-        for t in (sender, receiver, *conn.tasks):
-            t.cancel()
-        for outcome in await asyncio.gather(sender, receiver, return_exceptions=True):
-            if isinstance(outcome, Exception) and not isinstance(outcome, WebSocketDisconnect):  # (client gone)
-                log.error("connection task crashed", exc_info=outcome)
-        node.hub.drop(session)
-
-
 class Connection:
-    """One client's inbound side: each frame is validated, then handled."""
+    """One client connection: its frames are read and handled in the connection's own task; what
+    goes out is written by its session's sender task (fan-out never waits for a client).
 
-    def __init__(self, node: Node, session: Session, websocket: WebSocket) -> None:
+    Per idle connection that is all: this object, its session, the sender waiting for frames (the
+    token's expiry is the hub's timer). The rest exists only while in use: the set of running tasks
+    (join/history requests, the send worker, acks not received yet) and the queue of sends waiting
+    for the producer, with the worker that hands them over in order."""
+
+    __slots__ = ("_sends", "_tasks", "identity", "inbound", "node", "requests", "s", "session", "ws")
+
+    def __init__(self, node: Node, websocket: WebSocket, identity: Identity) -> None:
         self.node = node
         self.s = node.settings
-        self.session = session
-        self.identity: Identity = session.identity
+        self.session = Session(identity, websocket, node.settings.send_queue_max)
+        self.identity = identity
         self.ws = websocket
-        self.tasks: set[asyncio.Task[None]] = set()
-        self.requests = 0  # join/history tasks running
         self.inbound = inbound_bucket(self.s)
-        self.sends: asyncio.Queue[Send] = asyncio.Queue(maxsize=256)
-        self.send_worker: asyncio.Task[None] | None = None
+        self.requests = 0  # join/history tasks running
+        self._tasks: set[asyncio.Future[Any]] | None = None
+        self._sends: deque[Send] | None = None  # while the send worker runs
+
+    async def serve(self) -> None:
+        """Until either side closes the connection. (The receive loop is here, not in a task or a
+        coroutine of its own: each costs memory for as long as the connection is idle.)"""
+        session = self.session
+        self.node.hub.add(session)
+        sender = asyncio.create_task(session.run_sender(), name="ws-sender")
+        try:
+            in_a_row = 0
+            while True:
+                try:
+                    msg = await self.ws.receive()
+                except WebSocketDisconnect:
+                    break
+                if msg["type"] == "websocket.disconnect":  # (also once a close frame we sent is out)
+                    break
+                if (delay := self.inbound.debit()) > 0:
+                    await asyncio.sleep(delay)  # over budget: read nothing meanwhile (TCP pushes back)
+                if self.identity.expires_at is not None and time.time() >= self.identity.expires_at:
+                    session.close(Close.BAD_TOKEN, "token expired")
+                    break
+                self.on_frame(msg.get("text"))
+                # Frames already buffered are read without a pause: let the other connections run.
+                in_a_row += 1
+                if in_a_row >= FRAMES_PER_TURN:
+                    in_a_row = 0
+                    await asyncio.sleep(0)
+            if session.close_code is not None and not sender.done():
+                await asyncio.wait({sender}, timeout=CLOSE_WAIT_S)  # it sends the close frame with its code
+        except Exception:
+            log.exception("connection task crashed")
+        finally:
+            sender.cancel()
+            self.cancel_tasks()
+            self.node.hub.drop(session)
+            outcome = (await asyncio.gather(sender, return_exceptions=True))[0]
+            if isinstance(outcome, Exception) and not isinstance(outcome, WebSocketDisconnect):  # (client gone)
+                log.error("connection task crashed", exc_info=outcome)
 
     def reply(self, frame: str) -> None:
         self.session.push(frame)
@@ -156,36 +183,17 @@ class Connection:
         metrics.ERRORS.labels(code).inc()
         self.reply(error(code, reason, ref, **extra))
 
-    async def receive_loop(self) -> None:
-        in_a_row = 0
-        while True:
-            try:
-                msg = await self.ws.receive()
-            except WebSocketDisconnect:
-                return
-            if msg["type"] == "websocket.disconnect":
-                return
-            if (delay := self.inbound.debit()) > 0:
-                await asyncio.sleep(delay)  # over budget: read nothing meanwhile (TCP pushes back)
-            if self.identity.expires_at is not None and time.time() >= self.identity.expires_at:
-                self.session.close(Close.BAD_TOKEN, "token expired")
-                return
-            text = msg.get("text")
-            if text is None:
-                self.fail(Err.BAD_FRAME, "binary frames are not accepted; send JSON text")
-            else:
-                try:
-                    self.handle(parse_frame(text))
-                except FrameError as e:
-                    self.fail(e.code, e.reason, e.ref)
-                except Exception:  # a bug: answer it and keep the connection (and log why)
-                    log.exception("frame handler crashed")
-                    self.fail(Err.UNAVAILABLE, "internal error")
-            # Frames already buffered are read without a pause: let the other connections run.
-            in_a_row += 1
-            if in_a_row >= FRAMES_PER_TURN:
-                in_a_row = 0
-                await asyncio.sleep(0)
+    def on_frame(self, text: str | None) -> None:
+        if text is None:
+            self.fail(Err.BAD_FRAME, "binary frames are not accepted; send JSON text")
+            return
+        try:
+            self.handle(parse_frame(text))
+        except FrameError as e:
+            self.fail(e.code, e.reason, e.ref)
+        except Exception:  # a bug: answer it and keep the connection (and log why)
+            log.exception("frame handler crashed")
+            self.fail(Err.UNAVAILABLE, "internal error")
 
     def handle(self, frame: object) -> None:
         if isinstance(frame, Send):
@@ -215,12 +223,28 @@ class Connection:
 
     def spawn(self, coro: Coroutine[Any, Any, None], ref: str | None) -> asyncio.Task[None]:
         task = asyncio.create_task(coro)
-        self.tasks.add(task)
+        self._track(task)
         task.add_done_callback(functools.partial(self._task_done, ref))
         return task
 
+    def _track(self, task: asyncio.Future[Any]) -> None:
+        if self._tasks is None:
+            self._tasks = set()
+        self._tasks.add(task)
+
+    def _untrack(self, task: asyncio.Future[Any]) -> None:
+        if self._tasks is not None:
+            self._tasks.discard(task)
+            if not self._tasks:
+                self._tasks = None
+
+    def cancel_tasks(self) -> None:
+        """The connection ended: stop its requests, its send worker and its pending acks."""
+        for task in self._tasks or ():
+            task.cancel()
+
     def _task_done(self, ref: str | None, task: asyncio.Task[None]) -> None:
-        self.tasks.discard(task)
+        self._untrack(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("frame handler crashed", exc_info=task.exception())
             self.fail(Err.UNAVAILABLE, "internal error", ref)
@@ -246,34 +270,48 @@ class Connection:
         if wait > 0:
             self.fail(Err.RATE_LIMITED, "sending too fast", f.client_msg_id, retry_after_ms=int(wait * 1000) + 1)
             return
-        if self.sends.full():
+        sends = self._sends
+        if sends is None:  # no worker running: start one
+            sends = self._sends = deque()
+            self.spawn(self._send_in_order(sends), None)
+        elif len(sends) >= MAX_QUEUED_SENDS:
             self.fail(Err.RATE_LIMITED, "too many sends awaiting their ack", f.client_msg_id, retry_after_ms=100)
             return
-        self.sends.put_nowait(f)
-        if self.send_worker is None:
-            self.send_worker = asyncio.create_task(self._send_in_order(), name="ws-sends")
-            self.tasks.add(self.send_worker)
+        sends.append(f)
 
-    async def _send_in_order(self) -> None:
-        """Sends reach Kafka in the order the client sent them; acks are awaited concurrently."""
-        while True:
-            f = await self.sends.get()
-            try:
-                ack = await self.node.publisher.send(self.identity.user, f.room, f.client_msg_id, f.body)
-            except Unavailable as e:
-                self.fail(Err.UNAVAILABLE, str(e), f.client_msg_id)
-                continue
-            except Exception:  # a bug must not stop this connection's sends for good
-                log.exception("send failed")
-                self.fail(Err.UNAVAILABLE, "internal error", f.client_msg_id)
-                continue
-            self.spawn(self._reply_ack(f.client_msg_id, ack), f.client_msg_id)
-
-    async def _reply_ack(self, client_msg_id: str, ack: Awaitable[bytes]) -> None:
+    async def _send_in_order(self, sends: deque[Send]) -> None:
+        """Sends reach Kafka in the order the client sent them; acks are awaited concurrently (each
+        is answered by a callback). Runs while sends are queued; the next send starts a new worker."""
         try:
-            self.reply((await ack).decode())
-        except Unavailable as e:
+            while sends:
+                f = sends.popleft()
+                try:
+                    ack = await self.node.publisher.send(self.identity.user, f.room, f.client_msg_id, f.body)
+                except Unavailable as e:
+                    self.fail(Err.UNAVAILABLE, str(e), f.client_msg_id)
+                    continue
+                except Exception:  # a bug must not stop this connection's sends for good
+                    log.exception("send failed")
+                    self.fail(Err.UNAVAILABLE, "internal error", f.client_msg_id)
+                    continue
+                pending = asyncio.ensure_future(ack)
+                self._track(pending)
+                pending.add_done_callback(functools.partial(self._reply_ack, f.client_msg_id))
+        finally:
+            self._sends = None
+
+    def _reply_ack(self, client_msg_id: str, ack: asyncio.Future[bytes]) -> None:
+        self._untrack(ack)
+        if ack.cancelled():  # the connection ended
+            return
+        e = ack.exception()
+        if e is None:
+            self.reply(ack.result().decode())
+        elif isinstance(e, Unavailable):
             self.fail(Err.UNAVAILABLE, str(e), client_msg_id)
+        else:
+            log.error("frame handler crashed", exc_info=e)
+            self.fail(Err.UNAVAILABLE, "internal error", client_msg_id)
 
     async def on_join(self, f: Join) -> None:
         room = f.room

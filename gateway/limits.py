@@ -16,9 +16,14 @@ INBOUND_MIN_RATE = 500.0
 # The receive loop yields to the event loop after this many frames read back to back, so one
 # client's burst (a TCP read can hold a thousand small frames) cannot hold up everyone else.
 FRAMES_PER_TURN = 8
+# Sends a connection may have queued for the producer (they reach it one at a time, in order);
+# past it a send is answered `rate_limited`.
+MAX_QUEUED_SENDS = 256
 
 
 class TokenBucket:
+    __slots__ = ("burst", "rate", "stamp", "tokens")  # one or two per connection
+
     def __init__(self, rate_per_s: float, burst: int) -> None:
         self.rate = rate_per_s
         self.burst = float(burst)

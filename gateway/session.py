@@ -2,91 +2,164 @@
 
 Fan-out only appends to the queue and never awaits a client; a client whose queue fills is
 closed with 4008 (resume with your last cursor) instead of growing memory or slowing the node.
+
+A node holds tens of thousands of mostly idle sessions, so a session keeps only what it uses:
+slots, a plain list as the queue (the sender takes it whole), and a wakeup future that exists
+only while the sender waits. What only some sessions need (held-back frames of a room being
+recovered, a replay waiting for room in the queue) is created when first needed and let go after.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections import deque
-from collections.abc import Awaitable, Callable
+import contextlib
+from typing import Protocol
 
 from gateway import metrics
 from gateway.protocol import Close
 from shared.auth import Identity
 
+TOO_SLOW_REASON = "too slow; resume with your last cursor"
+INTERNAL_ERROR = 1011  # (a close code the protocol does not name: writing to the client failed)
+
+
+class Socket(Protocol):
+    """What a session needs of its WebSocket (starlette's WebSocket has it)."""
+
+    async def send_text(self, data: str) -> None: ...
+
+    async def close(self, code: int = 1000, reason: str | None = None) -> None: ...
+
 
 class Session:
-    def __init__(
-        self,
-        identity: Identity,
-        send_text: Callable[[str], Awaitable[None]],
-        close: Callable[[int, str], Awaitable[None]],
-        queue_max: int,
-    ) -> None:
+    __slots__ = (
+        "_queue",
+        "_queue_max",
+        "_recovering",
+        "_socket",
+        "_space",
+        "_taken",
+        "_wakeup",
+        "close_code",
+        "close_reason",
+        "identity",
+        "rooms",
+    )
+
+    def __init__(self, identity: Identity, socket: Socket, queue_max: int) -> None:
         self.identity = identity
-        self._send_text = send_text
-        self._close = close
-        self._queue: deque[str] = deque()
-        self._queue_max = queue_max
-        self._wakeup = asyncio.Event()
-        self._space = asyncio.Event()  # set while the queue is at most half full
         self.close_code: int | None = None
         self.close_reason = ""
         self.rooms: set[str] = set()
-        # room -> live frames held back while that room's missed messages are replayed
-        self.recovering: dict[str, list[tuple[int, str]]] = {}
+        self._socket = socket
+        self._queue: list[str] = []  # frames the sender has not taken yet, oldest first
+        self._taken = 0  # frames the sender has taken from the queue and not yet started to write
+        self._queue_max = queue_max
+        self._wakeup: asyncio.Future[None] | None = None  # set while the sender waits for frames
+        self._space: asyncio.Event | None = None  # set while a replay waits for the queue to drain
+        self._recovering: dict[str, list[tuple[int, str]]] | None = None
+
+    @property
+    def recovering(self) -> dict[str, list[tuple[int, str]]]:
+        """room -> live frames held back while that room's missed messages are replayed."""
+        if self._recovering is None:
+            self._recovering = {}
+        return self._recovering
+
+    def stop_recovering(self, room: str) -> None:
+        """Forget the frames held back for `room` (it was left)."""
+        if self._recovering is not None:
+            self._recovering.pop(room, None)
+            if not self._recovering:
+                self._recovering = None
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue) + self._taken
 
     def push(self, frame: str) -> None:
         """Queue a frame for this client; never blocks."""
         if self.close_code is not None:
             return
-        if len(self._queue) >= self._queue_max:
+        if len(self._queue) + self._taken >= self._queue_max:
             metrics.SLOW_DISCONNECTS.inc()
-            self.close(Close.TOO_SLOW, "too slow; resume with your last cursor")
+            self.close(Close.TOO_SLOW, TOO_SLOW_REASON)
             return
         self._queue.append(frame)
-        self._wakeup.set()
+        wakeup = self._wakeup
+        if wakeup is not None:  # the sender waits for frames
+            self._wakeup = None
+            if not wakeup.done():  # (done: the sender was cancelled)
+                wakeup.set_result(None)
 
     async def push_paced(self, frames: list[str]) -> None:
         """Queue many frames (a replay) without tripping the slow-consumer bound: wait for the
         sender whenever the queue is half full. A client too slow for that is closed 4008."""
         half = max(1, self._queue_max // 2)
         for frame in frames:
-            while len(self._queue) >= half and self.close_code is None:
-                self._space.clear()
+            while self.queued >= half and self.close_code is None:
+                if self._space is None:
+                    self._space = asyncio.Event()
                 await self._space.wait()
             self.push(frame)
 
     def deliver(self, room: str, offset: int, frame: str) -> None:
-        held = self.recovering.get(room)
+        recovering = self._recovering
+        held = None if recovering is None else recovering.get(room)
         if held is None:
+            if recovering is not None and not recovering:  # every replay is over
+                self._recovering = None
             self.push(frame)
         elif len(held) >= self._queue_max:
             metrics.SLOW_DISCONNECTS.inc()
-            self.close(Close.TOO_SLOW, "too slow; resume with your last cursor")
+            self.close(Close.TOO_SLOW, TOO_SLOW_REASON)
         else:
             held.append((offset, frame))
 
     def close(self, code: int, reason: str = "") -> None:
+        """Close the connection with `code` once the frames being written are out (the sender does)."""
         if self.close_code is None:
             self.close_code, self.close_reason = code, reason
-            self._wakeup.set()
+            self._wake_sender()
+            self._wake_replays()  # (they push nothing more)
 
-    @property
-    def queued(self) -> int:
-        return len(self._queue)
+    def _wake_sender(self) -> None:
+        wakeup, self._wakeup = self._wakeup, None
+        if wakeup is not None and not wakeup.done():  # (done: the sender was cancelled)
+            wakeup.set_result(None)
+
+    def _wake_replays(self) -> None:
+        space, self._space = self._space, None
+        if space is not None:
+            space.set()
 
     async def run_sender(self) -> None:
-        """Send queued frames until the session is closed; then close the socket."""
-        queue = self._queue
-        while True:
-            while queue and self.close_code is None:
-                await self._send_text(queue.popleft())
-                if len(queue) <= self._queue_max // 2:
-                    self._space.set()
-            if self.close_code is not None:
-                self._space.set()
-                await self._close(self.close_code, self.close_reason)
-                return
-            self._wakeup.clear()
-            await self._wakeup.wait()
+        """Send queued frames until the session is closed; then close the socket. Writing that fails
+        (the client is gone, or a bug) closes it too, 1011: the connection's reading ends with it."""
+        try:
+            while self.close_code is None:
+                if not self._queue:
+                    self._wakeup = asyncio.get_running_loop().create_future()
+                    await self._wakeup
+                    continue
+                batch, self._queue = self._queue, []  # what comes meanwhile waits for the next round
+                self._taken = len(batch)
+                for frame in batch:
+                    if self.close_code is not None:
+                        break
+                    self._taken -= 1
+                    await self._socket.send_text(frame)
+                    if self._space is not None and len(self._queue) + self._taken <= self._queue_max // 2:
+                        self._wake_replays()
+                self._taken = 0
+                del batch, frame  # (not kept while idle)
+        except Exception:
+            self.close(INTERNAL_ERROR, "internal error")
+            await self._close_socket()
+            raise
+        await self._close_socket()
+
+    async def _close_socket(self) -> None:
+        assert self.close_code is not None
+        with contextlib.suppress(Exception):  # (the client may be gone already)
+            await self._socket.close(self.close_code, self.close_reason)

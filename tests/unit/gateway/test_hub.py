@@ -1,0 +1,92 @@
+"""The hub: rooms and their members, and closing sessions when their tokens expire."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from gateway.hub import Hub
+from gateway.protocol import Close
+from gateway.session import Session
+from shared.auth import Identity
+
+pytestmark = pytest.mark.timeout(10)
+
+
+class NullSocket:
+    async def send_text(self, data: str) -> None:
+        pass
+
+    async def close(self, code: int = 1000, reason: str | None = None) -> None:
+        pass
+
+
+def session(user: str = "ann", expires_at: float | None = None) -> Session:
+    return Session(Identity(user, ("*",), expires_at), NullSocket(), 10)
+
+
+async def test_a_message_reaches_the_members_of_its_room_only() -> None:
+    hub = Hub()
+    a, b, c = session("a"), session("b"), session("c")
+    for s in (a, b, c):
+        hub.add(s)
+    hub.join("r", a)
+    hub.join("r", b)
+    hub.join("other", c)
+    assert hub.publish("r", 1, "m1") == 2
+    assert (a.queued, b.queued, c.queued) == (1, 1, 0)
+    hub.leave("r", b)
+    assert hub.publish("r", 2, "m2") == 1
+    hub.drop(a)
+    assert hub.publish("r", 3, "m3") == 0 and not hub.has_room("r")
+    assert hub.room_count == 1 and a.rooms == set()
+
+
+async def test_sessions_are_closed_1008_when_their_token_expires_idle_or_not() -> None:
+    hub = Hub()
+    now = time.time()
+    soon, later, never = session("soon", now + 0.2), session("later", now + 1.2), session("never")
+    for s in (later, soon, never):  # (the later one first: the timer moves to the earlier second)
+        hub.add(s)
+    async with asyncio.timeout(3):
+        while soon.close_code is None:
+            await asyncio.sleep(0.01)
+    assert (soon.close_code, soon.close_reason) == (Close.BAD_TOKEN, "token expired")
+    assert time.time() >= now + 0.2, "never before the token's exp"
+    assert later.close_code is None
+    async with asyncio.timeout(3):
+        while later.close_code is None:
+            await asyncio.sleep(0.01)
+    assert never.close_code is None
+
+
+async def test_a_session_that_ended_is_not_closed_by_its_expiry_and_an_empty_second_is_skipped() -> None:
+    hub = Hub()
+    now = time.time()
+    gone, stays = session("gone", now + 0.1), session("stays", now + 1.1)
+    hub.add(gone)
+    hub.add(stays)
+    hub.drop(gone)
+    async with asyncio.timeout(3):
+        while stays.close_code is None:
+            await asyncio.sleep(0.01)
+    assert gone.close_code is None
+
+
+async def test_many_sessions_share_one_timer_per_second_and_churn_does_not_grow_it() -> None:
+    hub = Hub()
+    exp = time.time() + 3600
+    for i in range(1000):  # a client reconnecting over and over with the same token
+        s = session(f"u{i}", exp + (i % 2))
+        hub.add(s)
+        hub.drop(s)
+    kept = [session(f"k{i}", exp) for i in range(100)]
+    for s in kept:
+        hub.add(s)
+    assert len(hub._expiring) == 1
+    assert len(hub._seconds) < 100
+    for s in kept:
+        hub.drop(s)
+    assert not hub._expiring and not hub.sessions
