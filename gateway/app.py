@@ -24,9 +24,8 @@ from gateway.history import HistoryReader
 from gateway.hub import Hub
 from gateway.node import Node
 from gateway.publisher import Publisher
-from gateway.rdkafka_io import RdFanoutConsumer, RdProducer
 from gateway.rest import room_messages
-from shared.kafka import ensure_topic
+from shared.kafka import ensure_topic, new_consumer, new_producer
 from shared.keys import Keys
 from shared.mysql import create_pool
 from shared.settings import Settings
@@ -41,10 +40,10 @@ def create_app(settings: Settings) -> Starlette:
         await ensure_topic(settings)
         redis = aioredis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=3)
         mysql = await create_pool(settings.mysql_dsn, settings.mysql_pool_max, minsize=0)
-        producer = RdProducer(settings)
+        producer = new_producer(settings)
         await producer.start()
         hub = Hub()
-        fanout = Fanout(settings, hub, RdFanoutConsumer(settings, settings.kafka_topic))
+        fanout = Fanout(settings, hub, new_consumer(settings))
         await fanout.start()
         keys = Keys(settings.redis_prefix, settings.kafka_partitions)
         node = Node(settings, keys, hub, fanout, producer, Publisher(settings, producer, redis), redis, mysql,

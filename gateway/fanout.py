@@ -7,10 +7,11 @@ import logging
 import time
 from collections import OrderedDict
 
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
 from gateway import metrics
 from gateway.hub import Hub
-from gateway.rdkafka_io import RdFanoutConsumer, Record
-from shared.kafka import GapGuard
+from shared.kafka import GapGuard, all_partitions, offsets_now
 from shared.message import Message
 from shared.settings import Settings
 
@@ -35,12 +36,12 @@ class RecentIds:
 
 
 class Fanout:
-    def __init__(self, settings: Settings, hub: Hub, consumer: RdFanoutConsumer) -> None:
+    def __init__(self, settings: Settings, hub: Hub, consumer: AIOKafkaConsumer) -> None:
         self.s = settings
         self.hub = hub
         self.consumer = consumer
         self.positions: dict[int, int] = {}  # partition -> next offset this node will deliver
-        self.partitions: list[int] = []
+        self.tps: list[TopicPartition] = []
         self.recent = RecentIds(50_000)
         self.gaps = GapGuard()
         self.started = False
@@ -49,32 +50,33 @@ class Fanout:
         self.last_advance = time.monotonic()  # a record was consumed
 
     async def start(self) -> None:
-        self.positions = await self.consumer.start()
-        self.partitions = sorted(self.positions)
+        await self.consumer.start()
+        self.tps = await all_partitions(self.consumer, self.s.kafka_topic)
+        self.consumer.assign(self.tps)
+        for tp, offset in (await offsets_now(self.consumer, self.tps)).items():
+            self.consumer.seek(tp, offset)
+            self.positions[tp.partition] = offset
         self.started = True
-        log.info("fan-out consuming", extra={"partitions": len(self.partitions)})
+        log.info("fan-out consuming", extra={"partitions": len(self.tps)})
 
     async def stop(self) -> None:
         await self.consumer.stop()
 
     async def run(self) -> None:
         while True:
-            batch = await self.consumer.getmany()
+            batch = await self.consumer.getmany(timeout_ms=1000, max_records=5000)
             self.last_poll = time.monotonic()
             if not batch:
                 continue
             self.last_advance = self.last_poll
-            by_partition: dict[int, list[Record]] = {}
-            for r in batch:
-                by_partition.setdefault(r.partition, []).append(r)
             delivered = 0
-            for partition, records in by_partition.items():
-                n, again = self.gaps.cut(partition, self.positions.get(partition), [r.offset for r in records])
+            for tp, records in batch.items():
+                n, again = self.gaps.cut(tp.partition, self.positions.get(tp.partition), [r.offset for r in records])
                 if again is not None:
                     metrics.FANOUT_GAPS.inc()
-                    self.consumer.seek(partition, again)
+                    self.consumer.seek(tp, again)
                 for r in records[:n]:
-                    self.positions[partition] = r.offset + 1
+                    self.positions[tp.partition] = r.offset + 1
                     try:
                         msg = Message.from_kafka(r.value, r.partition, r.offset)
                     except (ValueError, KeyError, TypeError):
@@ -93,9 +95,9 @@ class Fanout:
     def lag_by_partition(self) -> dict[int, int]:
         """Records between this node's position and the high-water mark of the last fetch."""
         out = {}
-        for p in self.partitions:
-            high = self.consumer.highwater(p)
-            out[p] = max(0, high - self.positions.get(p, 0)) if high is not None else 0
+        for tp in self.tps:
+            high = self.consumer.highwater(tp)
+            out[tp.partition] = max(0, high - self.positions.get(tp.partition, 0)) if high is not None else 0
         return out
 
     def lag(self) -> int:
@@ -110,8 +112,6 @@ class Fanout:
         now = time.monotonic()
         if now - self.last_poll > self.s.ready_stall_s:
             return False, "fan-out loop stuck"
-        if not self.consumer.connected:
-            return False, "fan-out consumer has no broker connection"
         lag = self.lag()
         if lag > self.s.ready_max_lag:
             return False, f"fan-out lag {lag} > {self.s.ready_max_lag}"

@@ -6,13 +6,13 @@ from dataclasses import dataclass, field
 
 import aiomysql
 import redis.asyncio as aioredis
+from aiokafka import AIOKafkaProducer
 
 from gateway.fanout import Fanout
 from gateway.history import HistoryReader
 from gateway.hub import Hub
 from gateway.limits import TokenBucket
 from gateway.publisher import Publisher
-from gateway.rdkafka_io import RdProducer
 from shared.keys import Keys
 from shared.settings import Settings
 
@@ -29,7 +29,7 @@ class Node:
     keys: Keys
     hub: Hub
     fanout: Fanout
-    producer: RdProducer
+    producer: AIOKafkaProducer
     publisher: Publisher
     redis: aioredis.Redis
     mysql: aiomysql.Pool

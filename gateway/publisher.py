@@ -11,12 +11,14 @@ import asyncio
 import dataclasses
 import time
 from collections.abc import Awaitable
+from typing import Any
 
 import redis.asyncio as aioredis
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
 from redis.exceptions import RedisError
 
 from gateway import metrics
-from gateway.rdkafka_io import Delivered, ProduceError, RdProducer
 from shared.cursor import Position
 from shared.keys import Keys
 from shared.message import Message, new_message_id
@@ -30,16 +32,13 @@ class Unavailable(Exception):
 
 
 class Publisher:
-    def __init__(self, settings: Settings, producer: RdProducer, redis: aioredis.Redis) -> None:
+    def __init__(self, settings: Settings, producer: AIOKafkaProducer, redis: aioredis.Redis) -> None:
         self.s = settings
         self.producer = producer
         self.redis = redis
         self.keys = Keys(settings.redis_prefix, settings.kafka_partitions)
-        # The producer itself fails a record it could not deliver within this time (message.timeout.ms),
-        # so the outcome is known before we stop waiting: giving up first could leave a record that
-        # is delivered later without an ack (and then resent as a second message).
-        self._ack_wait = producer.timeout_s + 5
-        self._pending_ttl = int(self._ack_wait) + 5
+        self._produce_timeout = settings.kafka_request_timeout_ms / 1000 * 2
+        self._pending_ttl = int(self._produce_timeout) + 5
         self._acks = AckWriter(redis, settings.dedupe_ttl_s)
         self.last_ok = self.last_failure = 0.0  # monotonic times of the last acked / failed produce
 
@@ -65,18 +64,18 @@ class Publisher:
             return self._first_ack(key)
         msg = Message(new_message_id(), room, user, body, int(time.time() * 1000), client_msg_id)
         try:
-            delivery = self.producer.send(self.s.kafka_topic, msg.kafka_value(), room.encode(),
-                                          self.keys.partition(room))
-        except ProduceError as e:
+            delivery = await self.producer.send(self.s.kafka_topic, msg.kafka_value(), key=room.encode(),
+                                                partition=self.keys.partition(room))
+        except (KafkaError, OSError) as e:
             self.last_failure = time.monotonic()
             await self._forget(key)
             raise Unavailable(f"broker unavailable: {type(e).__name__}") from e
         return self._ack(key, msg, delivery, t0)
 
-    async def _ack(self, key: str, msg: Message, delivery: asyncio.Future[Delivered], t0: float) -> bytes:
+    async def _ack(self, key: str, msg: Message, delivery: asyncio.Future[Any], t0: float) -> bytes:
         try:
-            md = await asyncio.wait_for(delivery, self._ack_wait)
-        except (ProduceError, TimeoutError) as e:
+            md = await asyncio.wait_for(delivery, self._produce_timeout)
+        except (KafkaError, TimeoutError, OSError) as e:
             self.last_failure = time.monotonic()
             await self._forget(key)
             raise Unavailable(f"broker unavailable: {type(e).__name__}") from e

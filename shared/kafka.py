@@ -1,15 +1,17 @@
 """The Kafka topic and the client factories every service uses.
 
-Correct on Apache Kafka and on Tansu (../shared/KAFKA.md): idempotence is a setting, and topics are
-created explicitly with the configured partition count. (The gateway's own producer and fan-out
-consumer are on librdkafka: gateway/rdkafka_io.py.)
+Correct on Apache Kafka and on Tansu (../shared/KAFKA.md): idempotence is a setting, topics are
+created explicitly with the configured partition count, and "now" is found by time, not by the end
+offsets Tansu gets wrong.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
@@ -62,6 +64,34 @@ def new_consumer(settings: Settings, group_id: str | None = None, **overrides: o
     )
     kw.update(overrides)
     return AIOKafkaConsumer(**kw)
+
+
+async def all_partitions(consumer: AIOKafkaConsumer, topic: str, timeout_s: float = 30) -> list[TopicPartition]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        parts = consumer.partitions_for_topic(topic)
+        if parts:
+            return [TopicPartition(topic, p) for p in sorted(parts)]
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"topic {topic!r} has no partitions after {timeout_s}s")
+        await consumer._client.force_metadata_update()
+        await asyncio.sleep(0.1)
+
+
+async def offsets_now(consumer: AIOKafkaConsumer, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+    """The offset each partition's next new record will get: first record at/after now by time,
+    else the end offset (Tansu's end offset may point a batch early; such records predate every
+    subscriber of this process and reach no one). Tansu answers "no record that new" with offset 0
+    and timestamp -1 instead of no offset, which would send a restarted gateway back to offset 0."""
+    now_ms = int(time.time() * 1000)
+    by_time = await consumer.offsets_for_times({tp: now_ms for tp in tps})
+    ends = await consumer.end_offsets(tps)
+
+    def found(tp: TopicPartition) -> int | None:
+        hit = by_time.get(tp)
+        return hit.offset if hit is not None and hit.timestamp >= 0 else None
+
+    return {tp: (off if (off := found(tp)) is not None else ends[tp]) for tp in tps}
 
 
 class GapGuard:
