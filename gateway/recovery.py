@@ -57,7 +57,7 @@ async def resume(node: Node, session: Session, room: str, cursor: str, fail: Cal
     valid = after is not None and after.partition == partition
     node.hub.join(room, session)
     metrics.JOINS.inc()
-    session.start_recovering(room)
+    session.recovering[room] = []
     position = node.fanout.position(partition)
     replay: list[bytes] = []
     recovered = False
@@ -79,7 +79,7 @@ async def resume(node: Node, session: Session, room: str, cursor: str, fail: Cal
                         "recovered": recovered}))
     await session.push_paced([(b'{"type":"message",' + entry[1:]).decode() for entry in replay])
     # Live frames held meanwhile follow the replay; no await between these pushes and going live.
-    for _, frame in session.stop_recovering(room):
+    for _, frame in session.recovering.pop(room, []):
         session.push(frame)
     metrics.RESUMED.inc(len(replay))
 

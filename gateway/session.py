@@ -66,18 +66,12 @@ class Session:
             self._recovering = {}
         return self._recovering
 
-    def start_recovering(self, room: str) -> None:
-        """Hold back `room`'s live frames until its missed messages are replayed."""
-        self.recovering[room] = []
-
-    def stop_recovering(self, room: str) -> list[tuple[int, str]]:
-        """Stop holding back `room`'s live frames; returns those held (oldest first)."""
-        if self._recovering is None:
-            return []
-        held = self._recovering.pop(room, [])
-        if not self._recovering:
-            self._recovering = None
-        return held
+    def stop_recovering(self, room: str) -> None:
+        """Forget the frames held back for `room` (it was left)."""
+        if self._recovering is not None:
+            self._recovering.pop(room, None)
+            if not self._recovering:
+                self._recovering = None
 
     @property
     def queued(self) -> int:
@@ -87,11 +81,16 @@ class Session:
         """Queue a frame for this client; never blocks."""
         if self.close_code is not None:
             return
-        if self.queued >= self._queue_max:
-            self._too_slow()
+        if len(self._queue) + self._taken >= self._queue_max:
+            metrics.SLOW_DISCONNECTS.inc()
+            self.close(Close.TOO_SLOW, TOO_SLOW_REASON)
             return
         self._queue.append(frame)
-        self._wake_sender()
+        wakeup = self._wakeup
+        if wakeup is not None:  # the sender waits for frames
+            self._wakeup = None
+            if not wakeup.done():  # (done: the sender was cancelled)
+                wakeup.set_result(None)
 
     async def push_paced(self, frames: list[str]) -> None:
         """Queue many frames (a replay) without tripping the slow-consumer bound: wait for the
@@ -105,17 +104,17 @@ class Session:
             self.push(frame)
 
     def deliver(self, room: str, offset: int, frame: str) -> None:
-        held = None if self._recovering is None else self._recovering.get(room)
+        recovering = self._recovering
+        held = None if recovering is None else recovering.get(room)
         if held is None:
+            if recovering is not None and not recovering:  # every replay is over
+                self._recovering = None
             self.push(frame)
         elif len(held) >= self._queue_max:
-            self._too_slow()
+            metrics.SLOW_DISCONNECTS.inc()
+            self.close(Close.TOO_SLOW, TOO_SLOW_REASON)
         else:
             held.append((offset, frame))
-
-    def _too_slow(self) -> None:
-        metrics.SLOW_DISCONNECTS.inc()
-        self.close(Close.TOO_SLOW, TOO_SLOW_REASON)
 
     def close(self, code: int, reason: str = "") -> None:
         """Close the connection with `code` once the frames being written are out (the sender does)."""
@@ -125,7 +124,6 @@ class Session:
             self._wake_replays()  # (they push nothing more)
 
     def _wake_sender(self) -> None:
-        """Wake the sender if it waits for frames."""
         wakeup, self._wakeup = self._wakeup, None
         if wakeup is not None and not wakeup.done():  # (done: the sender was cancelled)
             wakeup.set_result(None)
@@ -151,7 +149,7 @@ class Session:
                         break
                     self._taken -= 1
                     await self._socket.send_text(frame)
-                    if self._space is not None and self.queued <= self._queue_max // 2:
+                    if self._space is not None and len(self._queue) + self._taken <= self._queue_max // 2:
                         self._wake_replays()
                 self._taken = 0
                 del batch, frame  # (not kept while idle)

@@ -124,12 +124,12 @@ async def test_two_replays_wait_together_and_a_close_releases_them() -> None:
 async def test_live_frames_are_held_back_while_their_room_recovers_then_follow_the_replay() -> None:
     s, sock = session()
     sender = asyncio.create_task(s.run_sender())
-    s.start_recovering("r")  # as recovery.resume does
+    s.recovering["r"] = []  # as recovery.resume does
     s.deliver("r", 10, "live10")
     s.deliver("other", 3, "other3")  # another room is live meanwhile
     s.deliver("r", 11, "live11")
     await s.push_paced(["old8", "old9"])
-    for _, frame in s.stop_recovering("r"):
+    for _, frame in s.recovering.pop("r", []):
         s.push(frame)
     s.deliver("r", 12, "live12")
     await until(lambda: len(sock.sent) == 6)
@@ -140,7 +140,7 @@ async def test_live_frames_are_held_back_while_their_room_recovers_then_follow_t
 
 async def test_too_many_frames_held_back_close_the_session_4008() -> None:
     s, _ = session(queue_max=3)
-    s.start_recovering("r")
+    s.recovering["r"] = []
     for i in range(3):
         s.deliver("r", i, f"f{i}")
     assert s.close_code is None
