@@ -30,9 +30,11 @@ class Settings(BaseSettings):
     kafka_replication: int = Field(1, ge=1)
     kafka_topic_retention_ms: int = Field(14 * DAY_S * 1000, description="Must exceed redis_retention_s")
     kafka_idempotence: bool = Field(False, description="On for Apache Kafka; Tansu lacks InitProducerId")
-    kafka_linger_ms: int = Field(1, ge=0)
+    kafka_linger_ms: int = Field(
+        0, ge=0, description="Producer batching delay; records still batch while a request is in flight"
+    )
     kafka_request_timeout_ms: int = Field(5000, ge=100)
-    kafka_fetch_max_wait_ms: int = Field(10, ge=0, description="Fan-out latency vs broker CPU trade")
+    kafka_fetch_max_wait_ms: int = Field(20, ge=0, description="Fan-out latency vs broker CPU trade")
     kafka_session_timeout_ms: int = Field(10000, ge=1000)
     kafka_heartbeat_interval_ms: int = Field(3000, ge=100)
     kafka_persister_group: str = "persister"
