@@ -26,6 +26,17 @@ from shared.settings import Settings
 
 PENDING = b"pending"
 
+# Claims are released and acks recorded only over our own pending claim: once the persister has
+# stored the message it records the first copy's ack in the same key, and that must survive (a
+# produce that timed out may still have reached Kafka; the resend then gets that ack).
+RELEASE_CLAIM = """
+if redis.call('GET', KEYS[1]) == 'pending' then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+RECORD_ACK = """
+if redis.call('GET', KEYS[1]) == 'pending' then redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2]) end
+"""
+
 
 class Unavailable(Exception):
     """Kafka (or the dedupe store) could not take the send; no ack was given."""
@@ -40,6 +51,7 @@ class Publisher:
         self._produce_timeout = settings.kafka_request_timeout_ms / 1000 * 2
         self._pending_ttl = int(self._produce_timeout) + 5
         self._acks = AckWriter(redis, settings.dedupe_ttl_s)
+        self._release = redis.register_script(RELEASE_CLAIM)
         self.last_ok = self.last_failure = 0.0  # monotonic times of the last acked / failed produce
 
     def broker_trouble(self, window_s: float = 10.0) -> str | None:
@@ -104,8 +116,10 @@ class Publisher:
         raise Unavailable("the first send of this client_msg_id is still pending")
 
     async def _forget(self, key: str) -> None:
+        """Let a resend produce again, unless the message was stored meanwhile (then the key holds
+        its ack, which a resend gets instead). Unreleased claims expire after the pending TTL."""
         try:
-            await self.redis.delete(key)
+            await self._release(keys=[key])
         except (RedisError, OSError):
             pass
 
@@ -113,8 +127,8 @@ class Publisher:
 class AckWriter:
     """Writes acks over their pending claims in Redis, off the ack path: the acks gathered over
     GATHER_S go out as one pipeline (one round trip per batch, not per send). Best effort: the
-    message is in Kafka either way, and the persister records the same ack when it applies the
-    message; until the write lands a resend finds the claim and waits for the ack to appear."""
+    message is in Kafka either way, and the persister records the first copy's ack when it applies
+    the message (never overwritten here); until then a resend finds the claim and waits for it."""
 
     GATHER_S = 0.02
 
@@ -123,6 +137,7 @@ class AckWriter:
         self._ttl = ttl_s
         self._pending: dict[str, bytes] = {}
         self._task: asyncio.Task[None] | None = None
+        self._record = redis.register_script(RECORD_ACK)
 
     def put(self, key: str, ack_json: bytes) -> None:
         self._pending[key] = ack_json
@@ -137,12 +152,11 @@ class AckWriter:
                 try:
                     if len(batch) == 1:
                         ((key, value),) = batch.items()
-                        # Only over our own claim: the persister may have recorded this ack already.
-                        await self._redis.set(key, value, ex=self._ttl, xx=True)
-                    else:
+                        await self._record(keys=[key], args=[value, self._ttl])
+                    else:  # (a script per key: keys of different partitions hash to different slots)
                         async with self._redis.pipeline(transaction=False) as pipe:
                             for key, value in batch.items():
-                                pipe.set(key, value, ex=self._ttl, xx=True)
+                                await self._record(keys=[key], args=[value, self._ttl], client=pipe)
                             await pipe.execute()
                 except (RedisError, OSError):
                     pass

@@ -1,0 +1,96 @@
+"""The send-dedupe key in Redis: a claim while the send is in flight, then the ack a resend gets.
+
+Real Redis; the producer is the unit's edge (a fake that fails or acknowledges on cue), so the
+ambiguous case can be staged: a produce the gateway gave up on that Kafka (and the persister) had.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import redis.asyncio as aioredis
+from aiokafka import TopicPartition
+from aiokafka.errors import KafkaTimeoutError
+from aiokafka.structs import RecordMetadata
+
+from gateway.publisher import PENDING, AckWriter, Publisher, Unavailable
+from shared.keys import Keys
+from shared.settings import Settings
+
+PERSISTER_ACK = b'{"type":"ack","client_msg_id":"k-1","id":"FIRST-COPY","room":"r","cursor":"0-0","ts":1}'
+
+
+class FakeProducer:  # the unit's edge: what the publisher hands records to
+    def __init__(self) -> None:
+        self.records: list[bytes] = []
+        self.deliveries: list[asyncio.Future[Any]] = []
+
+    async def send(self, topic: str, value: bytes, key: bytes, partition: int) -> asyncio.Future[Any]:
+        self.records.append(value)
+        delivery: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.deliveries.append(delivery)
+        return delivery
+
+
+def sent_key(settings: Settings) -> str:
+    return Keys(settings.redis_prefix, settings.kafka_partitions).sent("r", "alice", "k-1")
+
+
+async def test_a_produce_given_up_on_keeps_the_stored_copys_ack_for_the_resend(
+        settings: Settings, redis: aioredis.Redis) -> None:
+    first = FakeProducer()
+    ack = await Publisher(settings, first, redis).send("alice", "r", "k-1", "hello")  # type: ignore[arg-type]
+    assert await redis.get(sent_key(settings)) == PENDING
+    # Kafka had the record after all and the persister stored it (recording its ack over the claim),
+    # but the gateway's wait ended in an error: the client is told to send again.
+    await redis.set(sent_key(settings), PERSISTER_ACK)
+    first.deliveries[0].set_exception(KafkaTimeoutError())
+    try:
+        await ack
+        raise AssertionError("a failed produce must not be acknowledged")
+    except Unavailable:
+        pass
+    assert await redis.get(sent_key(settings)) == PERSISTER_ACK, "the stored copy's ack survives"
+
+    second = FakeProducer()  # the resend, on another node
+    resent = await Publisher(settings, second, redis).send("alice", "r", "k-1", "hello")  # type: ignore[arg-type]
+    assert await resent == PERSISTER_ACK
+    assert second.records == [], "not published twice"
+
+
+async def test_a_produce_that_failed_releases_its_claim_so_a_resend_is_published(
+        settings: Settings, redis: aioredis.Redis) -> None:
+    first = FakeProducer()
+    ack = await Publisher(settings, first, redis).send("alice", "r", "k-1", "hello")  # type: ignore[arg-type]
+    first.deliveries[0].set_exception(KafkaTimeoutError())
+    try:
+        await ack
+        raise AssertionError("a failed produce must not be acknowledged")
+    except Unavailable:
+        pass
+    assert await redis.get(sent_key(settings)) is None
+
+    second = FakeProducer()
+    resent = await Publisher(settings, second, redis).send("alice", "r", "k-1", "hello")  # type: ignore[arg-type]
+    assert len(second.records) == 1
+    second.deliveries[0].set_result(RecordMetadata("t", 3, TopicPartition("t", 3), 41, 1, 0, 0))
+    ack = await resent
+    assert b'"cursor":"3-41"' in ack
+    await asyncio.sleep(AckWriter.GATHER_S * 5)
+    assert await redis.get(sent_key(settings)) == ack, "recorded for a later resend"
+
+
+async def test_the_gateways_ack_is_written_over_its_claim_but_never_over_a_recorded_ack(
+        settings: Settings, redis: aioredis.Redis) -> None:
+    keys = Keys(settings.redis_prefix, settings.kafka_partitions)
+    claimed, recorded = keys.sent("r", "alice", "k-1"), keys.sent("r", "bob", "k-2")
+    await redis.set(claimed, PENDING)
+    await redis.set(recorded, PERSISTER_ACK)
+    writer = AckWriter(redis, ttl_s=60)
+    writer.put(claimed, b"gateway-ack-1")
+    writer.put(recorded, b"gateway-ack-2")
+    await asyncio.sleep(AckWriter.GATHER_S * 5)
+    assert await redis.get(claimed) == b"gateway-ack-1"
+    assert 0 < await redis.ttl(claimed) <= 60
+    assert await redis.get(recorded) == PERSISTER_ACK
