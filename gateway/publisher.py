@@ -130,7 +130,7 @@ class AckWriter:
     message is in Kafka either way, and the persister records the first copy's ack when it applies
     the message (never overwritten here); until then a resend finds the claim and waits for it."""
 
-    GATHER_S = 0.02
+    GATHER_S = 0.1
 
     def __init__(self, redis: aioredis.Redis, ttl_s: int) -> None:
         self._redis = redis
