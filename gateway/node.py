@@ -17,7 +17,7 @@ from shared.keys import Keys
 from shared.settings import Settings
 
 
-@dataclass
+@dataclass(slots=True)
 class UserState:
     connections: int = 0
     bucket: TokenBucket | None = None
