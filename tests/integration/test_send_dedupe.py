@@ -7,8 +7,10 @@ ambiguous case can be staged: a produce the gateway gave up on that Kafka (and t
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Any
 
+import pytest
 import redis.asyncio as aioredis
 from aiokafka import TopicPartition
 from aiokafka.errors import KafkaTimeoutError
@@ -37,45 +39,44 @@ def sent_key(settings: Settings) -> str:
     return Keys(settings.redis_prefix, settings.kafka_partitions).sent("r", "alice", "k-1")
 
 
+async def send(settings: Settings, redis: aioredis.Redis) -> tuple[FakeProducer, Awaitable[bytes]]:
+    producer = FakeProducer()
+    ack = await Publisher(settings, producer, redis).send("alice", "r", "k-1", "hello")
+    return producer, ack
+
+
+async def send_that_times_out(settings: Settings, redis: aioredis.Redis,
+                              meanwhile: Callable[[], Awaitable[object]] | None = None) -> None:
+    producer, ack = await send(settings, redis)
+    assert await redis.get(sent_key(settings)) == PENDING
+    if meanwhile is not None:
+        await meanwhile()
+    producer.deliveries[0].set_exception(KafkaTimeoutError())
+    with pytest.raises(Unavailable):  # no ack for a produce Kafka did not acknowledge
+        await ack
+
+
 async def test_a_produce_given_up_on_keeps_the_stored_copys_ack_for_the_resend(
         settings: Settings, redis: aioredis.Redis) -> None:
-    first = FakeProducer()
-    ack = await Publisher(settings, first, redis).send("alice", "r", "k-1", "hello")  # type: ignore[arg-type]
-    assert await redis.get(sent_key(settings)) == PENDING
     # Kafka had the record after all and the persister stored it (recording its ack over the claim),
     # but the gateway's wait ended in an error: the client is told to send again.
-    await redis.set(sent_key(settings), PERSISTER_ACK)
-    first.deliveries[0].set_exception(KafkaTimeoutError())
-    try:
-        await ack
-        raise AssertionError("a failed produce must not be acknowledged")
-    except Unavailable:
-        pass
+    await send_that_times_out(settings, redis, lambda: redis.set(sent_key(settings), PERSISTER_ACK))
     assert await redis.get(sent_key(settings)) == PERSISTER_ACK, "the stored copy's ack survives"
 
-    second = FakeProducer()  # the resend, on another node
-    resent = await Publisher(settings, second, redis).send("alice", "r", "k-1", "hello")  # type: ignore[arg-type]
-    assert await resent == PERSISTER_ACK
-    assert second.records == [], "not published twice"
+    resend, ack = await send(settings, redis)  # (on another node)
+    assert await ack == PERSISTER_ACK
+    assert resend.records == [], "not published twice"
 
 
 async def test_a_produce_that_failed_releases_its_claim_so_a_resend_is_published(
         settings: Settings, redis: aioredis.Redis) -> None:
-    first = FakeProducer()
-    ack = await Publisher(settings, first, redis).send("alice", "r", "k-1", "hello")  # type: ignore[arg-type]
-    first.deliveries[0].set_exception(KafkaTimeoutError())
-    try:
-        await ack
-        raise AssertionError("a failed produce must not be acknowledged")
-    except Unavailable:
-        pass
+    await send_that_times_out(settings, redis)
     assert await redis.get(sent_key(settings)) is None
 
-    second = FakeProducer()
-    resent = await Publisher(settings, second, redis).send("alice", "r", "k-1", "hello")  # type: ignore[arg-type]
-    assert len(second.records) == 1
-    second.deliveries[0].set_result(RecordMetadata("t", 3, TopicPartition("t", 3), 41, 1, 0, 0))
-    ack = await resent
+    resend, pending = await send(settings, redis)
+    assert len(resend.records) == 1
+    resend.deliveries[0].set_result(RecordMetadata("t", 3, TopicPartition("t", 3), 41, 1, 0, 0))
+    ack = await pending
     assert b'"cursor":"3-41"' in ack
     await asyncio.sleep(AckWriter.GATHER_S * 5)
     assert await redis.get(sent_key(settings)) == ack, "recorded for a later resend"
