@@ -37,6 +37,7 @@ from gateway.protocol import (
 from gateway.publisher import Unavailable
 from gateway.recovery import resume
 from gateway.session import Session
+from gateway.wire import write_frame_of
 from shared.auth import AuthError, Identity, verify_token
 from shared.settings import Settings
 from shared.validation import ROOM_RULE, valid_room
@@ -130,7 +131,7 @@ class Connection:
     def __init__(self, node: Node, websocket: WebSocket, identity: Identity) -> None:
         self.node = node
         self.s = node.settings
-        self.session = Session(identity, websocket, node.settings.send_queue_max)
+        self.session = Session(identity, websocket, node.settings.send_queue_max, write_frame_of(websocket.scope))
         self.identity = identity
         self.ws = websocket
         self.inbound = inbound_bucket(self.s)

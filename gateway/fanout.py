@@ -11,6 +11,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from gateway import metrics
 from gateway.hub import Hub
+from gateway.wire import text_frame
 from shared.kafka import GapGuard, all_partitions, offsets_now
 from shared.message import Message
 from shared.settings import Settings
@@ -86,7 +87,8 @@ class Fanout:
                         metrics.DUPLICATES_DROPPED.inc()
                         continue
                     if self.hub.has_room(msg.room):
-                        delivered += self.hub.publish(msg.room, r.offset, msg.frame().decode())
+                        payload = msg.frame()
+                        delivered += self.hub.publish(msg.room, r.offset, payload.decode(), text_frame(payload))
             metrics.DELIVERED.inc(delivered)
 
     def position(self, partition: int) -> int:

@@ -70,15 +70,16 @@ class Hub:
                         self._timer = self._timer_second = None
                         self._seconds.clear()
 
-    def publish(self, room: str, offset: int, frame: str) -> int:
-        """Queue one pre-serialised frame for every member; returns how many got it."""
+    def publish(self, room: str, offset: int, frame: str, wire: bytes | None = None) -> int:
+        """Hand one pre-serialised frame (`wire`: as a WebSocket frame) to every member; returns
+        how many got it."""
         members = self._rooms.get(room)
         if not members:
             return 0
         # No copy of the set: delivering never changes a room's members (a session closed for being
         # too slow leaves its rooms later, when its connection ends).
         for s in members:
-            s.deliver(room, offset, frame)
+            s.deliver(room, offset, frame, wire)
         return len(members)
 
     def has_room(self, room: str) -> bool:

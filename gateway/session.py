@@ -1,7 +1,9 @@
 """One client connection's outbound side: a bounded queue drained by its own sender task.
 
-Fan-out only appends to the queue and never awaits a client; a client whose queue fills is
-closed with 4008 (resume with your last cursor) instead of growing memory or slowing the node.
+Fan-out never awaits a client. A frame is written at once when the sender is idle and the
+connection takes it (gateway/wire.py: the client reads, so the transport is not paused); otherwise
+it is queued, in order behind what waits. A client whose queue fills is closed with 4008 (resume
+with your last cursor) instead of growing memory or slowing the node.
 
 A node holds tens of thousands of mostly idle sessions, so a session keeps only what it uses:
 slots, a plain list as the queue (the sender takes it whole), and a wakeup future that exists
@@ -17,6 +19,7 @@ from typing import Protocol
 
 from gateway import metrics
 from gateway.protocol import Close
+from gateway.wire import WriteFrame, text_frame
 from shared.auth import Identity
 
 TOO_SLOW_REASON = "too slow; resume with your last cursor"
@@ -40,13 +43,15 @@ class Session:
         "_space",
         "_taken",
         "_wakeup",
+        "_write_now",
         "close_code",
         "close_reason",
         "identity",
         "rooms",
     )
 
-    def __init__(self, identity: Identity, socket: Socket, queue_max: int) -> None:
+    def __init__(self, identity: Identity, socket: Socket, queue_max: int,
+                 write_now: WriteFrame | None = None) -> None:
         self.identity = identity
         self.close_code: int | None = None
         self.close_reason = ""
@@ -58,6 +63,7 @@ class Session:
         self._wakeup: asyncio.Future[None] | None = None  # set while the sender waits for frames
         self._space: asyncio.Event | None = None  # set while a replay waits for the queue to drain
         self._recovering: dict[str, list[tuple[int, str]]] | None = None
+        self._write_now = write_now  # writes a serialised frame to the client at once, if it can
 
     @property
     def recovering(self) -> dict[str, list[tuple[int, str]]]:
@@ -77,16 +83,21 @@ class Session:
     def queued(self) -> int:
         return len(self._queue) + self._taken
 
-    def push(self, frame: str) -> None:
-        """Queue a frame for this client; never blocks."""
+    def push(self, frame: str, wire: bytes | None = None) -> None:
+        """Send a frame to this client (`wire`: the same, serialised), at once when the sender is
+        idle (nothing queued or being written that it could overtake), else through the queue.
+        Never blocks."""
         if self.close_code is not None:
             return
+        wakeup = self._wakeup
+        if wakeup is not None and self._write_now is not None and not wakeup.done():
+            if self._write_now(wire if wire is not None else text_frame(frame.encode())):
+                return
         if len(self._queue) + self._taken >= self._queue_max:
             metrics.SLOW_DISCONNECTS.inc()
             self.close(Close.TOO_SLOW, TOO_SLOW_REASON)
             return
         self._queue.append(frame)
-        wakeup = self._wakeup
         if wakeup is not None:  # the sender waits for frames
             self._wakeup = None
             if not wakeup.done():  # (done: the sender was cancelled)
@@ -103,13 +114,13 @@ class Session:
                 await self._space.wait()
             self.push(frame)
 
-    def deliver(self, room: str, offset: int, frame: str) -> None:
+    def deliver(self, room: str, offset: int, frame: str, wire: bytes | None = None) -> None:
         recovering = self._recovering
         held = None if recovering is None else recovering.get(room)
         if held is None:
             if recovering is not None and not recovering:  # every replay is over
                 self._recovering = None
-            self.push(frame)
+            self.push(frame, wire)
         elif len(held) >= self._queue_max:
             metrics.SLOW_DISCONNECTS.inc()
             self.close(Close.TOO_SLOW, TOO_SLOW_REASON)

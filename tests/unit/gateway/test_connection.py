@@ -30,6 +30,7 @@ class FakeWebSocket:
     queues the disconnect, as uvicorn does."""
 
     def __init__(self) -> None:
+        self.scope: dict[str, Any] = {"type": "websocket", "extensions": {}}  # (no direct writer)
         self.inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self.out: list[dict[str, Any]] = []
         self.closed: tuple[int, str | None] | None = None

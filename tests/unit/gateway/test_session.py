@@ -8,6 +8,7 @@ import pytest
 
 from gateway.protocol import Close
 from gateway.session import TOO_SLOW_REASON, Session
+from gateway.wire import text_frame
 from shared.auth import Identity
 
 pytestmark = pytest.mark.timeout(10)
@@ -181,3 +182,55 @@ async def test_writing_that_fails_closes_the_socket_so_the_connection_ends() -> 
     with pytest.raises(RuntimeError):
         await asyncio.wait_for(sender, 1)
     assert sock.closed == (1011, "internal error") and s.close_code == 1011
+
+
+class DirectWriter:
+    """The connection's direct writer (gateway/wire.py): takes frames while `open`, else refuses."""
+
+    def __init__(self) -> None:
+        self.frames: list[bytes] = []
+        self.open = True
+
+    def __call__(self, frame: bytes) -> bool:
+        if self.open:
+            self.frames.append(frame)
+        return self.open
+
+
+def texts(frames: list[bytes]) -> list[str]:
+    return [f[2:].decode() for f in frames]  # (short unmasked text frames: a 2-byte header)
+
+
+async def test_an_idle_sender_lets_frames_be_written_at_once_serialised_once() -> None:
+    writer, sock = DirectWriter(), FakeSocket()
+    s = Session(Identity("ann", ("*",), None), sock, 10, writer)
+    sender = asyncio.create_task(s.run_sender())
+    await asyncio.sleep(0)  # the sender is idle
+    prepared = text_frame(b"shared")
+    s.deliver("r", 1, "shared", prepared)
+    s.push("reply")
+    assert writer.frames[0] is prepared, "the node's serialised frame is written as it is"
+    assert texts(writer.frames) == ["shared", "reply"]
+    assert sock.sent == [] and s.queued == 0
+    sender.cancel()
+
+
+async def test_while_frames_wait_new_ones_queue_behind_them_in_order() -> None:
+    writer, sock = DirectWriter(), FakeSocket()
+    s = Session(Identity("ann", ("*",), None), sock, 10, writer)
+    sender = asyncio.create_task(s.run_sender())
+    await asyncio.sleep(0)
+    writer.open = False  # the client stopped reading: the connection refuses direct writes
+    sock.gate.clear()
+    s.push("f0")  # refused: queued, and the sender waits for the client with it
+    await asyncio.sleep(0.01)
+    writer.open = True
+    s.push("f1")  # must not overtake f0
+    s.push("f2")
+    assert writer.frames == []
+    sock.gate.set()
+    await until(lambda: sock.sent == ["f0", "f1", "f2"])
+    await asyncio.sleep(0.01)  # the sender is idle again: direct writes resume
+    s.push("f3")
+    assert texts(writer.frames) == ["f3"]
+    sender.cancel()
