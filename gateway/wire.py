@@ -42,8 +42,8 @@ class PreparedFramesProtocol(WebSocketsSansIOProtocol):
             scope["extensions"][WRITE_FRAME] = self.write_frame
 
     def write_frame(self, frame: bytes) -> bool:
-        if (not self.handshake_complete or self.close_sent or self.disconnected
-                or not self.writable.is_set() or self.conn.state is not State.OPEN):
+        if (not self.handshake_complete or self.close_sent or self.disconnected or not self.writable.is_set()
+                or self.conn.state is not State.OPEN or self.transport.is_closing()):
             return False
         self.transport.write(frame)
         return True
