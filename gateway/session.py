@@ -94,14 +94,10 @@ class Session:
             if self._write_now(wire if wire is not None else text_frame(frame.encode())):
                 return
         if len(self._queue) + self._taken >= self._queue_max:
-            metrics.SLOW_DISCONNECTS.inc()
-            self.close(Close.TOO_SLOW, TOO_SLOW_REASON)
+            self._too_slow()
             return
         self._queue.append(frame)
-        if wakeup is not None:  # the sender waits for frames
-            self._wakeup = None
-            if not wakeup.done():  # (done: the sender was cancelled)
-                wakeup.set_result(None)
+        self._wake_sender()
 
     async def push_paced(self, frames: list[str]) -> None:
         """Queue many frames (a replay) without tripping the slow-consumer bound: wait for the
@@ -122,8 +118,7 @@ class Session:
                 self._recovering = None
             self.push(frame, wire)
         elif len(held) >= self._queue_max:
-            metrics.SLOW_DISCONNECTS.inc()
-            self.close(Close.TOO_SLOW, TOO_SLOW_REASON)
+            self._too_slow()
         else:
             held.append((offset, frame))
 
@@ -133,6 +128,10 @@ class Session:
             self.close_code, self.close_reason = code, reason
             self._wake_sender()
             self._wake_replays()  # (they push nothing more)
+
+    def _too_slow(self) -> None:
+        metrics.SLOW_DISCONNECTS.inc()
+        self.close(Close.TOO_SLOW, TOO_SLOW_REASON)
 
     def _wake_sender(self) -> None:
         wakeup, self._wakeup = self._wakeup, None
