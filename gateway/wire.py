@@ -30,8 +30,7 @@ def text_frame(payload: bytes) -> bytes:
 
 def write_frame_of(scope: Mapping[str, Any]) -> WriteFrame | None:
     """The connection's direct writer, when its server offers one (uvicorn with PreparedFramesProtocol)."""
-    writer: WriteFrame | None = scope.get("extensions", {}).get(WRITE_FRAME)
-    return writer
+    return scope.get("extensions", {}).get(WRITE_FRAME)
 
 
 class PreparedFramesProtocol(WebSocketsSansIOProtocol):

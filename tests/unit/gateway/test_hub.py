@@ -27,6 +27,12 @@ def session(user: str = "ann", expires_at: float | None = None) -> Session:
     return Session(Identity(user, ("*",), expires_at), NullSocket(), 10)
 
 
+async def until_closed(s: Session) -> None:
+    async with asyncio.timeout(3):
+        while s.close_code is None:
+            await asyncio.sleep(0.01)
+
+
 async def test_a_message_reaches_the_members_of_its_room_only() -> None:
     hub = Hub()
     a, b, c = session("a"), session("b"), session("c")
@@ -50,15 +56,11 @@ async def test_sessions_are_closed_1008_when_their_token_expires_idle_or_not() -
     soon, later, never = session("soon", now + 0.2), session("later", now + 1.2), session("never")
     for s in (later, soon, never):  # (the later one first: the timer moves to the earlier second)
         hub.add(s)
-    async with asyncio.timeout(3):
-        while soon.close_code is None:
-            await asyncio.sleep(0.01)
+    await until_closed(soon)
     assert (soon.close_code, soon.close_reason) == (Close.BAD_TOKEN, "token expired")
     assert time.time() >= now + 0.2, "never before the token's exp"
     assert later.close_code is None
-    async with asyncio.timeout(3):
-        while later.close_code is None:
-            await asyncio.sleep(0.01)
+    await until_closed(later)
     assert never.close_code is None
 
 
@@ -69,9 +71,7 @@ async def test_a_session_that_ended_is_not_closed_by_its_expiry_and_an_empty_sec
     hub.add(gone)
     hub.add(stays)
     hub.drop(gone)
-    async with asyncio.timeout(3):
-        while stays.close_code is None:
-            await asyncio.sleep(0.01)
+    await until_closed(stays)
     assert gone.close_code is None
 
 
