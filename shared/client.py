@@ -140,6 +140,9 @@ class RoomcastClient:
         self._joins: dict[str, list[asyncio.Future[Frame]]] = {}
         # (answer type, room) -> requests awaiting that answer, oldest first: (frame, future)
         self._requests: dict[tuple[str, str], deque[tuple[str, asyncio.Future[Frame]]]] = {}
+        # room -> its joins and history requests not answered yet, oldest first: an error frame
+        # names the room it is about, not the request, so it fails the oldest of them
+        self._by_room: dict[str, deque[asyncio.Future[Frame]]] = {}
         self._out: asyncio.Queue[str] | None = None  # the current connection's outgoing frames
         self._gen = 0
         self._join_timer: asyncio.TimerHandle | None = None
@@ -148,7 +151,7 @@ class RoomcastClient:
         self.error: RoomcastError | None = None  # why the client stopped, when it was not closed
         self.reconnects = self.resends = self.duplicates_dropped = 0
         self.gaps = 0  # re-joins the server could not fully replay (`recovered: false`)
-        self.errors = 0  # error frames that matched no pending send
+        self.errors = 0  # error frames that matched no pending send, join or history
 
     # --- lifecycle
     async def start(self) -> None:
@@ -181,12 +184,14 @@ class RoomcastClient:
         state = self._rooms.setdefault(room, _Room(self._window))
         if cursor:
             state.set_cursor(cursor)
-        fut = self._future()
+        fut = self._room_future(room)
         self._joins.setdefault(room, []).append(fut)
         self._write(self._join_frame(room, state))
         try:
             return await asyncio.wait_for(fut, self._timeout)
         except BaseException:
+            if fut in (waiting := self._joins.get(room, [])):
+                waiting.remove(fut)
             if not state.confirmed and self._rooms.get(room) is state:
                 del self._rooms[room]  # never joined: do not re-join it on every reconnect
             raise
@@ -216,7 +221,7 @@ class RoomcastClient:
         frame: Frame = {"type": "history", "room": room, "limit": limit}
         if before:
             frame["before"] = before
-        return await self._request(("history", room), orjson.dumps(frame).decode())
+        return await self._request(("history", room), orjson.dumps(frame).decode(), self._room_future(room))
 
     async def ping(self) -> float:
         """Round-trip time in seconds."""
@@ -316,7 +321,7 @@ class RoomcastClient:
 
     def _rejoin_unconfirmed(self, gen: int) -> None:
         """(Re-)join every room not confirmed on this connection. Repeated every request_timeout:
-        a failed join's error frame names no room, so silence is all there is to go by."""
+        a re-join nobody awaits may fail for a while (e.g. `unavailable` while storage recovers)."""
         if gen != self._gen or self._out is None:
             return
         missing = [(room, state) for room, state in self._rooms.items() if state.confirmed != gen]
@@ -380,9 +385,12 @@ class RoomcastClient:
         ref = frame.get("ref")
         pending = self._sends.get(ref) if isinstance(ref, str) else None
         if pending is None:
-            # join/history/leave errors carry no ref in v1: nothing to match them with
-            self.errors += 1
-            log.warning("server error: %s", err)
+            request = self._oldest_request(ref) if isinstance(ref, str) and err.code != "not_joined" else None
+            if request is not None:  # a join or history of that room
+                request.set_exception(err)
+            else:  # (`not_joined` answers a leave, which nobody awaits; a re-join's error is retried)
+                self.errors += 1
+                log.warning("server error: %s", err)
         elif err.code == "unavailable":  # nothing was published: keep it and try again later
             pending.attempts += 1
             if pending.timer is not None:
@@ -394,9 +402,9 @@ class RoomcastClient:
             pending.future.set_exception(err)
 
     # --- helpers
-    async def _request(self, answer: tuple[str, str], text: str) -> Frame:
+    async def _request(self, answer: tuple[str, str], text: str, fut: asyncio.Future[Frame] | None = None) -> Frame:
         """Send a request answered by the next frame of type answer[0] for room answer[1]."""
-        fut = self._future()
+        fut = fut if fut is not None else self._future()
         self._requests.setdefault(answer, deque()).append((text, fut))
         self._write(text)
         return await asyncio.wait_for(fut, self._timeout)
@@ -438,6 +446,24 @@ class RoomcastClient:
 
     def _backoff(self, attempt: int) -> float:
         return random.uniform(0, min(self._max, self._base * 2 ** min(attempt, 30)))
+
+    def _room_future(self, room: str) -> asyncio.Future[Frame]:
+        """The future of a join or history request for `room`, in its room's line until done."""
+        fut = self._future()
+        line = self._by_room.setdefault(room, deque())
+        line.append(fut)
+
+        def done(_: object) -> None:
+            line.remove(fut)
+            if not line and self._by_room.get(room) is line:
+                del self._by_room[room]
+
+        fut.add_done_callback(done)
+        return fut
+
+    def _oldest_request(self, room: str) -> asyncio.Future[Frame] | None:
+        line = self._by_room.get(room)
+        return next((f for f in line if not f.done()), None) if line else None
 
     def _future(self) -> asyncio.Future[Any]:
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()

@@ -39,7 +39,9 @@ class FakeServer:
         self.unavailable = 0  # answer this many sends with `error unavailable`
         self.error_code: str | None = None  # answer sends with this error
         self.replay_overlap = 0  # replay this many messages before the join cursor too
-        self.failed_joins = 0  # answer this many joins with an error (no ref, as in v1)
+        self.failed_joins = 0  # answer this many joins with `error unavailable`
+        self.forbidden: set[str] = set()  # rooms whose joins and history get `error forbidden`
+        self.failed_histories = 0  # answer this many history requests with `error unavailable`
         self.server: Server | None = None
 
     @property
@@ -75,12 +77,19 @@ class FakeServer:
     async def handle(self, ws: ServerConnection, f: Frame) -> None:
         self.frames.append(f)
         kind = f["type"]
-        if kind == "join":
-            await self.on_join(ws, f["room"], f.get("cursor"))
+        if kind == "leave" and f["room"] not in self.members[ws]:
+            await self.refuse_request(ws, "not_joined", f["room"])
         elif kind == "leave":
             self.members[ws].discard(f["room"])
         elif kind == "send":
             await self.on_send(ws, f)
+        elif kind in ("join", "history") and f["room"] in self.forbidden:
+            await self.refuse_request(ws, "forbidden", f["room"])
+        elif kind == "join":
+            await self.on_join(ws, f["room"], f.get("cursor"))
+        elif kind == "history" and self.failed_histories:
+            self.failed_histories -= 1
+            await self.refuse_request(ws, "unavailable", f["room"])
         elif kind == "history":
             page = self.log.get(f["room"], [])[-f["limit"]:]
             await ws.send(orjson.dumps({"type": "history", "room": f["room"], "messages": page,
@@ -91,7 +100,7 @@ class FakeServer:
     async def on_join(self, ws: ServerConnection, room: str, cursor: str | None) -> None:
         if self.failed_joins:
             self.failed_joins -= 1
-            await ws.send('{"type":"error","code":"unavailable","reason":"resume failed","ref":null}')
+            await self.refuse_request(ws, "unavailable", room)
             return
         self.members[ws].add(room)
         joined: Frame = {"type": "joined", "room": room, "cursor": f"0-{self.next_offset - 1}"}
@@ -102,6 +111,11 @@ class FakeServer:
                     await ws.send(orjson.dumps(m).decode())
             joined["recovered"] = True
         await ws.send(orjson.dumps(joined).decode())
+
+    @staticmethod
+    async def refuse_request(ws: ServerConnection, code: str, room: str) -> None:
+        """An error about a join, leave or history request: its `ref` is the room, as the gateway's."""
+        await ws.send(orjson.dumps({"type": "error", "code": code, "reason": "no", "ref": room}).decode())
 
     async def on_send(self, ws: ServerConnection, f: Frame) -> None:
         cmid = f["client_msg_id"]
@@ -378,3 +392,38 @@ async def test_a_rejoin_answered_by_an_error_is_repeated(server: FakeServer) -> 
         assert c.errors == 1
     assert server.joins("r")[1:] == [{"type": "join", "room": "r", "cursor": "0-1"}] * 2
     assert m2["body"] == "m2"
+
+
+async def test_a_refused_join_raises_its_error_and_is_not_rejoined(server: FakeServer) -> None:
+    server.forbidden.add("secret")
+    async with fast(server.url, request_timeout=60) as c:
+        await c.join("r")
+        with pytest.raises(RoomcastError) as info:
+            await asyncio.wait_for(c.join("secret"), 5)  # the error answers it, not the timeout
+        assert (info.value.code, info.value.frame["ref"]) == ("forbidden", "secret")
+        await server.kick(1012)
+        await until(lambda: len(server.joins("r")) == 2)
+        await c.ping()
+    assert len(server.joins("secret")) == 1
+    assert c.errors == 0
+
+
+async def test_a_history_error_fails_that_request_only(server: FakeServer) -> None:
+    async with fast(server.url, request_timeout=60) as c:
+        await c.join("r")
+        await server.publish("r", "m1")
+        server.failed_histories = 1
+        with pytest.raises(RoomcastError) as info:
+            await asyncio.wait_for(c.history("r"), 5)
+        assert info.value.code == "unavailable" and info.value.retriable
+        page = await asyncio.wait_for(c.history("r"), 5)
+        assert [m["body"] for m in page["messages"]] == ["m1"]
+        c.send_nowait("r", "m2")
+        assert [m["body"] for m in await take(c, 2)] == ["m1", "m2"]
+
+
+async def test_a_leaves_not_joined_error_fails_no_request(server: FakeServer) -> None:
+    async with fast(server.url, request_timeout=60) as c:
+        c._write('{"type":"leave","room":"r"}')  # answered `not_joined` while the join below waits
+        joined = await asyncio.wait_for(c.join("r"), 5)
+    assert joined["type"] == "joined" and c.errors == 1
