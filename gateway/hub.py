@@ -4,7 +4,6 @@ their tokens expire (closing them then, idle or not)."""
 from __future__ import annotations
 
 import asyncio
-import heapq
 import math
 import time
 
@@ -17,29 +16,25 @@ class Hub:
         self._rooms: dict[str, set[Session]] = {}
         self.sessions: set[Session] = set()
         # Token expiry: sessions by the whole second their token expires in (a JWT's exp is whole
-        # seconds), and ONE timer for the earliest such second, rather than a timer per connection.
+        # seconds), swept by ONE timer ticking each second while any wait, not a timer per connection.
         self._expiring: dict[int, set[Session]] = {}
-        self._seconds: list[int] = []  # heap of the seconds in _expiring (and of some emptied since)
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_second: int | None = None
+        self._swept = 0  # every second up to this one has been swept (while the ticker runs)
+        self._ticker: asyncio.TimerHandle | None = None
 
     def add(self, session: Session) -> None:
         self.sessions.add(session)
         expires_at = session.identity.expires_at
         if expires_at is None:
             return
+        if self._ticker is None:
+            self._swept = math.floor(time.time())
         second = math.ceil(expires_at)
-        sessions = self._expiring.get(second)
-        if sessions is None:
-            sessions = self._expiring[second] = set()
-            if len(self._seconds) > 2 * len(self._expiring) + 64:  # mostly emptied seconds: rebuild
-                self._seconds = list(self._expiring)
-                heapq.heapify(self._seconds)
-            else:
-                heapq.heappush(self._seconds, second)
-            if self._timer_second is None or second < self._timer_second:
-                self._schedule(second)
-        sessions.add(session)
+        if second <= self._swept:  # expired already
+            session.close(Close.BAD_TOKEN, "token expired")
+            return
+        self._expiring.setdefault(second, set()).add(session)
+        if self._ticker is None:
+            self._tick_later()
 
     def join(self, room: str, session: Session) -> None:
         self._rooms.setdefault(room, set()).add(session)
@@ -63,12 +58,8 @@ class Hub:
             sessions = self._expiring.get(second)
             if sessions is not None:
                 sessions.discard(session)
-                if not sessions:  # (its second stays in the heap; the timer skips it)
-                    del self._expiring[second]
-                    if not self._expiring and self._timer is not None:
-                        self._timer.cancel()
-                        self._timer = self._timer_second = None
-                        self._seconds.clear()
+                if not sessions:
+                    del self._expiring[second]  # (the ticker stops at its next tick if none are left)
 
     def publish(self, room: str, offset: int, frame: str, wire: bytes | None = None) -> int:
         """Hand one pre-serialised frame (`wire`: as a WebSocket frame) to every member; returns
@@ -90,20 +81,17 @@ class Hub:
         return len(self._rooms)
 
     # --- token expiry
-    def _schedule(self, second: int) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer_second = second
-        self._timer = asyncio.get_running_loop().call_later(max(0.0, second - time.time()), self._expire)
+    def _tick_later(self) -> None:
+        """Tick just after the next whole second (the loop's clock is not time.time())."""
+        delay = self._swept + 1 - time.time() + 0.01
+        self._ticker = asyncio.get_running_loop().call_later(max(0.0, delay), self._tick)
 
-    def _expire(self) -> None:
-        self._timer = self._timer_second = None
-        now = time.time()
-        while self._seconds:
-            second = self._seconds[0]
-            if second in self._expiring and second > now:
-                self._schedule(second)
-                return
-            heapq.heappop(self._seconds)
+    def _tick(self) -> None:
+        now = math.floor(time.time())
+        for second in range(self._swept + 1, now + 1):
             for session in self._expiring.pop(second, ()):
                 session.close(Close.BAD_TOKEN, "token expired")
+        self._swept = max(self._swept, now)
+        self._ticker = None
+        if self._expiring:
+            self._tick_later()

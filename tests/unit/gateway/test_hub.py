@@ -75,7 +75,15 @@ async def test_a_session_that_ended_is_not_closed_by_its_expiry_and_an_empty_sec
     assert gone.close_code is None
 
 
-async def test_many_sessions_share_one_timer_per_second_and_churn_does_not_grow_it() -> None:
+async def test_a_token_expired_by_the_time_it_is_added_is_closed_at_once() -> None:
+    hub = Hub()
+    late = session("late", time.time() - 0.5)
+    hub.add(late)
+    assert (late.close_code, late.close_reason) == (Close.BAD_TOKEN, "token expired")
+    assert not hub._expiring
+
+
+async def test_many_sessions_share_one_ticker_and_churn_does_not_grow_it() -> None:
     hub = Hub()
     exp = time.time() + 3600
     for i in range(1000):  # a client reconnecting over and over with the same token
@@ -85,8 +93,9 @@ async def test_many_sessions_share_one_timer_per_second_and_churn_does_not_grow_
     kept = [session(f"k{i}", exp) for i in range(100)]
     for s in kept:
         hub.add(s)
-    assert len(hub._expiring) == 1
-    assert len(hub._seconds) < 100
+    assert len(hub._expiring) == 1 and hub._ticker is not None
     for s in kept:
         hub.drop(s)
     assert not hub._expiring and not hub.sessions
+    await asyncio.sleep(1.1)
+    assert hub._ticker is None, "it stops when no token is waiting"
