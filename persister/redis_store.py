@@ -5,15 +5,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import msgpack
 import redis.asyncio as aioredis
 
 from shared.keys import Keys
 from shared.message import Message
 
 # One call per partition batch; every key carries the partition's hash tag.
-# KEYS: applied, newrooms, overcap, then per message: list, meta, seen, sent.
-# ARGV: expected mark ('' when unknown), cap, seen ttl, sent ttl, then per message: offset, entry,
-# ts, room, id, ack.
+# KEYS: applied, newrooms, overcap, then every key the messages touch, each once.
+# ARGV: expected mark ('' when unknown), cap, seen ttl, sent ttl, and the messages as ONE msgpack
+# array of [offset, entry, ts, room, id, ack, list, meta, seen, sent] (the last four: their index in
+# KEYS). One argument instead of ten per message: packing thousands of arguments was most of the
+# persister's CPU, and Redis unpacks the array for less than it saves (bench/README.md).
 # Returns {status, mark, room1, len1, room2, len2, ...}; status 0 = applied, 1 = the stored mark is
 # not the one expected (Redis lost data or another persister moved it): nothing applied, seek to mark+1.
 # A message is skipped when its id was appended already (a producer retry's copy) or when its
@@ -28,14 +31,12 @@ local mark = tonumber(stored or '-1')
 local cap = tonumber(ARGV[2])
 local out = {0, ''}
 local lens = {}
-local n = (#KEYS - 3) / 4
-for i = 0, n - 1 do
-  local a = 5 + i * 6
-  local off = tonumber(ARGV[a])
+for _, m in ipairs(cmsgpack.unpack(ARGV[5])) do
+  local off = m[1]
   if off > mark then
     mark = off
-    local list, meta, seen, sent = KEYS[4 + i * 4], KEYS[5 + i * 4], KEYS[6 + i * 4], KEYS[7 + i * 4]
-    local entry, ts, room, id, ack = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5]
+    local entry, ts, room, id, ack = m[2], m[3], m[4], m[5], m[6]
+    local list, meta, seen, sent = KEYS[m[7]], KEYS[m[8]], KEYS[m[9]], KEYS[m[10]]
     local first_ack = redis.call('GET', sent)
     local resent = first_ack and first_ack ~= 'pending' and not string.find(first_ack, id, 1, true)
     if not resent and redis.call('SADD', seen, id) == 1 then
@@ -115,12 +116,24 @@ class RedisBuffer:
                     messages: list[Message]) -> tuple[list[str], list[Any]]:
         k = self._keys
         keys = [k.applied(partition), k.new_rooms(partition), k.over_cap(partition)]
-        args: list[Any] = ["" if expected is None else str(expected), self._cap, self._ttl, self._ttl]
+        index: dict[str, int] = {}
+
+        def key(name: str) -> int:
+            """Its 1-based index in KEYS (added on first use)."""
+            if (i := index.get(name)) is None:
+                keys.append(name)
+                i = index[name] = len(keys)
+            return i
+
+        rows = []
         for m in messages:
             assert m.position is not None and m.position.partition == partition
-            keys += [k.msgs(m.room), k.meta(m.room), k.seen(partition, m.ts), k.sent(m.room, m.user, m.client_msg_id)]
-            args += [m.position.offset, m.entry(), m.ts, m.room, m.id, m.ack()]
-        return keys, args
+            rows.append((m.position.offset, m.entry(), str(m.ts), m.room, m.id, m.ack(),
+                         key(k.msgs(m.room)), key(k.meta(m.room)), key(k.seen(partition, m.ts)),
+                         key(k.sent(m.room, m.user, m.client_msg_id))))
+        # (use_bin_type=False: Redis's cmsgpack predates msgpack's bin type; bytes go as raw strings)
+        packed = msgpack.packb(rows, use_bin_type=False)
+        return keys, ["" if expected is None else str(expected), self._cap, self._ttl, self._ttl, packed]
 
     async def done_if_short(self, room: str) -> int:
         p = self._keys.partition(room)
