@@ -2,7 +2,9 @@
 
 A resend of the same (user, client_msg_id) within the dedupe window gets the first ack again:
 the first sender claims the dedupe key in Redis before producing, so a resend on another node
-waits for that ack instead of producing a second copy.
+waits for that ack instead of producing a second copy. A produce that failed without a definite
+answer (a timeout: the record may still reach Kafka) keeps its claim for DEDUPE_SETTLE_MS, so a
+resend meanwhile gets the stored copy's ack instead of publishing it twice.
 """
 
 from __future__ import annotations
@@ -33,6 +35,10 @@ RELEASE_CLAIM = """
 if redis.call('GET', KEYS[1]) == 'pending' then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+SETTLE_CLAIM = """
+if redis.call('GET', KEYS[1]) == 'pending' then return redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+return 0
+"""
 RECORD_ACK = """
 if redis.call('GET', KEYS[1]) == 'pending' then redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2]) end
 """
@@ -52,6 +58,7 @@ class Publisher:
         self._pending_ttl = int(self._produce_timeout) + 5
         self._acks = AckWriter(redis, settings.dedupe_ttl_s)
         self._release = redis.register_script(RELEASE_CLAIM)
+        self._settle_claim = redis.register_script(SETTLE_CLAIM)
         self.last_ok = self.last_failure = 0.0  # monotonic times of the last acked / failed produce
 
     def broker_trouble(self, window_s: float = 10.0) -> str | None:
@@ -89,7 +96,7 @@ class Publisher:
             md = await asyncio.wait_for(delivery, self._produce_timeout)
         except (KafkaError, TimeoutError, OSError) as e:
             self.last_failure = time.monotonic()
-            await self._forget(key)
+            await self._settle(key)
             raise Unavailable(f"broker unavailable: {type(e).__name__}") from e
         self.last_ok = time.monotonic()
         acked = dataclasses.replace(msg, position=Position(md.partition, md.offset))
@@ -116,10 +123,19 @@ class Publisher:
         raise Unavailable("the first send of this client_msg_id is still pending")
 
     async def _forget(self, key: str) -> None:
-        """Let a resend produce again, unless the message was stored meanwhile (then the key holds
-        its ack, which a resend gets instead). Unreleased claims expire after the pending TTL."""
+        """The producer did not take the record: let a resend produce at once. (Unreleased claims
+        expire after the pending TTL.)"""
         try:
             await self._release(keys=[key])
+        except (RedisError, OSError):
+            pass
+
+    async def _settle(self, key: str) -> None:
+        """The produce failed, but its record may still reach Kafka and be stored: the claim stays
+        for the settle window, so a resend waits for that copy's ack (recorded over the claim by the
+        persister) rather than publishing a second copy; after it, a resend publishes."""
+        try:
+            await self._settle_claim(keys=[key], args=[self.s.dedupe_settle_ms])
         except (RedisError, OSError):
             pass
 

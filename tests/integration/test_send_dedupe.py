@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 from aiokafka import TopicPartition
-from aiokafka.errors import KafkaTimeoutError
+from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError
 from aiokafka.structs import RecordMetadata
 
 from gateway.publisher import PENDING, AckWriter, Publisher, Unavailable
@@ -24,11 +24,14 @@ PERSISTER_ACK = b'{"type":"ack","client_msg_id":"k-1","id":"FIRST-COPY","room":"
 
 
 class FakeProducer:  # the unit's edge: what the publisher hands records to
-    def __init__(self) -> None:
+    def __init__(self, refuse: bool = False) -> None:
         self.records: list[bytes] = []
         self.deliveries: list[asyncio.Future[Any]] = []
+        self.refuse = refuse  # raise from send(): the record was never taken
 
     async def send(self, topic: str, value: bytes, key: bytes, partition: int) -> asyncio.Future[Any]:
+        if self.refuse:
+            raise KafkaConnectionError("not connected")
         self.records.append(value)
         delivery: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self.deliveries.append(delivery)
@@ -39,8 +42,9 @@ def sent_key(settings: Settings) -> str:
     return Keys(settings.redis_prefix, settings.kafka_partitions).sent("r", "alice", "k-1")
 
 
-async def send(settings: Settings, redis: aioredis.Redis) -> tuple[FakeProducer, Awaitable[bytes]]:
-    producer = FakeProducer()
+async def send(settings: Settings, redis: aioredis.Redis,
+               producer: FakeProducer | None = None) -> tuple[FakeProducer, Awaitable[bytes]]:
+    producer = producer or FakeProducer()
     ack = await Publisher(settings, producer, redis).send("alice", "r", "k-1", "hello")
     return producer, ack
 
@@ -68,9 +72,29 @@ async def test_a_produce_given_up_on_keeps_the_stored_copys_ack_for_the_resend(
     assert resend.records == [], "not published twice"
 
 
-async def test_a_produce_that_failed_releases_its_claim_so_a_resend_is_published(
+async def test_a_copy_stored_after_the_gateway_gave_up_answers_a_resend_in_the_settle_window(
         settings: Settings, redis: aioredis.Redis) -> None:
+    # The broker took the record late (after the gateway's wait ended): the claim outlives the
+    # failure for the settle window, so the resend waits for the persister's ack of that copy.
     await send_that_times_out(settings, redis)
+    assert await redis.get(sent_key(settings)) == PENDING
+    assert 0 < await redis.pttl(sent_key(settings)) <= settings.dedupe_settle_ms
+
+    resend, ack = await send(settings, redis)  # (on another node, while the claim settles)
+    await asyncio.sleep(0.1)
+    await redis.set(sent_key(settings), PERSISTER_ACK, xx=True)  # the persister stores the first copy
+    assert await ack == PERSISTER_ACK
+    assert resend.records == [], "not published twice"
+
+
+async def test_a_produce_that_failed_lets_a_resend_publish_once_its_claim_settled(
+        settings: Settings, redis: aioredis.Redis) -> None:
+    settings = settings.model_copy(update={"dedupe_settle_ms": 300})
+    await send_that_times_out(settings, redis)
+    waiting, ack = await send(settings, redis)  # within the window: waits, then is told to send again
+    with pytest.raises(Unavailable, match="send it again"):
+        await ack
+    assert waiting.records == []
     assert await redis.get(sent_key(settings)) is None
 
     resend, pending = await send(settings, redis)
@@ -95,3 +119,17 @@ async def test_the_gateways_ack_is_written_over_its_claim_but_never_over_a_recor
     assert await redis.get(claimed) == b"gateway-ack-1"
     assert 0 < await redis.ttl(claimed) <= 60
     assert await redis.get(recorded) == PERSISTER_ACK
+
+
+async def test_a_record_the_producer_refused_releases_its_claim_at_once(
+        settings: Settings, redis: aioredis.Redis) -> None:
+    with pytest.raises(Unavailable):  # (never handed over: it cannot reach Kafka)
+        await send(settings, redis, FakeProducer(refuse=True))
+    assert await redis.get(sent_key(settings)) is None
+    resend, pending = await send(settings, redis)
+    assert len(resend.records) == 1
+    resend.deliveries[0].set_result(RecordMetadata("t", 3, TopicPartition("t", 3), 42, 1, 0, 0))
+    ack = await pending
+    assert b'"cursor":"3-42"' in ack
+    await asyncio.sleep(AckWriter.GATHER_S * 5)  # (the ack writer's pipeline, before the client closes)
+    assert await redis.get(sent_key(settings)) == ack
