@@ -60,6 +60,17 @@ async def send_that_times_out(settings: Settings, redis: aioredis.Redis,
         await ack
 
 
+async def a_resend_is_published(settings: Settings, redis: aioredis.Redis) -> None:
+    """A resend now is published once, acknowledged, and its ack recorded for a later resend."""
+    resend, pending = await send(settings, redis)
+    assert len(resend.records) == 1
+    resend.deliveries[0].set_result(RecordMetadata("t", 3, TopicPartition("t", 3), 41, 1, 0, 0))
+    ack = await pending
+    assert b'"cursor":"3-41"' in ack
+    await asyncio.sleep(AckWriter.GATHER_S * 5)  # (the ack writer's pipeline, before the client closes)
+    assert await redis.get(sent_key(settings)) == ack, "recorded for a later resend"
+
+
 async def test_a_produce_given_up_on_keeps_the_stored_copys_ack_for_the_resend(
         settings: Settings, redis: aioredis.Redis) -> None:
     # Kafka had the record after all and the persister stored it (recording its ack over the claim),
@@ -96,14 +107,7 @@ async def test_a_produce_that_failed_lets_a_resend_publish_once_its_claim_settle
         await ack
     assert waiting.records == []
     assert await redis.get(sent_key(settings)) is None
-
-    resend, pending = await send(settings, redis)
-    assert len(resend.records) == 1
-    resend.deliveries[0].set_result(RecordMetadata("t", 3, TopicPartition("t", 3), 41, 1, 0, 0))
-    ack = await pending
-    assert b'"cursor":"3-41"' in ack
-    await asyncio.sleep(AckWriter.GATHER_S * 5)
-    assert await redis.get(sent_key(settings)) == ack, "recorded for a later resend"
+    await a_resend_is_published(settings, redis)
 
 
 async def test_the_gateways_ack_is_written_over_its_claim_but_never_over_a_recorded_ack(
@@ -126,10 +130,4 @@ async def test_a_record_the_producer_refused_releases_its_claim_at_once(
     with pytest.raises(Unavailable):  # (never handed over: it cannot reach Kafka)
         await send(settings, redis, FakeProducer(refuse=True))
     assert await redis.get(sent_key(settings)) is None
-    resend, pending = await send(settings, redis)
-    assert len(resend.records) == 1
-    resend.deliveries[0].set_result(RecordMetadata("t", 3, TopicPartition("t", 3), 42, 1, 0, 0))
-    ack = await pending
-    assert b'"cursor":"3-42"' in ack
-    await asyncio.sleep(AckWriter.GATHER_S * 5)  # (the ack writer's pipeline, before the client closes)
-    assert await redis.get(sent_key(settings)) == ack
+    await a_resend_is_published(settings, redis)
