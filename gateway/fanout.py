@@ -44,7 +44,7 @@ class Fanout:
         self.positions: dict[int, int] = {}  # partition -> next offset this node will deliver
         self.tps: list[TopicPartition] = []
         self.recent = RecentIds(50_000)
-        self.gaps = GapGuard()
+        self.gaps = GapGuard(settings.kafka_gap_wait_ms / 1000)
         self.started = False
         self.failed: BaseException | None = None  # set when the consume loop died
         self.last_poll = time.monotonic()  # the consume loop came round (even with nothing new)

@@ -52,7 +52,7 @@ class Persister:
         self.to_flush: set[str] = set()
         self.backlog: dict[str, int] = {}  # room -> messages past the cap (MySQL slow or down)
         self.lengths: dict[str, int] = {}  # room -> its list length, as last seen
-        self.gaps = GapGuard()
+        self.gaps = GapGuard(settings.kafka_gap_wait_ms / 1000)
         self.flush_wakeup = asyncio.Event()
         self.paused = False
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -96,20 +97,32 @@ async def offsets_now(consumer: AIOKafkaConsumer, tps: list[TopicPartition]) -> 
 
 class GapGuard:
     """Records of our topic have dense offsets (no transactions, no compaction), so a fetch that
-    skips offsets is a fault of the fetch, not of the log: cut the batch at the gap and have the
-    caller read again from there, once. A gap still there on the second read is accepted."""
+    skips offsets is a fault of the fetch, not of the log (Tansu can show a partition's next batch
+    an instant before the one below it): cut the batch at the gap and have the caller read again
+    from there, for as long as `wait_s` from the first sight of that gap. Only a gap still there
+    after that is accepted (logged as an error): its records are then skipped by this reader."""
 
-    def __init__(self) -> None:
-        self._retried: dict[int, int] = {}  # partition -> offset already read again
+    def __init__(self, wait_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._wait_s = wait_s
+        self._clock = clock
+        self._seen: dict[int, tuple[int, float]] = {}  # partition -> (gap's first offset, first seen)
 
     def cut(self, partition: int, expected: int | None, offsets: list[int]) -> tuple[int, int | None]:
         """(how many leading records to use, the offset to read again from, or None)."""
         prev = None if expected is None else expected - 1
         for i, off in enumerate(offsets):
-            if prev is not None and off > prev + 1 and self._retried.get(partition) != prev + 1:
-                self._retried[partition] = prev + 1
-                log.warning("a fetch skipped offsets; reading them again",
-                            extra={"partition": partition, "expected": prev + 1, "got": off})
-                return i, prev + 1
+            if prev is not None and off > prev + 1:
+                missing, now = prev + 1, self._clock()
+                first = self._seen.get(partition)
+                if first is None or first[0] != missing:
+                    self._seen[partition] = (missing, now)
+                    log.warning("a fetch skipped offsets; reading them again",
+                                extra={"partition": partition, "expected": missing, "got": off})
+                    return i, missing
+                if now - first[1] < self._wait_s:
+                    return i, missing
+                del self._seen[partition]
+                log.error("offsets still missing; skipping them",
+                          extra={"partition": partition, "from": missing, "to": off - 1, "waited_s": self._wait_s})
             prev = off if prev is None else max(prev, off)
         return len(offsets), None

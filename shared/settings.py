@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     )
     kafka_request_timeout_ms: int = Field(5000, ge=100)
     kafka_fetch_max_wait_ms: int = Field(20, ge=0, description="Fan-out latency vs broker CPU trade")
+    kafka_gap_wait_ms: int = Field(
+        2000, ge=0, description="How long a consumer reads a fetch's skipped offsets again before it accepts the gap"
+    )
     kafka_session_timeout_ms: int = Field(10000, ge=1000)
     kafka_heartbeat_interval_ms: int = Field(3000, ge=100)
     kafka_persister_group: str = "persister"
