@@ -109,6 +109,9 @@ class GapGuard:
 
     def cut(self, partition: int, expected: int | None, offsets: list[int]) -> tuple[int, int | None]:
         """(how many leading records to use, the offset to read again from, or None)."""
+        seen = self._seen.get(partition)
+        if seen is not None and expected is not None and expected > seen[0]:
+            del self._seen[partition]  # the gap filled: a later sight of it (after a seek back) waits anew
         prev = None if expected is None else expected - 1
         for i, off in enumerate(offsets):
             if prev is not None and off > prev + 1:

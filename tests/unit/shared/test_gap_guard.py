@@ -32,13 +32,15 @@ def test_a_gap_is_read_again_until_it_has_lasted_the_wait_then_accepted() -> Non
     assert g.cut(0, 10, [15, 16]) == (0, 10), "a new sighting starts a new wait"
 
 
-def test_a_gap_that_fills_is_read_whole() -> None:
+def test_a_gap_that_fills_is_read_whole_and_forgotten() -> None:
     clock = Clock()
     g = GapGuard(2.0, clock)
     assert g.cut(0, 10, [10, 12]) == (1, 11)
     assert g.cut(0, 11, [11, 12, 13]) == (3, None)
+    assert g.cut(0, 14, [14]) == (1, None)
     clock.now += 5
-    assert g.cut(0, 14, [16]) == (0, 14), "a later gap gets its own wait"
+    assert g.cut(0, 10, [10, 12]) == (1, 11), "the same gap seen after a seek back waits anew"
+    assert g.cut(0, 11, [13]) == (0, 11)
 
 
 def test_a_gap_inside_a_batch_cuts_it_there() -> None:
