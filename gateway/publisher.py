@@ -28,14 +28,11 @@ from shared.settings import Settings
 
 PENDING = b"pending"
 
-# Claims are released and acks recorded only over our own pending claim: once the persister has
-# stored the message it records the first copy's ack in the same key, and that must survive (a
-# produce that timed out may still have reached Kafka; the resend then gets that ack).
-RELEASE_CLAIM = """
-if redis.call('GET', KEYS[1]) == 'pending' then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-SETTLE_CLAIM = """
+# Claims are released (expired in ARGV[1] ms; 0 deletes) and acks recorded only over our own
+# pending claim: once the persister has stored the message it records the first copy's ack in the
+# same key, and that must survive (a produce that timed out may still have reached Kafka; the
+# resend then gets that ack).
+EXPIRE_CLAIM = """
 if redis.call('GET', KEYS[1]) == 'pending' then return redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
 return 0
 """
@@ -57,8 +54,7 @@ class Publisher:
         self._produce_timeout = settings.kafka_request_timeout_ms / 1000 * 2
         self._pending_ttl = int(self._produce_timeout) + 5
         self._acks = AckWriter(redis, settings.dedupe_ttl_s)
-        self._release = redis.register_script(RELEASE_CLAIM)
-        self._settle_claim = redis.register_script(SETTLE_CLAIM)
+        self._expire_claim = redis.register_script(EXPIRE_CLAIM)
         self.last_ok = self.last_failure = 0.0  # monotonic times of the last acked / failed produce
 
     def broker_trouble(self, window_s: float = 10.0) -> str | None:
@@ -87,7 +83,7 @@ class Publisher:
                                                 partition=self.keys.partition(room))
         except (KafkaError, OSError) as e:
             self.last_failure = time.monotonic()
-            await self._forget(key)
+            await self._release(key, after_ms=0)  # (the producer did not take it: resend at once)
             raise Unavailable(f"broker unavailable: {type(e).__name__}") from e
         return self._ack(key, msg, delivery, t0)
 
@@ -96,7 +92,7 @@ class Publisher:
             md = await asyncio.wait_for(delivery, self._produce_timeout)
         except (KafkaError, TimeoutError, OSError) as e:
             self.last_failure = time.monotonic()
-            await self._settle(key)
+            await self._release(key, after_ms=self.s.dedupe_settle_ms)  # (it may still reach Kafka)
             raise Unavailable(f"broker unavailable: {type(e).__name__}") from e
         self.last_ok = time.monotonic()
         acked = dataclasses.replace(msg, position=Position(md.partition, md.offset))
@@ -122,20 +118,12 @@ class Publisher:
             await asyncio.sleep(0.05)
         raise Unavailable("the first send of this client_msg_id is still pending")
 
-    async def _forget(self, key: str) -> None:
-        """The producer did not take the record: let a resend produce at once. (Unreleased claims
-        expire after the pending TTL.)"""
+    async def _release(self, key: str, after_ms: int) -> None:
+        """Let a resend produce again `after_ms` from now. Until then a resend waits for the ack the
+        persister records over the claim if it stores a copy that reached Kafka after all (a failed
+        produce may still land). Claims left unreleased expire after the pending TTL."""
         try:
-            await self._release(keys=[key])
-        except (RedisError, OSError):
-            pass
-
-    async def _settle(self, key: str) -> None:
-        """The produce failed, but its record may still reach Kafka and be stored: the claim stays
-        for the settle window, so a resend waits for that copy's ack (recorded over the claim by the
-        persister) rather than publishing a second copy; after it, a resend publishes."""
-        try:
-            await self._settle_claim(keys=[key], args=[self.s.dedupe_settle_ms])
+            await self._expire_claim(keys=[key], args=[after_ms])
         except (RedisError, OSError):
             pass
 
