@@ -13,6 +13,11 @@ to room k mod R at t0 + k/rate. Lost = expected deliveries that did not arrive w
 after the last send; duplicated = a subscriber got the same (room, seq) twice (the client library
 also drops repeats by id and cursor; its count is reported as client_dups_dropped).
 
+With --direct the senders are not clients: the load tool produces each message straight into the
+topic, as a gateway would after a send (same value, key and partition; acks=all), so the gateways'
+CPU is the fan-out path alone (consume, decode, frame once, deliver) and the send path's share is
+the difference from a run without it.
+
 With --max: start at --max-start, x--max-factor while a step holds (p99 <= --p99-limit-ms, nothing
 lost or duplicated, no disconnect, sent >= 98 % of the target), then one bisection; reports the
 highest rate that held.
@@ -29,6 +34,7 @@ import time
 from typing import Any
 
 import uvloop
+from aiokafka import AIOKafkaProducer
 
 from bench.common import (
     Progress,
@@ -44,6 +50,9 @@ from bench.common import (
     write_json,
 )
 from shared.client import Frame, RoomcastClient
+from shared.kafka import new_producer
+from shared.keys import Keys
+from shared.message import Message, new_message_id
 from shared.settings import Settings
 
 now_ns = time.monotonic_ns
@@ -61,10 +70,13 @@ class Sub:
 class Fanout:
     def __init__(self, args: argparse.Namespace, settings: Settings) -> None:
         self.a = args
+        self.settings = settings
         self.tokens = Tokens(settings, "fanout")
         self.subs: list[Sub] = []
         self.clients: list[RoomcastClient] = []
         self.senders: list[RoomcastClient] = []
+        self.keys = Keys(settings.redis_prefix, settings.kafka_partitions)
+        self.producer: AIOKafkaProducer | None = None  # with --direct, instead of the senders
         self.run_id = 0
         self.lat: list[int] = []
         self.dups = self.stale = self.misrouted = 0
@@ -127,7 +139,11 @@ class Fanout:
 
         t0 = time.monotonic()
         await asyncio.gather(*(sub(r, i) for r in range(a.rooms) for i in range(a.subs)))
-        self.senders = list(await asyncio.gather(*(pub(r) for r in range(a.rooms))))
+        if a.direct:
+            self.producer = new_producer(self.settings)
+            await self.producer.start()
+        else:
+            self.senders = list(await asyncio.gather(*(pub(r) for r in range(a.rooms))))
         connect_s = time.monotonic() - t0
         t0 = time.monotonic()
         while time.monotonic() - t0 < 60:  # warm-up: until every subscriber got a probe
@@ -142,8 +158,20 @@ class Fanout:
                 "subscribers_ready": round(ready, 4)}
 
     def send(self, room: int, body: str) -> None:
-        fut = self.senders[room].send_nowait(f"room-{room}", body)
+        if self.producer is not None:
+            fut: asyncio.Future[Any] = asyncio.ensure_future(self.produce(room, body))
+        else:
+            fut = self.senders[room].send_nowait(f"room-{room}", body)
         fut.add_done_callback(self._acked)
+
+    async def produce(self, room: int, body: str) -> None:
+        assert self.producer is not None
+        name = f"room-{room}"
+        msg_id = new_message_id()
+        msg = Message(msg_id, name, "fanout-direct", body, int(time.time() * 1000), msg_id)
+        delivery = await self.producer.send(self.settings.kafka_topic, msg.kafka_value(), key=name.encode(),
+                                            partition=self.keys.partition(name))
+        await delivery
 
     def _acked(self, fut: asyncio.Future[Frame]) -> None:
         if fut.cancelled() or fut.exception() is not None:
@@ -264,6 +292,8 @@ class Fanout:
         return {"max_rate": best, "first_fail_rate": fail, "steps": steps}
 
     async def close(self) -> None:
+        if self.producer is not None:
+            await self.producer.stop()
         await asyncio.gather(*(c.close() for c in self.clients), return_exceptions=True)
 
     async def main(self) -> dict[str, Any]:
@@ -274,7 +304,7 @@ class Fanout:
               f"subscribers ready {setup['subscribers_ready']:.2%}", file=sys.stderr, flush=True)
         gc.collect()
         gc.freeze()
-        out: dict[str, Any] = {"workload": "fanout", **meta(), "rooms": a.rooms, "subs": a.subs,
+        out: dict[str, Any] = {"workload": "fanout", **meta(), "rooms": a.rooms, "subs": a.subs, "direct": a.direct,
                                "body_bytes": a.body_bytes, "urls": a.url, "setup": setup}
         try:
             if a.max:
@@ -304,6 +334,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--duration", type=float, default=10, help="seconds of sending per fixed run")
     p.add_argument("--reps", type=int, default=1, help="fixed runs")
     p.add_argument("--max", action="store_true", help="step the rate up until p99 > limit or any loss")
+    p.add_argument("--direct", action="store_true",
+                   help="produce the messages straight into the topic (no sender clients): fan-out alone")
     p.add_argument("--max-start", type=float, default=500)
     p.add_argument("--max-factor", type=float, default=1.3)
     p.add_argument("--max-cap", type=float, default=20_000)

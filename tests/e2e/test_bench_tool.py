@@ -23,3 +23,15 @@ def test_bench_history_runs_against_a_throwaway_cluster(tmp_path: Path) -> None:
     for source in ("redis", "mysql"):
         assert result[source]["page_sizes"] == [50], "every page was full"
         assert result[source]["p50_ms"] > 0
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("mode", [[], ["--direct"]], ids=["sent-by-clients", "produced-directly"])
+def test_bench_fanout_delivers_every_message_to_every_subscriber(tmp_path: Path, mode: list[str]) -> None:
+    out = tmp_path / "fanout.json"
+    subprocess.run([sys.executable, "-m", "shared.cli", "bench", "fanout", "--cluster", "--rooms", "3", "--subs", "2",
+                    "--rate", "30", "--duration", "2", *mode, "--out", str(out)],
+                   check=True, capture_output=True, timeout=170)
+    (run,) = json.loads(out.read_text())["runs"]
+    assert run["sent"] == 60 and run["acked"] == 60
+    assert run["expected"] == 120 and run["delivered"] == 120 and run["lost"] == 0 and run["duplicated"] == 0
