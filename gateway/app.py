@@ -59,6 +59,7 @@ def create_app(settings: Settings) -> Starlette:
             with contextlib.suppress(asyncio.CancelledError):
                 await fan_task
             await producer.stop()  # flushes what is still buffered
+            await node.publisher.close()  # acks gathered for Redis, before its client closes
             await fanout.stop()
             mysql.close()
             await mysql.wait_closed()

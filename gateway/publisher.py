@@ -57,6 +57,11 @@ class Publisher:
         self._expire_claim = redis.register_script(EXPIRE_CLAIM)
         self.last_ok = self.last_failure = 0.0  # monotonic times of the last acked / failed produce
 
+    async def close(self) -> None:
+        """Shutdown, after the producer has stopped: write the acks gathered so far (the Redis client
+        closes next)."""
+        await self._acks.close()
+
     def broker_trouble(self, window_s: float = 10.0) -> str | None:
         """Why sends fail now (the last produce failed within the window), else None."""
         if self.last_failure > self.last_ok and time.monotonic() - self.last_failure < window_s:
@@ -141,6 +146,8 @@ class AckWriter:
         self._ttl = ttl_s
         self._pending: dict[str, bytes] = {}
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._wakeup: asyncio.Future[None] | None = None  # while gathering: set early by close()
         self._record = redis.register_script(RECORD_ACK)
 
     def put(self, key: str, ack_json: bytes) -> None:
@@ -151,7 +158,8 @@ class AckWriter:
     async def _flush(self) -> None:
         try:
             while self._pending:
-                await asyncio.sleep(self.GATHER_S)
+                if not self._closing:
+                    await self._gather()
                 batch, self._pending = self._pending, {}
                 try:
                     if len(batch) == 1:
@@ -166,3 +174,27 @@ class AckWriter:
                     pass
         finally:
             self._task = None
+
+    async def _gather(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._wakeup = wakeup = loop.create_future()
+        timer = loop.call_later(self.GATHER_S, _wake, wakeup)
+        try:
+            await wakeup
+        finally:
+            timer.cancel()
+            self._wakeup = None
+
+    async def close(self) -> None:
+        """Write what is gathered without waiting out the gathering time; returns once it is written
+        (or the write failed)."""
+        self._closing = True
+        if self._wakeup is not None:
+            _wake(self._wakeup)
+        while self._task is not None:
+            await asyncio.wait({self._task})
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

@@ -44,9 +44,15 @@ def sent_key(settings: Settings) -> str:
 
 async def send(settings: Settings, redis: aioredis.Redis,
                producer: FakeProducer | None = None) -> tuple[FakeProducer, Awaitable[bytes]]:
-    producer = producer or FakeProducer()
-    ack = await Publisher(settings, producer, redis).send("alice", "r", "k-1", "hello")
+    producer, ack, _ = await send_with(settings, redis, producer)
     return producer, ack
+
+
+async def send_with(settings: Settings, redis: aioredis.Redis, producer: FakeProducer | None = None
+                    ) -> tuple[FakeProducer, Awaitable[bytes], Publisher]:
+    producer = producer or FakeProducer()
+    publisher = Publisher(settings, producer, redis)
+    return producer, await publisher.send("alice", "r", "k-1", "hello"), publisher
 
 
 async def send_that_times_out(settings: Settings, redis: aioredis.Redis,
@@ -62,12 +68,12 @@ async def send_that_times_out(settings: Settings, redis: aioredis.Redis,
 
 async def a_resend_is_published(settings: Settings, redis: aioredis.Redis) -> None:
     """A resend now is published once, acknowledged, and its ack recorded for a later resend."""
-    resend, pending = await send(settings, redis)
+    resend, pending, publisher = await send_with(settings, redis)
     assert len(resend.records) == 1
     resend.deliveries[0].set_result(RecordMetadata("t", 3, TopicPartition("t", 3), 41, 1, 0, 0))
     ack = await pending
     assert b'"cursor":"3-41"' in ack
-    await asyncio.sleep(AckWriter.GATHER_S * 5)  # (the ack writer's pipeline, before the client closes)
+    await publisher.close()  # (writes the gathered ack now)
     assert await redis.get(sent_key(settings)) == ack, "recorded for a later resend"
 
 
@@ -119,10 +125,27 @@ async def test_the_gateways_ack_is_written_over_its_claim_but_never_over_a_recor
     writer = AckWriter(redis, ttl_s=60)
     writer.put(claimed, b"gateway-ack-1")
     writer.put(recorded, b"gateway-ack-2")
-    await asyncio.sleep(AckWriter.GATHER_S * 5)
+    await asyncio.sleep(AckWriter.GATHER_S * 3)  # (its own gathering time: no close needed)
     assert await redis.get(claimed) == b"gateway-ack-1"
     assert 0 < await redis.ttl(claimed) <= 60
     assert await redis.get(recorded) == PERSISTER_ACK
+
+
+async def test_closing_the_ack_writer_writes_what_it_gathered_without_waiting(
+        settings: Settings, redis: aioredis.Redis) -> None:
+    keys = Keys(settings.redis_prefix, settings.kafka_partitions)
+    claims = [keys.sent("r", "carol", f"k-{i}") for i in range(3)]
+    for key in claims:
+        await redis.set(key, PENDING)
+    writer = AckWriter(redis, ttl_s=60)
+    writer.GATHER_S = 30.0  # (a close must not wait it out)
+    for i, key in enumerate(claims):
+        writer.put(key, b"ack-%d" % i)
+        await asyncio.sleep(0.01)  # (the writer is gathering when the close comes)
+    async with asyncio.timeout(5):
+        await writer.close()
+    assert [await redis.get(key) for key in claims] == [b"ack-0", b"ack-1", b"ack-2"]
+    await writer.close()  # (nothing left: returns at once)
 
 
 async def test_a_record_the_producer_refused_releases_its_claim_at_once(
