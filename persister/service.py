@@ -49,6 +49,9 @@ class Persister:
         self.rooms = rooms
         self.consumer: AIOKafkaConsumer | None = None
         self.expected: dict[int, int | None] = {}  # partition -> applied mark we believe Redis holds
+        # partition -> the log's first offset, where a partition without a mark was sought to: the first
+        # record expected (a fetch that skips it is read again, not taken for the start)
+        self.log_start: dict[int, int] = {}
         self.to_flush: set[str] = set()
         self.backlog: dict[str, int] = {}  # room -> messages past the cap (MySQL slow or down)
         self.lengths: dict[str, int] = {}  # room -> its list length, as last seen
@@ -65,7 +68,7 @@ class Persister:
             mark = await self._retry_redis(self.buffer.mark, tp.partition)
             self.expected[tp.partition] = mark
             if mark is None:
-                await self.consumer.seek_to_beginning(tp)
+                await self.replay_from_start(tp)
             else:
                 self.consumer.seek(tp, mark + 1)
             for room in await self._retry_redis(self.buffer.over_cap_rooms, tp.partition, 10_000):
@@ -78,6 +81,23 @@ class Persister:
     def drop_partitions(self, tps: Iterable[TopicPartition]) -> None:
         for tp in tps:
             self.expected.pop(tp.partition, None)
+            self.log_start.pop(tp.partition, None)
+
+    async def replay_from_start(self, tp: TopicPartition) -> None:
+        """Read the partition from the first offset the log holds. That offset is remembered: a
+        fetch can show a later batch an instant before the first one, and the first batch applied
+        would otherwise set the mark past records never applied (lost from storage)."""
+        assert self.consumer is not None
+        try:
+            start = (await self.consumer.beginning_offsets([tp]))[tp]
+        except KafkaError as e:
+            log.warning("log start unknown; reading from the beginning unchecked",
+                        extra={"partition": tp.partition, "error": repr(e)})
+            self.log_start.pop(tp.partition, None)
+            await self.consumer.seek_to_beginning(tp)
+            return
+        self.log_start[tp.partition] = start
+        self.consumer.seek(tp, start)
 
     # --- the main loop
     async def consume(self, stop: asyncio.Event) -> None:
@@ -148,7 +168,7 @@ class Persister:
                     extra={"partition": tp.partition, "expected": self.expected.get(tp.partition), "stored": mark})
         self.expected[tp.partition] = mark
         if mark is None:
-            await self.consumer.seek_to_beginning(tp)
+            await self.replay_from_start(tp)
         else:
             self.consumer.seek(tp, mark + 1)
 
@@ -160,7 +180,8 @@ class Persister:
         work: list[tuple[TopicPartition, list[Message]]] = []
         for tp, records in batch.items():
             mark = self.expected.get(tp.partition)
-            n, again = self.gaps.cut(tp.partition, None if mark is None else mark + 1, [r.offset for r in records])
+            first = self.log_start.get(tp.partition) if mark is None else mark + 1
+            n, again = self.gaps.cut(tp.partition, first, [r.offset for r in records])
             if again is not None:
                 assert self.consumer is not None
                 self.consumer.seek(tp, again)
