@@ -30,7 +30,7 @@ from gateway.node import Node
 from gateway.protocol import Err, dumps
 from gateway.session import Session
 from shared.cursor import CursorError, Position, parse_cursor
-from shared.kafka import new_consumer
+from shared.kafka import GapGuard, new_consumer
 from shared.message import Message
 
 WINDOW = 200  # list entries per LRANGE while walking back from the newest end
@@ -177,6 +177,7 @@ async def from_kafka(node: Node, room: str, start: int, end: int) -> list[bytes]
     consumer = new_consumer(node.settings, group_id=None, fetch_max_wait_ms=50)
     out: list[bytes] = []
     seen: set[str] = set()
+    gaps = GapGuard(node.settings.kafka_gap_wait_ms / 1000)  # (a fetch may show a later batch first)
     try:
         await consumer.start()
         consumer.assign([tp])
@@ -186,8 +187,11 @@ async def from_kafka(node: Node, room: str, start: int, end: int) -> list[bytes]
         while position < end:
             if time.monotonic() > deadline:
                 raise ResumeUnavailable("reading the log took too long")
-            batch = await consumer.getmany(tp, timeout_ms=500, max_records=5000)
-            for r in batch.get(tp, []):
+            records = (await consumer.getmany(tp, timeout_ms=500, max_records=5000)).get(tp, [])
+            n, again = gaps.cut(tp.partition, position, [r.offset for r in records])
+            if again is not None:
+                consumer.seek(tp, again)
+            for r in records[:n]:
                 position = r.offset + 1
                 if r.offset >= end:
                     break
