@@ -67,10 +67,7 @@ class Persister:
         for tp in tps:
             mark = await self._retry_redis(self.buffer.mark, tp.partition)
             self.expected[tp.partition] = mark
-            if mark is None:
-                await self.replay_from_start(tp)
-            else:
-                self.consumer.seek(tp, mark + 1)
+            await self.read_after(tp, mark)
             for room in await self._retry_redis(self.buffer.over_cap_rooms, tp.partition, 10_000):
                 self.to_flush.add(room)
             log.info("partition taken", extra={"partition": tp.partition, "mark": mark})
@@ -82,6 +79,14 @@ class Persister:
         for tp in tps:
             self.expected.pop(tp.partition, None)
             self.log_start.pop(tp.partition, None)
+
+    async def read_after(self, tp: TopicPartition, mark: int | None) -> None:
+        """Consume the partition from just after its applied mark, or from the log's start without one."""
+        assert self.consumer is not None
+        if mark is None:
+            await self.replay_from_start(tp)
+        else:
+            self.consumer.seek(tp, mark + 1)
 
     async def replay_from_start(self, tp: TopicPartition) -> None:
         """Read the partition from the first offset the log holds. That offset is remembered: a
@@ -167,10 +172,7 @@ class Persister:
         log.warning("applied mark moved; replaying from Kafka",
                     extra={"partition": tp.partition, "expected": self.expected.get(tp.partition), "stored": mark})
         self.expected[tp.partition] = mark
-        if mark is None:
-            await self.replay_from_start(tp)
-        else:
-            self.consumer.seek(tp, mark + 1)
+        await self.read_after(tp, mark)
 
     async def apply(self, tp: TopicPartition, records: list[ConsumerRecord]) -> None:
         await self.apply_all({tp: records})
