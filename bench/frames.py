@@ -28,7 +28,7 @@ import uvloop
 from websockets.asyncio.client import ClientConnection, connect
 
 from bench.cluster import parse_cpus, start_cluster
-from bench.common import Tokens
+from bench.common import Tokens, Watch
 from shared import localstack
 from shared.localstack import LOCALHOST
 from shared.settings import Settings
@@ -71,13 +71,7 @@ def serve(kind: str, port: int) -> None:
         uvloop.run(main())
 
 
-def cpu_s(proc: psutil.Process) -> float:
-    t = proc.cpu_times()
-    return t.user + t.system
-
-
-async def measure(urls: list[str], tokens: Tokens | None, server: psutil.Process,
-                  a: argparse.Namespace) -> dict[str, Any]:
+async def measure(urls: list[str], tokens: Tokens | None, server_pid: int, a: argparse.Namespace) -> dict[str, Any]:
     answers = 0
 
     async def open_one(i: int) -> ClientConnection:
@@ -93,11 +87,13 @@ async def measure(urls: list[str], tokens: Tokens | None, server: psutil.Process
     conns = [await open_one(i) for i in range(a.conns)]
     readers = [asyncio.create_task(read(ws)) for ws in conns]
     await asyncio.sleep(3)  # (settle after the handshakes)
-    c0, t0 = cpu_s(server), time.monotonic()
+    watch = Watch({"server": server_pid})
+    watch.start()
     await asyncio.sleep(a.idle)
-    idle_pct = 100 * (cpu_s(server) - c0) / (time.monotonic() - t0)
+    idle_pct = watch.cpu_now()["server"]
     n = int(a.rate * a.seconds)
-    c0, t0 = cpu_s(server), time.monotonic()
+    watch.start()
+    t0 = time.monotonic()
     for i in range(n):
         await conns[i % len(conns)].send(PING)
         ahead = t0 + (i + 1) / a.rate - time.monotonic()
@@ -107,7 +103,7 @@ async def measure(urls: list[str], tokens: Tokens | None, server: psutil.Process
     while answers < n and time.monotonic() < deadline:  # noqa: ASYNC110 (a poll, on purpose)
         await asyncio.sleep(0.02)
     elapsed = time.monotonic() - t0
-    loaded_pct = 100 * (cpu_s(server) - c0) / elapsed
+    loaded_pct = watch.cpu_now()["server"]
     for ws in conns:
         await ws.close()
     for task in readers:
@@ -139,8 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                     if not name.startswith("gateway"):
                         for thread in psutil.Process(proc.pid).threads():
                             os.sched_setaffinity(thread.id, a.gen_cpus)
-            server = psutil.Process(cluster.procs["gateway-a"].pid)
-            out = uvloop.run(measure(cluster.urls, Tokens(cluster.settings), server, a))
+            out = uvloop.run(measure(cluster.urls, Tokens(cluster.settings), cluster.procs["gateway-a"].pid, a))
     else:
         port = localstack.free_port()
         own = os.sched_getaffinity(0)
@@ -149,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         os.sched_setaffinity(0, a.gen_cpus or own)
         try:
             localstack.wait_port(LOCALHOST, port, 15)
-            out = uvloop.run(measure([f"ws://{LOCALHOST}:{port}"], None, psutil.Process(child.pid), a))
+            out = uvloop.run(measure([f"ws://{LOCALHOST}:{port}"], None, child.pid, a))
         finally:
             child.terminate()
             child.wait(10)
