@@ -39,7 +39,7 @@ def create_app(settings: Settings) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Node]]:
         await ensure_topic(settings)
         redis = aioredis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=3)
-        mysql = await create_pool(settings.mysql_dsn, settings.mysql_pool_max, minsize=0)
+        mysql = await create_pool(settings.mysql_dsn, settings.mysql_pool_max)
         producer = new_producer(settings)
         await producer.start()
         hub = Hub()

@@ -33,7 +33,8 @@ class MysqlTarget:
         return kw
 
 
-async def create_pool(dsn: str, maxsize: int = 10, minsize: int = 1) -> aiomysql.Pool:
+async def create_pool(dsn: str, maxsize: int = 10, minsize: int = 0) -> aiomysql.Pool:
+    """Connections are opened on first use (minsize 0), so a service starts while MySQL is away."""
     target = MysqlTarget.from_dsn(dsn)
     return await aiomysql.create_pool(minsize=minsize, maxsize=maxsize, pool_recycle=3600,
                                       connect_timeout=5, **target.connect_kwargs())

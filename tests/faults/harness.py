@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import itertools
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +19,7 @@ from shared.checker import Ack, Report, check_delivery, check_storage, stored_id
 from shared.client import RoomcastClient
 from shared.keys import Keys
 from shared.settings import Settings
+from tests.support import Cluster
 
 
 @dataclass
@@ -154,3 +156,29 @@ class Load:
         for m in self.members:
             with contextlib.suppress(Exception):
                 await m.client.close()
+
+
+def small(settings: Settings, **extra: object) -> Settings:
+    return settings.model_copy(update={"buffer_cap": 40, "flush_chunk": 20, **extra})
+
+
+async def run_load_through(cluster: Cluster, fault: Callable[[], Awaitable[None]], redis: aioredis.Redis,
+                           mysql: aiomysql.Pool, rate: float = 5.0) -> Load:
+    """Stream from 12 clients over every node, run `fault()` meanwhile, then check everything."""
+    load = Load(cluster.settings, [cluster.url(i) for i in range(len(cluster.gateways))],
+                clients=12, rooms=4, rate=rate)
+    await load.start()
+    try:
+        await asyncio.sleep(1.5)
+        await fault()
+        await asyncio.sleep(1.5)
+        await load.stop_sending()
+        await load.drain(90)
+        assert load.total_acked > 50
+        delivery = load.delivery()
+        assert delivery.ok, f"delivery: {delivery} ({load.describe()})"
+        storage = await load.storage(redis, mysql, timeout=90)
+        assert storage.ok, f"storage: {storage}"
+    finally:
+        await load.close()
+    return load

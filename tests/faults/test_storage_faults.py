@@ -17,42 +17,17 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
 
 from shared import localstack
+from shared.client import RoomcastClient
 from shared.keys import Keys
 from shared.message import Message, new_message_id
 from shared.mysql import MysqlTarget
 from shared.services import scrape
 from shared.settings import Settings
-from tests.faults.harness import Load
+from tests.faults.harness import run_load_through, small
 from tests.faults.proxy import TcpProxy
 from tests.support import Cluster, Peer, eventually, token
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(300)]
-
-
-def small(settings: Settings, **extra: object) -> Settings:
-    return settings.model_copy(update={"buffer_cap": 40, "flush_chunk": 20, **extra})
-
-
-async def run_load_through(cluster: Cluster, fault: object, redis: aioredis.Redis, mysql: aiomysql.Pool,
-                           rate: float = 5.0) -> Load:
-    """Stream from 12 clients on both nodes, run `fault()` meanwhile, then check everything."""
-    load = Load(cluster.settings, [cluster.url(i) for i in range(len(cluster.gateways))],
-                clients=12, rooms=4, rate=rate)
-    await load.start()
-    try:
-        await asyncio.sleep(1.5)
-        await fault()  # type: ignore[operator]
-        await asyncio.sleep(1.5)
-        await load.stop_sending()
-        await load.drain(90)
-        assert load.total_acked > 50
-        delivery = load.delivery()
-        assert delivery.ok, f"delivery: {delivery} ({load.describe()})"
-        storage = await load.storage(redis, mysql, timeout=90)
-        assert storage.ok, f"storage: {storage}"
-    finally:
-        await load.close()
-    return load
 
 
 @pytest.fixture
@@ -148,6 +123,52 @@ async def test_mysql_cut_off_for_30s_buffers_in_redis_then_catches_up(
     assert cluster.persister is not None
     log = cluster.persister.log_path.read_text()
     assert "pausing consumption" in log and "resuming" in log, "the backlog budget paused consuming"
+
+
+async def test_gateways_and_persister_start_while_mysql_is_away(
+        migrated: Settings, log_dir: Path, cluster_factory: list[Cluster],
+        redis: aioredis.Redis, mysql: aiomysql.Pool) -> None:
+    """A restart during a MySQL outage (a crashed pod, a deploy) must not keep a service down: chat
+    goes on through Kafka and Redis, and the archive catches up when MySQL is back."""
+    target = MysqlTarget.from_dsn(migrated.mysql_dsn)
+    proxy = TcpProxy(target.host, target.port)  # not started: MySQL refuses every connection
+    via_proxy = f"mysql://{target.user}:{target.password}@127.0.0.1:{proxy.port}/{target.database}"
+    settings = small(migrated, mysql_dsn=via_proxy)
+    cluster = Cluster(settings, log_dir).start()
+    cluster_factory.append(cluster)
+    keys = Keys(settings.redis_prefix, settings.kafka_partitions)
+    try:
+        async with RoomcastClient([cluster.url(0)], token(settings, "ann")) as ann, \
+                RoomcastClient([cluster.url(1)], token(settings, "bob")) as bob:
+            await bob.join("lobby")
+            await ann.join("lobby")
+            acks = [await ann.send("lobby", f"m{i}") for i in range(settings.buffer_cap + 10)]
+            sent = [a["id"] for a in acks]
+            got = []
+            async with asyncio.timeout(30):
+                async for frame in bob:
+                    got.append(frame["id"])
+                    if len(got) == len(sent):
+                        break
+            assert got == sent, "live chat went on without MySQL"
+
+            async def all_buffered() -> bool:
+                return await redis.llen(keys.msgs("lobby")) == len(sent)
+
+            await eventually(all_buffered, 30, what="the persister buffering every message in Redis")
+            await proxy.start()
+
+            async def archived() -> bool:
+                async with mysql.acquire() as conn, conn.cursor() as cur:
+                    await cur.execute("SELECT COUNT(*) FROM messages")
+                    (n,) = await cur.fetchone()
+                return bool(n >= settings.flush_chunk)
+
+            await eventually(archived, 30, what="the oldest chunk moved to MySQL once it was back")
+            page = await bob.history("lobby", limit=len(sent))
+            assert [m["id"] for m in page["messages"]] == sent
+    finally:
+        await proxy.close()
 
 
 async def test_broker_killed_for_10s_sends_fail_cleanly_and_nothing_acked_is_lost(
