@@ -1,0 +1,126 @@
+"""The faults of the other fault tests one after another under the same load, in a seeded random
+order: a gateway killed or drained and started again on its port, the persister killed and started
+again, Redis killed and restarted on its AOF, MySQL cut off for a few seconds (while the next faults
+go on). Afterwards nothing acknowledged is lost, duplicated or out of order, delivered or stored.
+
+A failure names its seed and plan; `CHAOS_SEED=N` runs that plan again, `CHAOS_ROUNDS` sets its
+length (default 8)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import aiomysql
+import pytest
+import redis.asyncio as aioredis
+
+from shared import localstack
+from shared.mysql import MysqlTarget
+from shared.services import start_gateway
+from shared.settings import Settings
+from tests.faults.harness import run_load_through, small
+from tests.faults.proxy import TcpProxy
+from tests.support import Cluster
+
+pytestmark = [pytest.mark.faults, pytest.mark.timeout(420)]
+
+FAULTS = ("kill_gateway", "drain_gateway", "kill_persister", "restart_redis", "cut_mysql")
+
+
+class Chaos:
+    def __init__(self, cluster: Cluster, redis: localstack.Proc, redis_port: int, redis_data: Path,
+                 mysql: TcpProxy, log_dir: Path, rng: random.Random) -> None:
+        self.cluster = cluster
+        self.redis = redis
+        self.redis_port = redis_port
+        self.redis_data = redis_data
+        self.mysql = mysql
+        self.log_dir = log_dir
+        self.rng = rng
+        self.background: set[asyncio.Task[None]] = set()
+        self.done: list[str] = []
+
+    async def run(self, plan: list[str]) -> None:
+        for name in plan:
+            step: Callable[[], Awaitable[None]] = getattr(self, name)
+            await step()
+            self.done.append(name)
+            await asyncio.sleep(self.rng.uniform(0.5, 2.0))
+        await asyncio.gather(*self.background)
+
+    async def kill_gateway(self) -> None:
+        await self._restart_gateway(signal.SIGKILL)
+
+    async def drain_gateway(self) -> None:
+        await self._restart_gateway(signal.SIGTERM)
+
+    async def _restart_gateway(self, sig: signal.Signals) -> None:
+        i = self.rng.randrange(len(self.cluster.gateways))
+        victim = self.cluster.gateways[i]
+        victim.popen.send_signal(sig)
+        await asyncio.to_thread(victim.popen.wait, 30)
+        await asyncio.sleep(self.rng.uniform(0.2, 1.0))
+        self.cluster.gateways[i] = await asyncio.to_thread(
+            start_gateway, self.cluster.settings, victim.ports[0], self.log_dir, victim.name)
+
+    async def kill_persister(self) -> None:
+        assert self.cluster.persister is not None
+        self.cluster.persister.kill()
+        await asyncio.sleep(self.rng.uniform(0.2, 1.0))
+        await asyncio.to_thread(self.cluster.start_persister)
+
+    async def restart_redis(self) -> None:
+        self.redis.kill()
+        await asyncio.sleep(self.rng.uniform(0.2, 1.0))
+        self.redis = await asyncio.to_thread(localstack.start_redis, self.redis_port, self.redis_data,
+                                             self.log_dir)
+
+    async def cut_mysql(self) -> None:
+        await self.mysql.cut()
+
+        async def restore_later() -> None:
+            await asyncio.sleep(self.rng.uniform(2.0, 6.0))
+            await self.mysql.restore()
+
+        task = asyncio.create_task(restore_later())
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
+
+@pytest.fixture
+async def mysql_proxy(migrated: Settings) -> AsyncIterator[TcpProxy]:
+    target = MysqlTarget.from_dsn(migrated.mysql_dsn)
+    proxy = await TcpProxy(target.host, target.port).start()
+    yield proxy
+    await proxy.close()
+
+
+async def test_faults_in_a_random_order_lose_nothing(
+        migrated: Settings, log_dir: Path, tmp_path: Path, mysql: aiomysql.Pool, mysql_proxy: TcpProxy) -> None:
+    seed = int(os.environ.get("CHAOS_SEED") or random.randrange(1 << 30))
+    rng = random.Random(seed)
+    plan = [rng.choice(FAULTS) for _ in range(int(os.environ.get("CHAOS_ROUNDS", "8")))]
+    redis_port = localstack.free_port()
+    redis_proc = localstack.start_redis(redis_port, tmp_path / "redis", log_dir)
+    target = MysqlTarget.from_dsn(migrated.mysql_dsn)
+    settings = small(migrated, redis_url=f"redis://127.0.0.1:{redis_port}/0", drain_grace_s=2.0,
+                     mysql_dsn=f"mysql://{target.user}:{target.password}@127.0.0.1:{mysql_proxy.port}/"
+                               f"{target.database}")
+    cluster = Cluster(settings, log_dir).start(gateways=3)
+    chaos = Chaos(cluster, redis_proc, redis_port, tmp_path / "redis", mysql_proxy, log_dir, rng)
+    client = aioredis.from_url(settings.redis_url)
+    try:
+        await run_load_through(cluster, lambda: chaos.run(plan), client, mysql)
+    except BaseException as e:
+        e.add_note(f"CHAOS_SEED={seed}: plan {plan}, done {chaos.done}")
+        raise
+    finally:
+        await client.aclose()
+        cluster.stop()
+        chaos.redis.stop()
+    assert chaos.done == plan
