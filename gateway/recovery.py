@@ -8,7 +8,7 @@ The order matters (DESIGN.md, delivery guarantee 3):
    (down or lagging), read what it has not applied straight from Kafka instead;
 4. read the stored messages with cursor < position < P: the Redis list from its newest end, then
    MySQL for the part older than the list (a mover inserts before it trims, so nothing falls
-   between the two reads);
+   between the two reads), or the log for that part while MySQL is away;
 5. send `joined`, the replay (paced by the client's reading), then the held live frames, and
    switch the room to live without an await in between, so no live frame overtakes the replay.
 """
@@ -136,7 +136,12 @@ async def missed(node: Node, room: str, after: int, before: int) -> tuple[list[b
     older: list[bytes] = []
     if not reached:
         upper = before if oldest_in_redis is None else oldest_in_redis
-        older = await from_mysql(node, room, after, upper, limit - count + 1)
+        try:
+            older = await from_mysql(node, room, after, upper, limit - count + 1)
+        except ResumeUnavailable:  # MySQL away: the log holds the range too, unless it is too long
+            if upper - after - 1 > node.settings.resume_kafka_max_records:
+                raise
+            older = await from_kafka(node, room, after + 1, upper)
         if count + len(older) > limit:
             return [], False
     entries = older + [e for window in reversed(newer) for e in window]
@@ -181,6 +186,8 @@ async def from_kafka(node: Node, room: str, start: int, end: int) -> list[bytes]
     try:
         await consumer.start()
         consumer.assign([tp])
+        if (await consumer.beginning_offsets([tp]))[tp] > start:  # retention deleted it: never skip
+            raise ResumeUnavailable(f"the log no longer holds offset {start}")
         consumer.seek(tp, start)
         deadline = time.monotonic() + node.settings.recovery_wait_s
         position = start

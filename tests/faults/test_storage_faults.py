@@ -125,11 +125,12 @@ async def test_mysql_cut_off_for_30s_buffers_in_redis_then_catches_up(
     assert "pausing consumption" in log and "resuming" in log, "the backlog budget paused consuming"
 
 
-async def test_gateways_and_persister_start_while_mysql_is_away(
+async def test_services_start_and_chat_and_resume_go_on_while_mysql_is_away(
         migrated: Settings, log_dir: Path, cluster_factory: list[Cluster],
         redis: aioredis.Redis, mysql: aiomysql.Pool) -> None:
-    """A restart during a MySQL outage (a crashed pod, a deploy) must not keep a service down: chat
-    goes on through Kafka and Redis, and the archive catches up when MySQL is back."""
+    """A restart during a MySQL outage (a crashed pod, a deploy) must not keep a service down, and
+    chat goes on through Kafka and Redis: live delivery, and a resume, whose part older than the
+    room's Redis list comes from the log while the archive is away. The archive catches up after."""
     target = MysqlTarget.from_dsn(migrated.mysql_dsn)
     proxy = TcpProxy(target.host, target.port)  # not started: MySQL refuses every connection
     via_proxy = f"mysql://{target.user}:{target.password}@127.0.0.1:{proxy.port}/{target.database}"
@@ -140,22 +141,22 @@ async def test_gateways_and_persister_start_while_mysql_is_away(
     try:
         async with RoomcastClient([cluster.url(0)], token(settings, "ann")) as ann, \
                 RoomcastClient([cluster.url(1)], token(settings, "bob")) as bob:
+            async with RoomcastClient([cluster.url(1)], token(settings, "cat")) as cat:
+                cursor = (await cat.join("lobby"))["cursor"]  # then cat goes away
             await bob.join("lobby")
             await ann.join("lobby")
-            acks = [await ann.send("lobby", f"m{i}") for i in range(settings.buffer_cap + 10)]
-            sent = [a["id"] for a in acks]
-            got = []
-            async with asyncio.timeout(30):
-                async for frame in bob:
-                    got.append(frame["id"])
-                    if len(got) == len(sent):
-                        break
-            assert got == sent, "live chat went on without MySQL"
+            sent = [(await ann.send("lobby", f"m{i}"))["id"] for i in range(settings.buffer_cap + 10)]
+            assert await next_ids(bob, len(sent)) == sent, "live chat went on without MySQL"
 
             async def all_buffered() -> bool:
                 return await redis.llen(keys.msgs("lobby")) == len(sent)
 
             await eventually(all_buffered, 30, what="the persister buffering every message in Redis")
+            async with RoomcastClient([cluster.url(0)], token(settings, "cat")) as cat:
+                joined = await cat.join("lobby", cursor)  # older than the list: MySQL's part, or the log's
+                assert joined["recovered"] is True
+                assert await next_ids(cat, len(sent)) == sent, "the resume replayed what cat missed"
+
             await proxy.start()
 
             async def archived() -> bool:
@@ -169,6 +170,16 @@ async def test_gateways_and_persister_start_while_mysql_is_away(
             assert [m["id"] for m in page["messages"]] == sent
     finally:
         await proxy.close()
+
+
+async def next_ids(client: RoomcastClient, n: int) -> list[str]:
+    got: list[str] = []
+    async with asyncio.timeout(30):
+        async for frame in client:
+            got.append(frame["id"])
+            if len(got) == n:
+                break
+    return got
 
 
 async def test_broker_killed_for_10s_sends_fail_cleanly_and_nothing_acked_is_lost(
