@@ -4,7 +4,9 @@ The decisions (which page, what to ask MySQL, how to stitch) are pure, in gatewa
 this module does the reads. Redis is read first, then MySQL: a mover inserts into MySQL before it
 trims Redis, so whatever leaves Redis after our read is already in MySQL when we ask it. History
 reads never write to Redis (old pages are not cached back). Concurrent identical MySQL reads share
-one query (single-flight). Both the WebSocket `history` frame and REST use `HistoryReader.page`.
+one query (single-flight). While MySQL is away, a page that Redis can start is served short, with
+its `next` cursor; only a page wholly older than the list fails `unavailable`. Both the WebSocket
+`history` frame and REST use `HistoryReader.page`.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from gateway.history_plan import (
     MysqlNeed,
     Page,
     Unavailable,
+    dedupe,
+    make_page,
     parse_entry,
     plan,
     resolve_before,
@@ -151,7 +155,14 @@ class HistoryReader:
         if isinstance(decision, Page):
             return decision
         need = decision
-        older = await self.flights.do((room, need.before, need.count), lambda: self._older(room, need))
+        try:
+            older = await self.flights.do((room, need.before, need.count), lambda: self._older(room, need))
+        except Unavailable:
+            if not run:
+                raise
+            # MySQL away: the page Redis can give, shorter but with `next`, so the client pages on later
+            metrics.HISTORY_PARTIAL_PAGES.inc()
+            return make_page(dedupe(run), n, older=True)
         return stitch(run, older, need, n)
 
     async def _older(self, room: str, need: MysqlNeed) -> list[Entry]:

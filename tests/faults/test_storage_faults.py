@@ -156,6 +156,14 @@ async def test_services_start_and_chat_and_resume_go_on_while_mysql_is_away(
                 joined = await cat.join("lobby", cursor)  # older than the list: MySQL's part, or the log's
                 assert joined["recovered"] is True
                 assert await next_ids(cat, len(sent)) == sent, "the resume replayed what cat missed"
+            quiet = [(await ann.send("quiet", f"q{i}"))["id"] for i in range(3)]
+
+            async def quiet_buffered() -> bool:
+                return await redis.llen(keys.msgs("quiet")) == len(quiet)
+
+            await eventually(quiet_buffered, 30, what="the quiet room buffered")
+            page = await bob.history("quiet")  # Redis's part of the page, and a cursor to page on later
+            assert [m["id"] for m in page["messages"]] == quiet and page["next"] == page["messages"][0]["cursor"]
 
             await proxy.start()
 

@@ -140,7 +140,7 @@ async def test_concurrent_identical_misses_share_one_query(settings: Settings, r
     assert all([e.id for e in p.entries] == [m.id for m in msgs[130:150]] for p in pages)
 
 
-async def test_mysql_down_fails_unavailable_but_redis_pages_still_served(
+async def test_mysql_down_serves_what_redis_holds_and_fails_unavailable_beyond(
         settings: Settings, redis: aioredis.Redis, mysql: aiomysql.Pool) -> None:
     msgs = await seed_room(settings, redis, mysql, total=200, mysql_upto=100, redis_from=100)
     dead = await aiomysql.create_pool(minsize=0, maxsize=1, host="127.0.0.1", port=localstack.free_port(),
@@ -149,8 +149,11 @@ async def test_mysql_down_fails_unavailable_but_redis_pages_still_served(
         reader = HistoryReader(settings, Keys(settings.redis_prefix, settings.kafka_partitions), redis, dead)
         page = await reader.page(ROOM, None, 50)
         assert [e.id for e in page.entries] == [m.id for m in msgs[150:]]
+        short = await reader.page(ROOM, msgs[120].cursor, 50)  # Redis holds 20 of it: served short
+        assert [e.id for e in short.entries] == [m.id for m in msgs[100:120]]
+        assert short.next == msgs[100].cursor, "the client can page on once MySQL is back"
         with pytest.raises(Unavailable) as e:
-            await reader.page(ROOM, msgs[120].cursor, 50)
+            await reader.page(ROOM, short.next, 50)
         assert e.value.code == "unavailable" and e.value.status == 503
         with pytest.raises(BadRequest):
             await reader.page("bad room", None, 5)
