@@ -164,7 +164,8 @@ class Persister:
         for tp in self.consumer.assignment():
             if tp.partition in self.expected:
                 mark = await self._retry_redis(self.buffer.mark, tp.partition)
-                if mark != self.expected[tp.partition]:
+                # (a rebalance may have revoked it meanwhile: `expected` holds only what we own)
+                if tp.partition in self.expected and mark != self.expected[tp.partition]:
                     await self.rewind(tp, mark)
 
     async def rewind(self, tp: TopicPartition, mark: int | None) -> None:
@@ -203,6 +204,8 @@ class Persister:
             await self._applied(tp, messages, res)
 
     async def _applied(self, tp: TopicPartition, messages: list[Message], res: Applied) -> None:
+        if tp.partition not in self.expected:  # revoked during the write (the script kept it consistent)
+            return
         if res.rewind:
             await self.rewind(tp, res.mark)
             return
