@@ -1,7 +1,8 @@
 """The faults of the other fault tests one after another under the same load, in a seeded random
 order: a gateway killed or drained and started again on its port, the persister killed and started
-again, Redis killed and restarted on its AOF, MySQL cut off for a few seconds (while the next faults
-go on). Afterwards nothing acknowledged is lost, duplicated or out of order, delivered or stored.
+again, and outages of a few seconds while the next faults go on: Redis killed, then restarted on
+its AOF; MySQL cut off, then back. So services also start while Redis or MySQL is away.
+Afterwards nothing acknowledged is lost, duplicated or out of order, delivered or stored.
 
 A failure names its seed and plan; `CHAOS_SEED=N` runs that plan again, `CHAOS_ROUNDS` sets its
 length (default 8)."""
@@ -43,6 +44,8 @@ class Chaos:
         self.log_dir = log_dir
         self.rng = rng
         self.background: set[asyncio.Task[None]] = set()
+        self.redis_lock = asyncio.Lock()
+        self.mysql_lock = asyncio.Lock()
         self.done: list[str] = []
 
     async def run(self, plan: list[str]) -> None:
@@ -52,6 +55,11 @@ class Chaos:
             self.done.append(name)
             await asyncio.sleep(self.rng.uniform(0.5, 2.0))
         await asyncio.gather(*self.background)
+        assert not self.crashed(), f"services died on their own: {self.crashed()}"
+
+    def crashed(self) -> list[str]:
+        assert self.cluster.persister is not None
+        return [p.name for p in [*self.cluster.gateways, self.cluster.persister] if not p.alive]
 
     async def kill_gateway(self) -> None:
         await self._restart_gateway(signal.SIGKILL)
@@ -75,19 +83,33 @@ class Chaos:
         await asyncio.to_thread(self.cluster.start_persister)
 
     async def restart_redis(self) -> None:
+        async def up() -> None:
+            self.redis = await asyncio.to_thread(localstack.start_redis, self.redis_port, self.redis_data,
+                                                 self.log_dir)
+
+        await self._outage(self.redis_lock, self._kill_redis, up)
+
+    async def _kill_redis(self) -> None:
         self.redis.kill()
-        await asyncio.sleep(self.rng.uniform(0.2, 1.0))
-        self.redis = await asyncio.to_thread(localstack.start_redis, self.redis_port, self.redis_data,
-                                             self.log_dir)
 
     async def cut_mysql(self) -> None:
-        await self.mysql.cut()
+        await self._outage(self.mysql_lock, self.mysql.cut, self.mysql.restore)
 
-        async def restore_later() -> None:
-            await asyncio.sleep(self.rng.uniform(2.0, 6.0))
-            await self.mysql.restore()
+    async def _outage(self, lock: asyncio.Lock, down: Callable[[], Awaitable[None]],
+                      up: Callable[[], Awaitable[None]]) -> None:
+        """`down()` now, `up()` a few seconds later while the next faults go on (one outage of a
+        service at a time: a second waits for the first to end)."""
+        await lock.acquire()
+        await down()
 
-        task = asyncio.create_task(restore_later())
+        async def up_later() -> None:
+            try:
+                await asyncio.sleep(self.rng.uniform(1.0, 5.0))
+                await up()
+            finally:
+                lock.release()
+
+        task = asyncio.create_task(up_later())
         self.background.add(task)
         task.add_done_callback(self.background.discard)
 
@@ -116,6 +138,7 @@ async def test_faults_in_a_random_order_lose_nothing(
     client = aioredis.from_url(settings.redis_url)
     try:
         await run_load_through(cluster, lambda: chaos.run(plan), client, mysql)
+        assert not chaos.crashed(), f"services died on their own: {chaos.crashed()}"
     except BaseException as e:
         e.add_note(f"CHAOS_SEED={seed}: plan {plan}, done {chaos.done}")
         raise
