@@ -1,8 +1,9 @@
 """The faults of the other fault tests one after another under the same load, in a seeded random
-order: a gateway killed or drained and started again on its port, the persister killed and started
-again, and outages of a few seconds while the next faults go on: Redis killed, then restarted on
-its AOF; MySQL cut off, then back. So services also start while Redis or MySQL is away.
-Afterwards nothing acknowledged is lost, duplicated or out of order, delivered or stored.
+order: a gateway killed or drained and started again on its port, the persister or the sweeper
+(retention 3 s: it moves messages to MySQL all along) killed and started again, and outages of a
+few seconds while the next faults go on: Redis killed, then restarted on its AOF; MySQL cut off,
+then back. So services also start while Redis or MySQL is away. Afterwards nothing acknowledged
+is lost, duplicated or out of order, delivered or stored.
 
 A failure names its seed and plan; `CHAOS_SEED=N` runs that plan again, `CHAOS_ROUNDS` sets its
 length (default 8)."""
@@ -22,7 +23,7 @@ import redis.asyncio as aioredis
 
 from shared import localstack
 from shared.mysql import MysqlTarget
-from shared.services import start_gateway
+from shared.services import start_gateway, start_sweeper
 from shared.settings import Settings
 from tests.faults.harness import run_load_through, small
 from tests.faults.proxy import TcpProxy
@@ -30,13 +31,14 @@ from tests.support import Cluster
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(420)]
 
-FAULTS = ("kill_gateway", "drain_gateway", "kill_persister", "restart_redis", "cut_mysql")
+FAULTS = ("kill_gateway", "drain_gateway", "kill_persister", "kill_sweeper", "restart_redis", "cut_mysql")
 
 
 class Chaos:
-    def __init__(self, cluster: Cluster, redis: localstack.Proc, redis_port: int, redis_data: Path,
-                 mysql: TcpProxy, log_dir: Path, rng: random.Random) -> None:
+    def __init__(self, cluster: Cluster, sweeper: localstack.Proc, redis: localstack.Proc, redis_port: int,
+                 redis_data: Path, mysql: TcpProxy, log_dir: Path, rng: random.Random) -> None:
         self.cluster = cluster
+        self.sweeper = sweeper
         self.redis = redis
         self.redis_port = redis_port
         self.redis_data = redis_data
@@ -59,7 +61,7 @@ class Chaos:
 
     def crashed(self) -> list[str]:
         assert self.cluster.persister is not None
-        return [p.name for p in [*self.cluster.gateways, self.cluster.persister] if not p.alive]
+        return [p.name for p in [*self.cluster.gateways, self.cluster.persister, self.sweeper] if not p.alive]
 
     async def kill_gateway(self) -> None:
         await self._restart_gateway(signal.SIGKILL)
@@ -81,6 +83,11 @@ class Chaos:
         self.cluster.persister.kill()
         await asyncio.sleep(self.rng.uniform(0.2, 1.0))
         await asyncio.to_thread(self.cluster.start_persister)
+
+    async def kill_sweeper(self) -> None:
+        self.sweeper.kill()
+        await asyncio.sleep(self.rng.uniform(0.2, 1.0))
+        self.sweeper = start_sweeper(self.cluster.settings, self.log_dir, self.sweeper.name)
 
     async def restart_redis(self) -> None:
         async def up() -> None:
@@ -130,11 +137,15 @@ async def test_faults_in_a_random_order_lose_nothing(
     redis_port = localstack.free_port()
     redis_proc = localstack.start_redis(redis_port, tmp_path / "redis", log_dir)
     target = MysqlTarget.from_dsn(migrated.mysql_dsn)
+    # A room's list holds ~6 s of its messages and retention is 3 s: the sweeper moves messages to
+    # MySQL all along, and the persister's cap flushes do when the sweeper is down or behind.
     settings = small(migrated, redis_url=f"redis://127.0.0.1:{redis_port}/0", drain_grace_s=2.0,
                      mysql_dsn=f"mysql://{target.user}:{target.password}@127.0.0.1:{mysql_proxy.port}/"
-                               f"{target.database}")
+                               f"{target.database}",
+                     buffer_cap=100, flush_chunk=50, redis_retention_s=3, sweep_interval_s=1.0, log_json=True)
     cluster = Cluster(settings, log_dir).start(gateways=3)
-    chaos = Chaos(cluster, redis_proc, redis_port, tmp_path / "redis", mysql_proxy, log_dir, rng)
+    sweeper = start_sweeper(settings, log_dir, f"{settings.redis_prefix}-sweeper")
+    chaos = Chaos(cluster, sweeper, redis_proc, redis_port, tmp_path / "redis", mysql_proxy, log_dir, rng)
     client = aioredis.from_url(settings.redis_url)
     try:
         await run_load_through(cluster, lambda: chaos.run(plan), client, mysql)
@@ -145,5 +156,6 @@ async def test_faults_in_a_random_order_lose_nothing(
     finally:
         await client.aclose()
         cluster.stop()
+        chaos.sweeper.stop()
         chaos.redis.stop()
     assert chaos.done == plan
