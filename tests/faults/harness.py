@@ -129,10 +129,7 @@ class Load:
     async def storage(self, redis: aioredis.Redis, mysql: aiomysql.Pool, timeout: float = 60.0) -> Report:
         """Storage against the acks, once the persister has had time to catch up."""
         keys = Keys(self.settings.redis_prefix, self.settings.kafka_partitions)
-        by_room: dict[str, set[str]] = {r: set() for r in self.rooms}
-        for m in self.members:
-            for a in m.acks:
-                by_room[a.room].add(a.id)
+        by_room = self.acked_by_room()
         deadline = time.monotonic() + timeout
         while True:
             stored = {r: stored_ids(await stored_messages(redis, mysql, keys, r)) for r in self.rooms}
@@ -140,6 +137,13 @@ class Load:
             if report.ok or time.monotonic() > deadline:
                 return report
             await asyncio.sleep(0.5)
+
+    def acked_by_room(self) -> dict[str, set[str]]:
+        by_room: dict[str, set[str]] = {r: set() for r in self.rooms}
+        for m in self.members:
+            for a in m.acks:
+                by_room[a.room].add(a.id)
+        return by_room
 
     def describe(self) -> str:
         """Per client: reconnects, resume gaps, unmatched errors (for failure messages)."""

@@ -3,7 +3,7 @@ order: a gateway killed or drained and started again on its port, the persister 
 (retention 3 s: it moves messages to MySQL all along) killed and started again, and outages of a
 few seconds while the next faults go on: Redis killed, then restarted on its AOF; MySQL cut off,
 then back. So services also start while Redis or MySQL is away. Afterwards nothing acknowledged
-is lost, duplicated or out of order, delivered or stored.
+is lost, duplicated or out of order, delivered, stored, or paged back through history.
 
 A failure names its seed and plan; `CHAOS_SEED=N` runs that plan again, `CHAOS_ROUNDS` sets its
 length (default 8)."""
@@ -22,12 +22,14 @@ import pytest
 import redis.asyncio as aioredis
 
 from shared import localstack
+from shared.checker import check_storage
+from shared.client import RoomcastClient
 from shared.mysql import MysqlTarget
 from shared.services import start_gateway, start_sweeper
 from shared.settings import Settings
 from tests.faults.harness import run_load_through, small
 from tests.faults.proxy import TcpProxy
-from tests.support import Cluster
+from tests.support import Cluster, offset, token
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(420)]
 
@@ -121,6 +123,23 @@ class Chaos:
         task.add_done_callback(self.background.discard)
 
 
+async def history_ids(client: RoomcastClient, room: str) -> list[str]:
+    """The room's ids, oldest first, from paging its history back from the newest page; their
+    positions must grow."""
+    pages: list[list[tuple[str, int]]] = []
+    before = None
+    while True:
+        page = await client.history(room, before=before, limit=100)
+        pages.append([(m["id"], offset(m["cursor"])) for m in page["messages"]])
+        if page["next"] is None:
+            break
+        before = page["next"]
+    messages = [m for ms in reversed(pages) for m in ms]
+    positions = [off for _, off in messages]
+    assert positions == sorted(set(positions)), f"{room}: history pages out of order or overlapping"
+    return [msg_id for msg_id, _ in messages]
+
+
 @pytest.fixture
 async def mysql_proxy(migrated: Settings) -> AsyncIterator[TcpProxy]:
     target = MysqlTarget.from_dsn(migrated.mysql_dsn)
@@ -148,7 +167,11 @@ async def test_faults_in_a_random_order_lose_nothing(
     chaos = Chaos(cluster, sweeper, redis_proc, redis_port, tmp_path / "redis", mysql_proxy, log_dir, rng)
     client = aioredis.from_url(settings.redis_url)
     try:
-        await run_load_through(cluster, lambda: chaos.run(plan), client, mysql)
+        load = await run_load_through(cluster, lambda: chaos.run(plan), client, mysql)
+        async with RoomcastClient([cluster.url(0)], token(settings, "reader")) as reader:
+            paged = {room: await history_ids(reader, room) for room in load.rooms}
+        history = check_storage(load.acked_by_room(), paged)
+        assert history.ok, f"history paged back: {history}"
         assert not chaos.crashed(), f"services died on their own: {chaos.crashed()}"
     except BaseException as e:
         e.add_note(f"CHAOS_SEED={seed}: plan {plan}, done {chaos.done}")
