@@ -25,7 +25,7 @@ from gateway.hub import Hub
 from gateway.node import Node
 from gateway.publisher import Publisher
 from gateway.rest import room_messages
-from shared.kafka import ensure_topic, new_consumer, new_producer
+from shared.kafka import new_consumer, new_producer, wait_for_topic
 from shared.keys import Keys
 from shared.mysql import create_pool
 from shared.settings import Settings
@@ -37,7 +37,7 @@ STATIC = Path(__file__).parent / "static"
 def create_app(settings: Settings) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Node]]:
-        await ensure_topic(settings)
+        await wait_for_topic(settings)
         redis = aioredis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=3)
         mysql = await create_pool(settings.mysql_dsn, settings.mysql_pool_max)
         producer = new_producer(settings)

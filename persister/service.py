@@ -23,7 +23,7 @@ from redis.exceptions import RedisError
 
 from persister import metrics
 from persister.redis_store import Applied, RedisBuffer
-from shared.kafka import GapGuard, ensure_topic, new_consumer
+from shared.kafka import GapGuard, new_consumer, wait_for_topic
 from shared.keys import Keys
 from shared.message import Message
 from shared.mover import Mover
@@ -304,7 +304,7 @@ class _Rebalance(ConsumerRebalanceListener):
 
 
 async def run(settings: Settings, stop: asyncio.Event) -> None:
-    await ensure_topic(settings)
+    await wait_for_topic(settings)
     redis = aioredis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
     pool = await create_pool(settings.mysql_dsn, settings.mysql_pool_max)
     rooms = RoomDirectory(pool)

@@ -14,7 +14,8 @@ from collections.abc import Callable
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from tenacity import AsyncRetrying, before_sleep_log, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from shared.settings import Settings
 
@@ -38,6 +39,19 @@ async def ensure_topic(settings: Settings) -> None:
             pass
     finally:
         await admin.close()
+
+
+async def wait_for_topic(settings: Settings) -> None:
+    """ensure_topic, tried again while the broker does not answer, for up to KAFKA_STARTUP_WAIT_S: a
+    gateway or persister started during a broker outage comes up when the broker is back instead of
+    exiting into its orchestrator's growing crash-loop back-off."""
+    retrying = AsyncRetrying(retry=retry_if_exception_type((KafkaError, OSError)),
+                             wait=wait_exponential(multiplier=0.2, max=5),
+                             stop=stop_after_delay(settings.kafka_startup_wait_s),
+                             before_sleep=before_sleep_log(log, logging.WARNING), reraise=True)
+    async for attempt in retrying:
+        with attempt:
+            await ensure_topic(settings)
 
 
 def new_producer(settings: Settings) -> AIOKafkaProducer:

@@ -34,6 +34,9 @@ class Settings(BaseSettings):
         0, ge=0, description="Producer batching delay; records still batch while a request is in flight"
     )
     kafka_request_timeout_ms: int = Field(5000, ge=100)
+    kafka_startup_wait_s: float = Field(
+        300.0, ge=0, description="How long a starting gateway or persister waits for the broker before it exits"
+    )
     kafka_fetch_max_wait_ms: int = Field(20, ge=0, description="Fan-out latency vs broker CPU trade")
     kafka_gap_wait_ms: int = Field(
         2000, ge=0, description="How long a consumer reads a fetch's skipped offsets again before it accepts the gap"

@@ -21,7 +21,7 @@ from shared.client import RoomcastClient
 from shared.keys import Keys
 from shared.message import Message, new_message_id
 from shared.mysql import MysqlTarget
-from shared.services import scrape
+from shared.services import scrape, start_gateway, start_persister, wait_http_ok
 from shared.settings import Settings
 from tests.faults.harness import run_load_through, small
 from tests.faults.proxy import TcpProxy
@@ -221,6 +221,34 @@ async def test_broker_killed_for_10s_sends_fail_cleanly_and_nothing_acked_is_los
         weed.stop()
     assert not load.errors, "every send was eventually acknowledged (the client resent it)"
     assert sum(m.client.resends for m in load.members) > 0, "sends were refused while the broker was down"
+
+
+async def test_a_gateway_and_persister_started_before_the_broker_come_up_when_it_does(
+        migrated: Settings, log_dir: Path, redis: aioredis.Redis) -> None:
+    port = localstack.free_port()
+    settings = migrated.model_copy(update={"kafka_bootstrap": f"127.0.0.1:{port}"})
+    gateway = start_gateway(settings, localstack.free_port(), log_dir, f"{settings.redis_prefix}-early-gw", wait=False)
+    persister = start_persister(settings, log_dir, f"{settings.redis_prefix}-early-persister")
+    broker = None
+    try:
+        await asyncio.sleep(3)
+        assert gateway.alive and persister.alive, "they wait for the broker instead of exiting"
+        broker = localstack.start_tansu_memory(port, log_dir)
+        await asyncio.to_thread(wait_http_ok, f"http://127.0.0.1:{gateway.ports[0]}/readyz", gateway)
+        async with RoomcastClient([f"ws://127.0.0.1:{gateway.ports[0]}"], token(settings, "ann")) as ann:
+            await ann.join("early")
+            await ann.send("early", "first")
+        keys = Keys(settings.redis_prefix, settings.kafka_partitions)
+
+        async def stored() -> bool:
+            return await redis.llen(keys.msgs("early")) == 1
+
+        await eventually(stored, 30, what="the persister storing the first message")
+    finally:
+        gateway.stop()
+        persister.stop()
+        if broker is not None:
+            broker.stop()
 
 
 async def readyz(cluster: Cluster, i: int) -> int:
