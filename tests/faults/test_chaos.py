@@ -2,8 +2,9 @@
 order: a gateway killed or drained and started again on its port, the persister or the sweeper
 (retention 3 s: it moves messages to MySQL all along) killed and started again, and outages of a
 few seconds while the next faults go on: Redis killed, then restarted on its AOF; MySQL cut off,
-then back. So services also start while Redis or MySQL is away. Afterwards nothing acknowledged
-is lost, duplicated or out of order, delivered, stored, or paged back through history.
+then back; with a durable broker, also the broker killed, then started again. So services also
+start while a dependency is away. Afterwards nothing acknowledged is lost, duplicated or out of
+order, delivered, stored, or paged back through history.
 
 A failure names its seed and plan; `CHAOS_SEED=N` runs that plan again, `CHAOS_ROUNDS` sets its
 length (default 8)."""
@@ -14,7 +15,7 @@ import asyncio
 import os
 import random
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import aiomysql
@@ -50,6 +51,9 @@ class Chaos:
         self.background: set[asyncio.Task[None]] = set()
         self.redis_lock = asyncio.Lock()
         self.mysql_lock = asyncio.Lock()
+        self.broker_lock = asyncio.Lock()
+        self.broker: localstack.Proc | None = None  # a durable broker, when kill_broker is in the plan
+        self.start_broker: Callable[[], localstack.Proc] | None = None
         self.done: list[str] = []
 
     async def run(self, plan: list[str]) -> None:
@@ -101,6 +105,19 @@ class Chaos:
     async def _kill_redis(self) -> None:
         self.redis.kill()
 
+    async def kill_broker(self) -> None:
+        assert self.broker is not None and self.start_broker is not None
+        start = self.start_broker
+
+        async def up() -> None:
+            self.broker = await asyncio.to_thread(start)
+
+        async def down() -> None:
+            assert self.broker is not None
+            self.broker.kill()
+
+        await self._outage(self.broker_lock, down, up)
+
     async def cut_mysql(self) -> None:
         await self._outage(self.mysql_lock, self.mysql.cut, self.mysql.restore)
 
@@ -148,11 +165,39 @@ async def mysql_proxy(migrated: Settings) -> AsyncIterator[TcpProxy]:
     await proxy.close()
 
 
+@pytest.fixture
+def durable_broker(tmp_path: Path, log_dir: Path) -> Iterator[tuple[int, Callable[[], localstack.Proc]]]:
+    """A Tansu on S3 (SeaweedFS) that keeps what it acknowledged through kill -9: its port, and how
+    to start it (again)."""
+    ports = localstack.WeedPorts.free()
+    weed = localstack.start_seaweed(tmp_path / "weed", log_dir, ports=ports)
+    port = localstack.free_port()
+    started: list[localstack.Proc] = []
+
+    def start() -> localstack.Proc:
+        started.append(localstack.start_tansu_s3(port, log_dir, s3_port=ports.s3))
+        return started[-1]
+
+    try:
+        yield port, start
+    finally:
+        for proc in started:
+            proc.stop()
+        weed.stop()
+
+
+@pytest.mark.parametrize("broker", ["memory", "durable"])
 async def test_faults_in_a_random_order_lose_nothing(
-        migrated: Settings, log_dir: Path, tmp_path: Path, mysql: aiomysql.Pool, mysql_proxy: TcpProxy) -> None:
+        migrated: Settings, log_dir: Path, tmp_path: Path, mysql: aiomysql.Pool, mysql_proxy: TcpProxy,
+        request: pytest.FixtureRequest, broker: str) -> None:
     seed = int(os.environ.get("CHAOS_SEED") or random.randrange(1 << 30))
     rng = random.Random(seed)
-    plan = [rng.choice(FAULTS) for _ in range(int(os.environ.get("CHAOS_ROUNDS", "8")))]
+    faults = FAULTS + (("kill_broker",) if broker == "durable" else ())
+    plan = [rng.choice(faults) for _ in range(int(os.environ.get("CHAOS_ROUNDS", "8")))]
+    if broker == "durable":
+        broker_port, start_broker = request.getfixturevalue("durable_broker")
+        first_broker = start_broker()
+        migrated = migrated.model_copy(update={"kafka_bootstrap": f"127.0.0.1:{broker_port}"})
     redis_port = localstack.free_port()
     redis_proc = localstack.start_redis(redis_port, tmp_path / "redis", log_dir)
     target = MysqlTarget.from_dsn(migrated.mysql_dsn)
@@ -165,6 +210,8 @@ async def test_faults_in_a_random_order_lose_nothing(
     cluster = Cluster(settings, log_dir).start(gateways=3)
     sweeper = start_sweeper(settings, log_dir, f"{settings.redis_prefix}-sweeper")
     chaos = Chaos(cluster, sweeper, redis_proc, redis_port, tmp_path / "redis", mysql_proxy, log_dir, rng)
+    if broker == "durable":
+        chaos.broker, chaos.start_broker = first_broker, start_broker
     client = aioredis.from_url(settings.redis_url)
     try:
         load = await run_load_through(cluster, lambda: chaos.run(plan), client, mysql)
