@@ -5,7 +5,8 @@ The order matters (DESIGN.md, delivery guarantee 3):
 2. note this node's fan-out position P of the room's partition: every record below P was fanned
    out before the subscription, every record from P on will arrive live (held);
 3. wait, bounded, until the persister has applied the partition up to P - 1; if it does not
-   (down or lagging), read what it has not applied straight from Kafka instead;
+   (down or lagging), read what it has not applied straight from Kafka instead (all of the missed
+   range while Redis is away);
 4. read the stored messages with cursor < position < P: the Redis list from its newest end, then
    MySQL for the part older than the list (a mover inserts before it trims, so nothing falls
    between the two reads), or the log for that part while MySQL is away;
@@ -41,7 +42,8 @@ class ResumeUnavailable(Exception):
 
 
 class PersisterBehind(Exception):
-    """The persister has not applied the partition up to the join point (yet)."""
+    """The persister has not applied the partition up to the join point (yet), or its mark cannot be
+    read (Redis away: `mark` None, so the whole missed range comes from the log)."""
 
     def __init__(self, mark: int | None) -> None:
         super().__init__(f"applied mark {mark}")
@@ -94,7 +96,7 @@ async def wait_applied(node: Node, partition: int, offset: int) -> None:
         try:
             raw = await node.redis.get(key)
         except (RedisError, OSError) as e:
-            raise ResumeUnavailable("history store unreachable") from e
+            raise PersisterBehind(None) from e
         mark = None if raw is None else int(raw)
         if mark is not None and mark >= offset:
             return
@@ -161,7 +163,7 @@ async def missed_with_kafka(node: Node, room: str, after: int, before: int, mark
     (mark, before) straight from Kafka, so a resume never depends on the persister being up."""
     start = max(after, -1 if mark is None else mark) + 1
     if before - start > node.settings.resume_kafka_max_records:
-        raise ResumeUnavailable("the persister is too far behind")
+        raise ResumeUnavailable("too many records to read from the log (the persister is behind or Redis away)")
     stored: list[bytes] = []
     if mark is not None and mark > after:
         stored, complete = await missed(node, room, after, mark + 1)

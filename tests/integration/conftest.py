@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
 from shared.settings import Settings
+from tests.faults.proxy import TcpProxy
 from tests.support import Cluster
 
 
@@ -24,3 +26,18 @@ def cluster(small_buffer: Settings, log_dir: Path) -> Iterator[Cluster]:
     c = Cluster(small_buffer, log_dir).start()
     yield c
     c.stop()
+
+
+@pytest.fixture
+async def cluster_behind_a_redis_proxy(small_buffer: Settings,
+                                       log_dir: Path) -> AsyncIterator[tuple[Cluster, TcpProxy]]:
+    """A cluster whose every process reaches Redis through a proxy the test can cut."""
+    redis_at = urlsplit(small_buffer.redis_url)
+    proxy = await TcpProxy(redis_at.hostname or "127.0.0.1", redis_at.port or 6379).start()
+    settings = small_buffer.model_copy(update={"redis_url": f"redis://127.0.0.1:{proxy.port}{redis_at.path}"})
+    c = Cluster(settings, log_dir).start()
+    try:
+        yield c, proxy
+    finally:
+        await proxy.close()
+        c.stop()

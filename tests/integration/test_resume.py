@@ -9,6 +9,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from shared.settings import Settings
+from tests.faults.proxy import TcpProxy
 from tests.support import Cluster, Peer, eventually, offset, token
 
 pytestmark = pytest.mark.timeout(180)
@@ -110,5 +111,24 @@ async def test_resume_while_the_persister_is_down_reads_the_gap_from_kafka(
     got = b2.messages("lobby")
     assert [m["body"] for m in got] == [f"stored {i}" for i in range(5, 30)] + [f"unpersisted {i}" for i in range(10)]
     assert [m["id"] for m in got[-10:]] == [a["id"] for a in gap]
+    for p in (sender, b2):
+        await p.close()
+
+
+async def test_resume_while_redis_is_away_reads_the_missed_range_from_kafka(
+        cluster_behind_a_redis_proxy: tuple[Cluster, TcpProxy]) -> None:
+    cluster, redis_proxy = cluster_behind_a_redis_proxy
+    settings = cluster.settings
+    sender = await Peer.connect(cluster.url(0), token(settings, "alice"))
+    b = await Peer.connect(cluster.url(1), token(settings, "bob"))
+    cursor = (await b.join("lobby"))["cursor"]
+    await b.close()
+    sent = await send_many(sender, "lobby", 5, "m")
+    await redis_proxy.cut()  # the applied mark, the list and the dedupe keys are out of reach
+    b2 = await Peer.connect(cluster.url(0), token(settings, "bob"))
+    joined = await b2.join("lobby", cursor=cursor)
+    assert joined["type"] == "joined" and joined["recovered"] is True
+    await b2.wait_for(lambda f: f["type"] == "message" and f["body"] == "m 4")
+    assert [m["id"] for m in b2.messages("lobby")] == [a["id"] for a in sent]
     for p in (sender, b2):
         await p.close()
