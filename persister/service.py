@@ -40,9 +40,15 @@ T = TypeVar("T")
 COMMIT_INTERVAL_S = 1.0
 
 
+class Stopping(Exception):
+    """Asked to stop while Redis does not answer: the consume loop ends instead of waiting for it."""
+
+
 class Persister:
-    def __init__(self, settings: Settings, redis: aioredis.Redis, mover: Mover, rooms: RoomDirectory) -> None:
+    def __init__(self, settings: Settings, redis: aioredis.Redis, mover: Mover, rooms: RoomDirectory,
+                 stop: asyncio.Event | None = None) -> None:
         self.s = settings
+        self.stop = stop or asyncio.Event()
         self.keys = Keys(settings.redis_prefix, settings.kafka_partitions)
         self.buffer = RedisBuffer(redis, self.keys, settings.buffer_cap, settings.dedupe_ttl_s)
         self.mover = mover
@@ -105,11 +111,17 @@ class Persister:
         self.consumer.seek(tp, start)
 
     # --- the main loop
-    async def consume(self, stop: asyncio.Event) -> None:
+    async def consume(self) -> None:
+        try:
+            await self._consume()
+        except Stopping:
+            log.warning("stopping while Redis is unreachable (what is not applied is replayed by the next owner)")
+
+    async def _consume(self) -> None:
         assert self.consumer is not None
         checked = committed = time.monotonic()
         uncommitted = False
-        while not stop.is_set():
+        while not self.stop.is_set():
             if time.monotonic() - checked > 1.0:
                 await self.check_marks()
                 checked = time.monotonic()
@@ -286,6 +298,8 @@ class Persister:
             try:
                 return await fn(*args)
             except (RedisError, OSError) as e:
+                if self.stop.is_set():
+                    raise Stopping from e
                 metrics.REDIS_ERRORS.inc()
                 log.warning("redis unavailable; retrying", extra={"error": repr(e), "retry_in": delay})
                 await asyncio.sleep(delay)
@@ -310,7 +324,7 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
     rooms = RoomDirectory(pool)
     mover = Mover(redis, pool, Keys(settings.redis_prefix, settings.kafka_partitions), rooms)
     metrics.bind_mover(mover)
-    p = Persister(settings, redis, mover, rooms)
+    p = Persister(settings, redis, mover, rooms, stop)
     p.consumer = new_consumer(settings, group_id=settings.kafka_persister_group, max_poll_records=None,
                               fetch_max_wait_ms=settings.persister_fetch_wait_ms)
     p.consumer.subscribe([settings.kafka_topic], listener=_Rebalance(p))
@@ -319,7 +333,7 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
     crash_on_failure(flusher, stop)
     log.info("persister started", extra={"topic": settings.kafka_topic})
     try:
-        await p.consume(stop)
+        await p.consume()
     finally:
         flusher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
