@@ -195,7 +195,7 @@ async def from_kafka(node: Node, room: str, start: int, end: int) -> list[bytes]
         position = start
         while position < end:
             if time.monotonic() > deadline:
-                raise ResumeUnavailable("reading the log took too long")
+                raise ResumeUnavailable(f"reading the log took too long (offset {position} of [{start}, {end}))")
             records = (await consumer.getmany(tp, timeout_ms=500, max_records=5000)).get(tp, [])
             n, again = gaps.cut(tp.partition, position, [r.offset for r in records])
             if again is not None:
