@@ -93,22 +93,30 @@ async def all_partitions(consumer: AIOKafkaConsumer, topic: str, timeout_s: floa
         await asyncio.sleep(0.1)
 
 
-async def offsets_now(consumer: AIOKafkaConsumer, tps: list[TopicPartition],
-                      timeout_s: float = 30.0) -> dict[TopicPartition, int]:
-    """The offset each partition's next new record will get: its high-water mark, as the first fetch
-    response reports it. ListOffsets ("latest", `end_offsets`) cannot be trusted for that on Tansu:
-    in memory storage it points a batch early, and after a restart of its S3 storage it was seen
-    far behind (1 or 6 for a partition holding 13 records), which sent a restarted gateway back
-    over the whole log. The fetch starts at that answer so it reads little; `consumer` must not
-    have fetched yet (its high-water marks are this fetch's)."""
+async def high_water_marks(consumer: AIOKafkaConsumer, tps: list[TopicPartition],
+                           timeout_s: float) -> dict[TopicPartition, int | None]:
+    """Each partition's high-water mark as a fetch response reports it (None where none answered
+    within `timeout_s`); every partition is left sought to ListOffsets' answer. ListOffsets ("latest",
+    `end_offsets`) cannot be trusted for it on Tansu: in memory storage it points a batch early, and
+    after a restart of its S3 storage it was seen far behind (1 or 6 for a partition of 13 records).
+    The fetch starts at that answer, so it reads little. `consumer` must not have fetched yet."""
     for tp, offset in (await consumer.end_offsets(tps)).items():
         consumer.seek(tp, offset)
     deadline = time.monotonic() + timeout_s
-    while any(consumer.highwater(tp) is None for tp in tps):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"no fetch answered for {[tp for tp in tps if consumer.highwater(tp) is None]}")
+    while any(consumer.highwater(tp) is None for tp in tps) and time.monotonic() < deadline:
         await consumer.getmany(*tps, timeout_ms=100, max_records=1)  # (what it returns is old: dropped)
-    return {tp: int(consumer.highwater(tp)) for tp in tps}
+    return {tp: consumer.highwater(tp) for tp in tps}
+
+
+async def offsets_now(consumer: AIOKafkaConsumer, tps: list[TopicPartition],
+                      timeout_s: float = 30.0) -> dict[TopicPartition, int]:
+    """The offset each partition's next new record will get: where a fan-out starts. (ListOffsets'
+    answer sent a gateway started after a Tansu restart back over the whole log.)"""
+    highs = await high_water_marks(consumer, tps, timeout_s)
+    now = {tp: high for tp, high in highs.items() if high is not None}
+    if len(now) < len(tps):
+        raise TimeoutError(f"no fetch answered within {timeout_s}s for {[tp for tp in tps if tp not in now]}")
+    return now
 
 
 class GapGuard:

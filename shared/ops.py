@@ -24,6 +24,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaConnectionError, KafkaError
 
+from shared.kafka import high_water_marks
 from shared.keys import Keys
 from shared.migrate import migration_files
 from shared.mysql import MysqlTarget
@@ -412,8 +413,7 @@ async def _redis_partition_counts(redis: aioredis.Redis, settings: Settings, sta
 
 
 async def _kafka_lag(settings: Settings, timeout_s: float, stats: Stats) -> None:
-    """High-water marks from fetch responses (Tansu's ListOffsets end offsets can be a batch early,
-    see KAFKA.md), read by seeking each partition to its end and fetching once."""
+    """Lag against the high-water marks of fetch responses (Tansu's ListOffsets cannot be trusted)."""
     if not stats.partitions:  # no marks without Redis: lag would be meaningless
         stats.partitions = [PartitionStats(p, None, 0, None, None) for p in range(settings.kafka_partitions)]
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=None,
@@ -425,19 +425,14 @@ async def _kafka_lag(settings: Settings, timeout_s: float, stats: Stats) -> None
         tps = [TopicPartition(settings.kafka_topic, p.partition) for p in stats.partitions]
         consumer.assign(tps)
         starts = await _bounded(consumer.beginning_offsets(tps), timeout_s)
-        ends = await _bounded(consumer.end_offsets(tps), timeout_s)
-        for tp in tps:
-            consumer.seek(tp, ends[tp])
-        deadline = time.monotonic() + timeout_s
-        while any(consumer.highwater(tp) is None for tp in tps) and time.monotonic() < deadline:
-            await consumer.getmany(*tps, timeout_ms=200, max_records=1)
+        highs = await _bounded(high_water_marks(consumer, tps, timeout_s), timeout_s * 2)
     except (Unreachable, KafkaError, OSError) as e:
         stats.errors["kafka"] = _reason(e)
         return
     finally:
         await consumer.stop()
     for p, tp in zip(stats.partitions, tps, strict=True):
-        p.log_start, p.high_water = starts[tp], consumer.highwater(tp)
+        p.log_start, p.high_water = starts[tp], highs[tp]
         if p.high_water is not None and "redis" not in stats.errors:
             p.lag = partition_lag(p.applied, p.log_start, p.high_water)
     lags = [p.lag for p in stats.partitions]
