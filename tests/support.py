@@ -14,12 +14,14 @@ import aiomysql
 import orjson
 import redis.asyncio as aioredis
 import websockets
+from aiokafka import AIOKafkaProducer, TopicPartition
 from pydantic import SecretStr
 from websockets.asyncio.client import ClientConnection
 
 from shared import localstack
 from shared.auth import mint_token
 from shared.localstack import Proc
+from shared.message import Message
 from shared.mysql import MysqlTarget
 from shared.services import start_gateway, start_persister
 from shared.settings import Settings
@@ -175,6 +177,19 @@ async def delete_keys(client: aioredis.Redis, prefix: str) -> None:
             batch.clear()
     if batch:
         await client.delete(*batch)
+
+
+async def produce_messages(settings: Settings, tp: TopicPartition, room: str, n: int) -> None:
+    """`n` messages of `room` (ids ID0, ID1, ...) straight into partition `tp`, one acknowledged
+    send at a time, as a gateway would produce them."""
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
+    await producer.start()
+    try:
+        for i in range(n):
+            msg = Message(f"ID{i}", room, "alice", f"m{i}", 1_764_000_000_000 + i, f"c{i}")
+            await (await producer.send(tp.topic, msg.kafka_value(), key=room.encode(), partition=tp.partition))
+    finally:
+        await producer.stop()
 
 
 def token(settings: Settings, user: str, **kw: Any) -> str:

@@ -10,15 +10,15 @@ from typing import Any
 import aiomysql
 import pytest
 import redis.asyncio as aioredis
-from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka import TopicPartition
 
 from persister.service import Persister
 from shared.kafka import ensure_topic, new_consumer
 from shared.keys import Keys
-from shared.message import Message
 from shared.mover import Mover
 from shared.rooms import RoomDirectory
 from shared.settings import Settings
+from tests.support import produce_messages
 
 ROOM = "rebalanced-room"
 
@@ -71,14 +71,7 @@ async def test_a_mark_check_lets_a_partition_revoked_meanwhile_go(persister: Per
 async def test_a_write_lets_a_partition_revoked_meanwhile_go(
         persister: Persister, migrated: Settings, redis: aioredis.Redis) -> None:
     tp = our_partition(persister)
-    producer = AIOKafkaProducer(bootstrap_servers=migrated.kafka_bootstrap, acks="all")
-    await producer.start()
-    try:
-        for n in range(3):
-            msg = Message(f"ID{n}", ROOM, "alice", f"m{n}", 1_764_000_000_000 + n, f"c{n}")
-            await (await producer.send(tp.topic, msg.kafka_value(), key=ROOM.encode(), partition=tp.partition))
-    finally:
-        await producer.stop()
+    await produce_messages(migrated, tp, ROOM, 3)
     assert persister.consumer is not None
     records = (await persister.consumer.getmany(tp, timeout_ms=5000))[tp]
     assert [r.offset for r in records] == [0, 1, 2]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import aiomysql
 import redis.asyncio as aioredis
-from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka import TopicPartition
 
 from persister.service import Persister
 from shared.kafka import ensure_topic, new_consumer
@@ -19,6 +19,7 @@ from shared.message import Message
 from shared.mover import Mover
 from shared.rooms import RoomDirectory
 from shared.settings import Settings
+from tests.support import produce_messages
 
 ROOM = "replayed-room"
 
@@ -29,14 +30,7 @@ async def test_a_replay_from_the_log_start_does_not_start_at_a_later_batch(
     keys = Keys(settings.redis_prefix, settings.kafka_partitions)
     tp = TopicPartition(settings.kafka_topic, keys.partition(ROOM))
     await ensure_topic(settings)
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
-    await producer.start()
-    try:
-        for n in range(5):
-            msg = Message(f"ID{n}", ROOM, "alice", f"m{n}", 1_764_000_000_000 + n, f"c{n}")
-            await (await producer.send(tp.topic, msg.kafka_value(), key=ROOM.encode(), partition=tp.partition))
-    finally:
-        await producer.stop()
+    await produce_messages(settings, tp, ROOM, 5)
     rooms = RoomDirectory(mysql)
     persister = Persister(settings, redis, Mover(redis, mysql, keys, rooms), rooms)
     persister.consumer = consumer = new_consumer(settings)
