@@ -126,7 +126,7 @@ class Connection:
     (join/history requests, the send worker, acks not received yet) and the queue of sends waiting
     for the producer, with the worker that hands them over in order."""
 
-    __slots__ = ("_sends", "_tasks", "identity", "inbound", "node", "requests", "s", "session", "ws")
+    __slots__ = ("_joining", "_sends", "_tasks", "identity", "inbound", "node", "requests", "s", "session", "ws")
 
     def __init__(self, node: Node, websocket: WebSocket, identity: Identity) -> None:
         self.node = node
@@ -138,6 +138,7 @@ class Connection:
         self.requests = 0  # join/history tasks running
         self._tasks: set[asyncio.Future[Any]] | None = None
         self._sends: deque[Send] | None = None  # while the send worker runs
+        self._joining: set[str] | None = None  # rooms with a join in progress
 
     async def serve(self) -> None:
         """Until either side closes the connection. (The receive loop is here, not in a task or a
@@ -323,7 +324,18 @@ class Connection:
             return
         partition = self.node.keys.partition(room)
         if f.cursor:
-            await resume(self.node, self.session, room, f.cursor, self.fail)
+            # A client re-sends a join left unanswered (a resume can wait seconds for storage or the
+            # log): the join in progress answers it. Two at once would each hold and replay the
+            # room's live frames, and one failing would leave the room the other had joined.
+            if self._joining is not None and room in self._joining:
+                return
+            self._joining = (self._joining or set()) | {room}
+            try:
+                await resume(self.node, self.session, room, f.cursor, self.fail)
+            finally:
+                self._joining.discard(room)
+                if not self._joining:
+                    self._joining = None
             return
         self.node.hub.join(room, self.session)
         metrics.JOINS.inc()

@@ -15,7 +15,7 @@ import aiomysql
 import redis.asyncio as aioredis
 
 from shared.auth import mint_token
-from shared.checker import Ack, Report, check_delivery, check_storage, stored_ids, stored_messages
+from shared.checker import Ack, Report, check_delivery, check_storage, offset, stored_ids, stored_messages
 from shared.client import RoomcastClient
 from shared.keys import Keys
 from shared.settings import Settings
@@ -145,6 +145,21 @@ class Load:
                 by_room[a.room].add(a.id)
         return by_room
 
+    def missing(self) -> str:
+        """Per member and room, the acked offsets it never received (for failure messages)."""
+        acks = {a.id: a for m in self.members for a in m.acks}
+        out = []
+        for m in self.members:
+            for room in m.rooms:
+                got = {i for i, _ in m.received.get(room, [])}
+                since = offset(m.joined.get(room, ""))
+                lost = sorted(offset(a.cursor) for a in acks.values()
+                              if a.room == room and a.id not in got and offset(a.cursor) > since)
+                if lost:
+                    last = max((offset(c) for _, c in m.received.get(room, [])), default=-1)
+                    out.append(f"{m.name}/{room}: {len(lost)} at {lost[0]}..{lost[-1]} (got up to {last})")
+        return "; ".join(out)
+
     def describe(self) -> str:
         """Per client: reconnects, resume gaps, unmatched errors (for failure messages)."""
         return "; ".join(f"{m.name}: reconnects={m.client.reconnects} gaps={m.client.gaps} "
@@ -180,7 +195,7 @@ async def run_load_through(cluster: Cluster, fault: Callable[[], Awaitable[None]
         await load.drain(90)
         assert load.total_acked > 50
         delivery = load.delivery()
-        assert delivery.ok, f"delivery: {delivery} ({load.describe()})"
+        assert delivery.ok, f"delivery: {delivery} ({load.describe()}) missing: {load.missing()}"
         storage = await load.storage(redis, mysql, timeout=90)
         assert storage.ok, f"storage: {storage}"
     finally:

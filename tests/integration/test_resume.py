@@ -132,3 +132,28 @@ async def test_resume_while_redis_is_away_reads_the_missed_range_from_kafka(
     assert [m["id"] for m in b2.messages("lobby")] == [a["id"] for a in sent]
     for p in (sender, b2):
         await p.close()
+
+
+async def test_a_join_sent_again_while_the_first_resumes_is_answered_once_without_a_hole(
+        cluster: Cluster, small_buffer: Settings) -> None:
+    """A client re-sends a join left unanswered; a resume waits for the persister (stopped here) up
+    to RECOVERY_WAIT_S. Two resumes at once each held the room's live frames, so the messages sent
+    between them never reached the client."""
+    sender = await Peer.connect(cluster.url(0), token(small_buffer, "alice"))
+    b = await Peer.connect(cluster.url(1), token(small_buffer, "bob"))
+    cursor = (await b.join("lobby"))["cursor"]
+    await b.close()
+    assert cluster.persister is not None
+    cluster.persister.stop()
+    missed = await send_many(sender, "lobby", 3, "missed")
+    b2 = await Peer.connect(cluster.url(1), token(small_buffer, "bob"))
+    await b2.send({"type": "join", "room": "lobby", "cursor": cursor})
+    during = await send_many(sender, "lobby", 3, "during")  # live while the resume waits: held for b2
+    await b2.send({"type": "join", "room": "lobby", "cursor": cursor})  # the client's re-send
+    after = await send_many(sender, "lobby", 3, "after")
+    await b2.wait_for(lambda f: f["type"] == "message" and f["body"] == "after 2", timeout=20)
+    await asyncio.sleep(small_buffer.recovery_wait_s + 1)  # a second answer would have come by now
+    assert [f["type"] for f in b2.frames if f["type"] in ("joined", "error")] == ["joined"]
+    assert [m["id"] for m in b2.messages("lobby")] == [a["id"] for a in missed + during + after]
+    for p in (sender, b2):
+        await p.close()
