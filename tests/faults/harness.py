@@ -47,6 +47,7 @@ class Load:
         self._senders: list[asyncio.Task[None]] = []
         self._seq = itertools.count()
         self.errors: list[BaseException] = []
+        self.bodies: dict[str, str] = {}  # message id -> body, of every message received
 
     async def start(self) -> None:
         for i in range(self.n):
@@ -67,6 +68,7 @@ class Load:
     def _collector(self, member: Member) -> Any:
         def on_message(frame: dict[str, Any]) -> None:
             member.received.setdefault(frame["room"], []).append((frame["id"], frame["cursor"]))
+            self.bodies[frame["id"]] = frame["body"]
         return on_message
 
     async def _send_loop(self, m: Member) -> None:
@@ -160,6 +162,14 @@ class Load:
                     out.append(f"{m.name}/{room}: {len(lost)} at {lost[0]}..{lost[-1]} (got up to {last})")
         return "; ".join(out)
 
+    def unacked(self) -> str:
+        """Received ids no ack named, with the body they carry and the id that body was acked with."""
+        acked = {a.id for m in self.members for a in m.acks}
+        acked_body = {self.bodies.get(a.id): a.id for m in self.members for a in m.acks}
+        out = [f"{msg_id} {body!r} (acked as {acked_body.get(body)})"
+               for msg_id, body in self.bodies.items() if msg_id not in acked]
+        return "; ".join(out[:5])
+
     def describe(self) -> str:
         """Per client: reconnects, resume gaps, unmatched errors (for failure messages)."""
         return "; ".join(f"{m.name}: reconnects={m.client.reconnects} gaps={m.client.gaps} "
@@ -195,7 +205,8 @@ async def run_load_through(cluster: Cluster, fault: Callable[[], Awaitable[None]
         await load.drain(90)
         assert load.total_acked > 50
         delivery = load.delivery()
-        assert delivery.ok, f"delivery: {delivery} ({load.describe()}) missing: {load.missing()}"
+        assert delivery.ok, (f"delivery: {delivery} ({load.describe()}) missing: {load.missing()} "
+                             f"unacked: {load.unacked()}")
         storage = await load.storage(redis, mysql, timeout=90)
         assert storage.ok, f"storage: {storage}"
     finally:
