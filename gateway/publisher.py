@@ -2,14 +2,21 @@
 
 A resend of the same (user, client_msg_id) within the dedupe window gets the first ack again:
 the first sender claims the dedupe key in Redis before producing, so a resend on another node
-waits for that ack instead of producing a second copy. A produce that failed without a definite
-answer (a timeout: the record may still reach Kafka) keeps its claim for DEDUPE_SETTLE_MS, so a
-resend meanwhile gets the stored copy's ack instead of publishing it twice.
+waits for that ack instead of producing a second copy. The claim holds the message's id and ts.
+A produce the gateway stopped waiting for keeps its claim while the producer still holds the
+record (through a broker outage), then records its ack or lets go. A produce that failed leaves
+the claim as `retry`: the resend that takes it over publishes the SAME id and ts, because a failed
+produce may still have reached Kafka (a broker that wrote the record and died before answering).
+Two copies of one id are one message to the persister, MySQL, the fan-out and the client library.
+
+The key's value: `pending|<id>|<ts>` (a produce in flight), `retry|<id>|<ts>` (the last produce
+failed), or the ack frame's JSON (Kafka has it; written by the gateway or by the persister).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
 from collections.abc import Awaitable
@@ -26,18 +33,38 @@ from shared.keys import Keys
 from shared.message import Message, new_message_id
 from shared.settings import Settings
 
-PENDING = b"pending"
+PENDING = b"pending|"
+RETRY = b"retry|"
 
-# Claims are released (expired in ARGV[1] ms; 0 deletes) and acks recorded only over our own
-# pending claim: once the persister has stored the message it records the first copy's ack in the
-# same key, and that must survive (a produce that timed out may still have reached Kafka; the
-# resend then gets that ack).
-EXPIRE_CLAIM = """
-if redis.call('GET', KEYS[1]) == 'pending' then return redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+# KEYS[1] the dedupe key; ARGV: this send's "<id>|<ts>", the pending TTL (s). Returns the
+# "<id>|<ts>" to publish (ours, or that of a failed earlier attempt: taken over), or nil when
+# another attempt is in flight or acknowledged.
+CLAIM = """
+local v = redis.call('GET', KEYS[1])
+if not v then
+  redis.call('SET', KEYS[1], 'pending|' .. ARGV[1], 'EX', ARGV[2])
+  return ARGV[1]
+end
+if string.sub(v, 1, 6) == 'retry|' then
+  local taken = string.sub(v, 7)
+  redis.call('SET', KEYS[1], 'pending|' .. taken, 'EX', ARGV[2])
+  return taken
+end
+return false
+"""
+# Only over our own pending claim: once the persister has stored the message it records the first
+# copy's ack in the same key, and that must survive. ARGV[1] is the claim ("pending|<id>|<ts>").
+RENEW_CLAIM = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('EXPIRE', KEYS[1], ARGV[2]) end
 return 0
 """
+FAIL_CLAIM = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[1], 'retry|' .. string.sub(ARGV[1], 9), 'EX', ARGV[2])
+end
+"""
 RECORD_ACK = """
-if redis.call('GET', KEYS[1]) == 'pending' then redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2]) end
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3]) end
 """
 
 
@@ -54,12 +81,17 @@ class Publisher:
         self._produce_timeout = settings.kafka_request_timeout_ms / 1000 * 2
         self._pending_ttl = int(self._produce_timeout) + 5
         self._acks = AckWriter(redis, settings.dedupe_ttl_s)
-        self._expire_claim = redis.register_script(EXPIRE_CLAIM)
+        self._claim = redis.register_script(CLAIM)
+        self._renew_claim = redis.register_script(RENEW_CLAIM)
+        self._fail_claim = redis.register_script(FAIL_CLAIM)
+        self._late: set[asyncio.Task[None]] = set()  # produces that timed out, awaited to their end
         self.last_ok = self.last_failure = 0.0  # monotonic times of the last acked / failed produce
 
     async def close(self) -> None:
-        """Shutdown, after the producer has stopped: write the acks gathered so far (the Redis client
-        closes next)."""
+        """Shutdown, after the producer has stopped (it answered every record it held): settle the
+        produces that had timed out, and write the acks gathered so far (the Redis client closes next)."""
+        if self._late:
+            await asyncio.wait(self._late, timeout=self._pending_ttl)
         await self._acks.close()
 
     def broker_trouble(self, window_s: float = 10.0) -> str | None:
@@ -76,61 +108,89 @@ class Publisher:
         t0 = time.perf_counter()
         key = self.keys.sent(room, user, client_msg_id)
         try:
-            claimed = await self.redis.set(key, PENDING, nx=True, ex=self._pending_ttl)
+            taken = await self._claim(keys=[key], args=[f"{new_message_id()}|{int(time.time() * 1000)}",
+                                                        self._pending_ttl])
         except (RedisError, OSError) as e:
             raise Unavailable("dedupe store unavailable") from e
-        if not claimed:
+        if taken is None:
             metrics.RESENDS.inc()
             return self._first_ack(key)
-        msg = Message(new_message_id(), room, user, body, int(time.time() * 1000), client_msg_id)
+        claim = PENDING + taken
+        msg_id, _, ts = taken.decode().partition("|")
+        msg = Message(msg_id, room, user, body, int(ts), client_msg_id)
         try:
             delivery = await self.producer.send(self.s.kafka_topic, msg.kafka_value(), key=room.encode(),
                                                 partition=self.keys.partition(room))
         except (KafkaError, OSError) as e:
             self.last_failure = time.monotonic()
-            await self._release(key, after_ms=0)  # (the producer did not take it: resend at once)
+            await self._failed(key, claim)
             raise Unavailable(f"broker unavailable: {type(e).__name__}") from e
-        return self._ack(key, msg, delivery, t0)
+        return self._ack(key, claim, msg, delivery, t0)
 
-    async def _ack(self, key: str, msg: Message, delivery: asyncio.Future[Any], t0: float) -> bytes:
+    async def _ack(self, key: str, claim: bytes, msg: Message, delivery: asyncio.Future[Any], t0: float) -> bytes:
         try:
-            md = await asyncio.wait_for(delivery, self._produce_timeout)
-        except (KafkaError, TimeoutError, OSError) as e:
+            md = await asyncio.wait_for(asyncio.shield(delivery), self._produce_timeout)
+        except TimeoutError as e:
+            # The producer still holds the record (it waits out a broker outage), so it may reach
+            # Kafka later: the claim stays pending until the producer knows, so a resend meanwhile
+            # waits for this copy's ack instead of publishing a second copy.
             self.last_failure = time.monotonic()
-            await self._release(key, after_ms=self.s.dedupe_settle_ms)  # (it may still reach Kafka)
+            task = asyncio.create_task(self._settle_late(key, claim, msg, delivery), name="late-produce")
+            self._late.add(task)
+            task.add_done_callback(self._late.discard)
+            raise Unavailable("broker unavailable: no answer yet") from e
+        except (KafkaError, OSError) as e:
+            self.last_failure = time.monotonic()
+            await self._failed(key, claim)
             raise Unavailable(f"broker unavailable: {type(e).__name__}") from e
         self.last_ok = time.monotonic()
+        ack_json = self._record(key, claim, msg, md)
+        metrics.MESSAGES_IN.inc()
+        metrics.SEND_ACK_SECONDS.observe(time.perf_counter() - t0)
+        return ack_json
+
+    def _record(self, key: str, claim: bytes, msg: Message, md: Any) -> bytes:
         acked = dataclasses.replace(msg, position=Position(md.partition, md.offset))
         ack_json = acked.ack()
         # Recorded in the background: the client need not wait for it (a resend meanwhile finds our
         # claim and waits for the ack to appear), and acks that complete together share one write.
-        self._acks.put(key, ack_json)
-        metrics.MESSAGES_IN.inc()
-        metrics.SEND_ACK_SECONDS.observe(time.perf_counter() - t0)
+        self._acks.put(key, claim, ack_json)
         return ack_json
+
+    async def _settle_late(self, key: str, claim: bytes, msg: Message, delivery: asyncio.Future[Any]) -> None:
+        """Keep the claim of a produce that timed out pending until the producer answers; then
+        record its ack (it reached Kafka: a resend gets that ack) or leave it to a resend."""
+        while not delivery.done():
+            with contextlib.suppress(RedisError, OSError):  # (renewed: the claim lapses if we die)
+                await self._renew_claim(keys=[key], args=[claim, self._pending_ttl])
+            await asyncio.wait({delivery}, timeout=self._pending_ttl / 3)
+        if delivery.cancelled() or delivery.exception() is not None:
+            await self._failed(key, claim)
+        else:
+            self.last_ok = time.monotonic()
+            self._record(key, claim, msg, delivery.result())
 
     async def _first_ack(self, key: str) -> bytes:
         deadline = time.monotonic() + self._pending_ttl
         while time.monotonic() < deadline:
             try:
-                raw = await self.redis.get(key)
+                value = await self.redis.get(key)
             except (RedisError, OSError) as e:
                 raise Unavailable("dedupe store unavailable") from e
-            if raw is None:
+            raw = value.encode() if isinstance(value, str) else value
+            if raw is None or raw.startswith(RETRY):
                 raise Unavailable("the first send of this client_msg_id failed; send it again")
-            if raw != PENDING:
-                return raw if isinstance(raw, bytes) else raw.encode()
+            if raw.startswith(b"{"):  # (an ack frame; anything else is a claim in flight)
+                return raw
             await asyncio.sleep(0.05)
         raise Unavailable("the first send of this client_msg_id is still pending")
 
-    async def _release(self, key: str, after_ms: int) -> None:
-        """Let a resend produce again `after_ms` from now. Until then a resend waits for the ack the
-        persister records over the claim if it stores a copy that reached Kafka after all (a failed
-        produce may still land). Claims left unreleased expire after the pending TTL."""
-        try:
-            await self._expire_claim(keys=[key], args=[after_ms])
-        except (RedisError, OSError):
-            pass
+    async def _failed(self, key: str, claim: bytes) -> None:
+        """The produce failed: a resend may publish again, under the same id and ts (for the dedupe
+        window: the failed produce may still have reached Kafka). If Redis cannot be told, the
+        pending claim lapses after its TTL and a resend then publishes under a new id."""
+        with contextlib.suppress(RedisError, OSError):
+            await self._fail_claim(keys=[key], args=[claim, self.s.dedupe_ttl_s])
 
 
 class AckWriter:
@@ -144,14 +204,14 @@ class AckWriter:
     def __init__(self, redis: aioredis.Redis, ttl_s: int) -> None:
         self._redis = redis
         self._ttl = ttl_s
-        self._pending: dict[str, bytes] = {}
+        self._pending: dict[str, tuple[bytes, bytes]] = {}  # key -> (our claim, ack)
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._wakeup: asyncio.Future[None] | None = None  # while gathering: set early by close()
         self._record = redis.register_script(RECORD_ACK)
 
-    def put(self, key: str, ack_json: bytes) -> None:
-        self._pending[key] = ack_json
+    def put(self, key: str, claim: bytes, ack_json: bytes) -> None:
+        self._pending[key] = (claim, ack_json)
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._flush(), name="ack-writer")
 
@@ -163,12 +223,12 @@ class AckWriter:
                 batch, self._pending = self._pending, {}
                 try:
                     if len(batch) == 1:
-                        ((key, value),) = batch.items()
-                        await self._record(keys=[key], args=[value, self._ttl])
+                        ((key, (claim, ack)),) = batch.items()
+                        await self._record(keys=[key], args=[claim, ack, self._ttl])
                     else:  # (a script per key: keys of different partitions hash to different slots)
                         async with self._redis.pipeline(transaction=False) as pipe:
-                            for key, value in batch.items():
-                                await self._record(keys=[key], args=[value, self._ttl], client=pipe)
+                            for key, (claim, ack) in batch.items():
+                                await self._record(keys=[key], args=[claim, ack, self._ttl], client=pipe)
                             await pipe.execute()
                 except (RedisError, OSError):
                     pass

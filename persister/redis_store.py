@@ -21,7 +21,8 @@ from shared.message import Message
 # not the one expected (Redis lost data or another persister moved it): nothing applied, seek to mark+1.
 # A message is skipped when its id was appended already (a producer retry's copy) or when its
 # sender's (user, client_msg_id) is already acknowledged under another id (a resend that reached
-# Kafka twice). The ack is recorded, so a resend after a gateway crash finds the first ack.
+# Kafka twice). The ack is recorded over any claim (gateway.publisher: a value that is not an ack
+# frame, which starts with '{'), so a resend after a gateway crash finds the first ack.
 APPLY_BATCH = """
 local stored = redis.call('GET', KEYS[1])
 if ARGV[1] ~= '' and stored ~= ARGV[1] then
@@ -38,10 +39,11 @@ for _, m in ipairs(cmsgpack.unpack(ARGV[5])) do
     local entry, ts, room, id, ack = m[2], m[3], m[4], m[5], m[6]
     local list, meta, seen, sent = KEYS[m[7]], KEYS[m[8]], KEYS[m[9]], KEYS[m[10]]
     local first_ack = redis.call('GET', sent)
-    local resent = first_ack and first_ack ~= 'pending' and not string.find(first_ack, id, 1, true)
+    local acked = first_ack and string.sub(first_ack, 1, 1) == '{'
+    local resent = acked and not string.find(first_ack, id, 1, true)
     if not resent and redis.call('SADD', seen, id) == 1 then
       redis.call('EXPIRE', seen, ARGV[3])
-      if not first_ack or first_ack == 'pending' then redis.call('SET', sent, ack, 'EX', ARGV[4]) end
+      if not acked then redis.call('SET', sent, ack, 'EX', ARGV[4]) end
       local len = redis.call('RPUSH', list, entry)
       if len == 1 then redis.call('HSET', meta, 'first_ts', ts) end
       redis.call('HSET', meta, 'last_ts', ts)

@@ -62,11 +62,6 @@ class Settings(BaseSettings):
     )
     persister_batch_max: int = Field(500, ge=1, description="Kafka records applied per Redis round trip")
     dedupe_ttl_s: int = Field(3600, ge=1, description="How long a (user, client_msg_id) is remembered")
-    dedupe_settle_ms: int = Field(
-        5000, ge=0, le=10_000,
-        description="After a produce that failed without a definite answer, how long a resend waits for "
-                    "the first copy's ack before it may publish again (that copy may still reach Kafka)",
-    )
 
     # --- MySQL (the archive)
     mysql_dsn: str = "mysql://root:@127.0.0.1:3306/roomcast"

@@ -63,3 +63,24 @@ async def test_copies_resends_and_old_offsets_are_skipped(settings: Settings, re
     stale = await buffer.apply(p, 7, [message(keys, room, 9, 9)])  # the stored mark is 8, not 7
     assert stale.rewind and stale.mark == 8
     assert await redis.llen(keys.msgs(room)) == 2
+
+
+async def test_the_ack_is_recorded_over_a_gateways_claim_but_not_over_a_first_ack(
+        settings: Settings, redis: aioredis.Redis) -> None:
+    # The gateway's claims (gateway.publisher) are not ack frames: a stored copy's ack replaces a
+    # claim in flight and a failed produce's claim, so a resend gets that ack instead of publishing.
+    keys = Keys(settings.redis_prefix, settings.kafka_partitions)
+    buffer = RedisBuffer(redis, keys, cap=100, dedupe_ttl_s=60)
+    room = "r-claims"
+    in_flight, failed, acked = (message(keys, room, n, n) for n in (1, 2, 3))
+    for m, value in ((in_flight, b"pending|" + in_flight.id.encode() + b"|1"),
+                     (failed, b"retry|" + failed.id.encode() + b"|1"), (acked, b'{"type":"ack","id":"EARLIER"}')):
+        await redis.set(keys.sent(room, m.user, m.client_msg_id), value)
+
+    await buffer.apply(keys.partition(room), None, [in_flight, failed, acked])
+
+    assert await redis.get(keys.sent(room, in_flight.user, in_flight.client_msg_id)) == in_flight.ack()
+    assert await redis.get(keys.sent(room, failed.user, failed.client_msg_id)) == failed.ack()
+    assert await redis.get(keys.sent(room, acked.user, acked.client_msg_id)) == b'{"type":"ack","id":"EARLIER"}'
+    stored = await redis.lrange(keys.msgs(room), 0, -1)
+    assert [Message.from_entry(e).id for e in stored] == [in_flight.id, failed.id], "a resend under another id"

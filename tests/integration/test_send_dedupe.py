@@ -10,13 +10,14 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import orjson
 import pytest
 import redis.asyncio as aioredis
 from aiokafka import TopicPartition
 from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError
 from aiokafka.structs import RecordMetadata
 
-from gateway.publisher import PENDING, AckWriter, Publisher, Unavailable
+from gateway.publisher import PENDING, RETRY, AckWriter, Publisher, Unavailable
 from shared.keys import Keys
 from shared.settings import Settings
 
@@ -56,18 +57,24 @@ async def send_with(settings: Settings, redis: aioredis.Redis, producer: FakePro
 
 
 async def send_that_times_out(settings: Settings, redis: aioredis.Redis,
-                              meanwhile: Callable[[], Awaitable[object]] | None = None) -> None:
+                              meanwhile: Callable[[], Awaitable[object]] | None = None) -> FakeProducer:
     producer, ack = await send(settings, redis)
-    assert await redis.get(sent_key(settings)) == PENDING
+    assert (await redis.get(sent_key(settings))).startswith(PENDING)
     if meanwhile is not None:
         await meanwhile()
     producer.deliveries[0].set_exception(KafkaTimeoutError())
     with pytest.raises(Unavailable):  # no ack for a produce Kafka did not acknowledge
         await ack
+    return producer
 
 
-async def a_resend_is_published(settings: Settings, redis: aioredis.Redis) -> None:
-    """A resend now is published once, acknowledged, and its ack recorded for a later resend."""
+def record(value: bytes) -> dict[str, Any]:
+    return orjson.loads(value)  # type: ignore[no-any-return]
+
+
+async def a_resend_is_published(settings: Settings, redis: aioredis.Redis) -> dict[str, Any]:
+    """A resend now is published once, acknowledged, and its ack recorded for a later resend;
+    returns the record it published."""
     resend, pending, publisher = await send_with(settings, redis)
     assert len(resend.records) == 1
     resend.deliveries[0].set_result(RecordMetadata("t", 3, TopicPartition("t", 3), 41, 1, 0, 0))
@@ -75,6 +82,8 @@ async def a_resend_is_published(settings: Settings, redis: aioredis.Redis) -> No
     assert b'"cursor":"3-41"' in ack
     await publisher.close()  # (writes the gathered ack now)
     assert await redis.get(sent_key(settings)) == ack, "recorded for a later resend"
+    assert record(ack)["id"] == record(resend.records[0])["id"]
+    return record(resend.records[0])
 
 
 async def test_a_produce_given_up_on_keeps_the_stored_copys_ack_for_the_resend(
@@ -89,46 +98,57 @@ async def test_a_produce_given_up_on_keeps_the_stored_copys_ack_for_the_resend(
     assert resend.records == [], "not published twice"
 
 
-async def test_a_copy_stored_after_the_gateway_gave_up_answers_a_resend_in_the_settle_window(
+async def test_a_resend_after_a_failed_produce_publishes_the_same_id_and_ts(
         settings: Settings, redis: aioredis.Redis) -> None:
-    # The broker took the record late (after the gateway's wait ended): the claim outlives the
-    # failure for the settle window, so the resend waits for the persister's ack of that copy.
-    await send_that_times_out(settings, redis)
-    assert await redis.get(sent_key(settings)) == PENDING
-    assert 0 < await redis.pttl(sent_key(settings)) <= settings.dedupe_settle_ms
+    # The failed produce may still have reached Kafka (a broker that wrote it and died before
+    # answering): whenever the resend is published, both copies are one message to the persister,
+    # MySQL, the fan-out and the client (a new id was a second message: the durable chaos test).
+    first = record((await send_that_times_out(settings, redis)).records[0])
+    assert (await redis.get(sent_key(settings))).startswith(RETRY)
+    assert await redis.ttl(sent_key(settings)) > settings.dedupe_ttl_s - 5, "kept for the dedupe window"
 
-    resend, ack = await send(settings, redis)  # (on another node, while the claim settles)
-    await asyncio.sleep(0.1)
-    await redis.set(sent_key(settings), PERSISTER_ACK, xx=True)  # the persister stores the first copy
+    await asyncio.sleep(0.01)  # (a new send would get a later ts)
+    resent = await a_resend_is_published(settings, redis)
+    assert (resent["id"], resent["ts"], resent["body"]) == (first["id"], first["ts"], first["body"])
+
+
+async def test_a_resend_waits_while_another_takes_over_the_failed_claim(
+        settings: Settings, redis: aioredis.Redis) -> None:
+    await send_that_times_out(settings, redis)
+    taker, taken = await send(settings, redis)
+    waiter, waiting = await send(settings, redis)  # (a third attempt meanwhile, on another node)
+    assert (len(taker.records), len(waiter.records)) == (1, 0), "one attempt in flight at a time"
+    taker.deliveries[0].set_result(RecordMetadata("t", 3, TopicPartition("t", 3), 41, 1, 0, 0))
+    first, second = await asyncio.gather(taken, waiting)
+    assert first == second and b'"cursor":"3-41"' in first
+
+
+async def test_the_persister_records_its_ack_over_a_failed_claim(
+        settings: Settings, redis: aioredis.Redis) -> None:
+    # The late copy is stored: its ack replaces the retry claim, and a resend gets it unpublished.
+    await send_that_times_out(settings, redis)
+    await redis.set(sent_key(settings), PERSISTER_ACK, xx=True)  # (what APPLY_BATCH does: not an ack yet)
+    resend, ack = await send(settings, redis)
     assert await ack == PERSISTER_ACK
-    assert resend.records == [], "not published twice"
-
-
-async def test_a_produce_that_failed_lets_a_resend_publish_once_its_claim_settled(
-        settings: Settings, redis: aioredis.Redis) -> None:
-    settings = settings.model_copy(update={"dedupe_settle_ms": 300})
-    await send_that_times_out(settings, redis)
-    waiting, ack = await send(settings, redis)  # within the window: waits, then is told to send again
-    with pytest.raises(Unavailable, match="send it again"):
-        await ack
-    assert waiting.records == []
-    assert await redis.get(sent_key(settings)) is None
-    await a_resend_is_published(settings, redis)
+    assert resend.records == []
 
 
 async def test_the_gateways_ack_is_written_over_its_claim_but_never_over_a_recorded_ack(
         settings: Settings, redis: aioredis.Redis) -> None:
     keys = Keys(settings.redis_prefix, settings.kafka_partitions)
-    claimed, recorded = keys.sent("r", "alice", "k-1"), keys.sent("r", "bob", "k-2")
-    await redis.set(claimed, PENDING)
+    claimed, recorded, taken = (keys.sent("r", user, "k-1") for user in ("alice", "bob", "eve"))
+    await redis.set(claimed, PENDING + b"A|1")
     await redis.set(recorded, PERSISTER_ACK)
+    await redis.set(taken, PENDING + b"B|1")  # (our claim failed and another attempt took it over)
     writer = AckWriter(redis, ttl_s=60)
-    writer.put(claimed, b"gateway-ack-1")
-    writer.put(recorded, b"gateway-ack-2")
+    writer.put(claimed, PENDING + b"A|1", b"gateway-ack-1")
+    writer.put(recorded, PENDING + b"X|1", b"gateway-ack-2")
+    writer.put(taken, PENDING + b"C|1", b"gateway-ack-3")
     await asyncio.sleep(AckWriter.GATHER_S * 3)  # (its own gathering time: no close needed)
     assert await redis.get(claimed) == b"gateway-ack-1"
     assert 0 < await redis.ttl(claimed) <= 60
     assert await redis.get(recorded) == PERSISTER_ACK
+    assert await redis.get(taken) == PENDING + b"B|1"
 
 
 async def test_closing_the_ack_writer_writes_what_it_gathered_without_waiting(
@@ -136,11 +156,11 @@ async def test_closing_the_ack_writer_writes_what_it_gathered_without_waiting(
     keys = Keys(settings.redis_prefix, settings.kafka_partitions)
     claims = [keys.sent("r", "carol", f"k-{i}") for i in range(3)]
     for key in claims:
-        await redis.set(key, PENDING)
+        await redis.set(key, PENDING + b"A|1")
     writer = AckWriter(redis, ttl_s=60)
     writer.GATHER_S = 30.0  # (a close must not wait it out)
     for i, key in enumerate(claims):
-        writer.put(key, b"ack-%d" % i)
+        writer.put(key, PENDING + b"A|1", b"ack-%d" % i)
         await asyncio.sleep(0.01)  # (the writer is gathering when the close comes)
     async with asyncio.timeout(5):
         await writer.close()
@@ -152,5 +172,23 @@ async def test_a_record_the_producer_refused_releases_its_claim_at_once(
         settings: Settings, redis: aioredis.Redis) -> None:
     with pytest.raises(Unavailable):  # (never handed over: it cannot reach Kafka)
         await send(settings, redis, FakeProducer(refuse=True))
-    assert await redis.get(sent_key(settings)) is None
+    assert (await redis.get(sent_key(settings))).startswith(RETRY)
     await a_resend_is_published(settings, redis)
+
+
+async def test_a_produce_the_gateway_stopped_waiting_for_keeps_its_claim_until_the_producer_answers(
+        settings: Settings, redis: aioredis.Redis) -> None:
+    # A broker outage: the producer holds the record until the broker is back, longer than the
+    # gateway waits. The record reaches Kafka then, so a resend meanwhile must get its ack.
+    settings = settings.model_copy(update={"kafka_request_timeout_ms": 100})
+    producer, ack, publisher = await send_with(settings, redis)
+    with pytest.raises(Unavailable):
+        await ack  # (the gateway waits twice the request timeout)
+    await asyncio.sleep(0.5)  # the record is still the producer's
+    assert (await redis.get(sent_key(settings))).startswith(PENDING)
+
+    resend, resent = await send(settings, redis)  # (on another node: waits for the first copy's ack)
+    producer.deliveries[0].set_result(RecordMetadata("t", 3, TopicPartition("t", 3), 41, 1, 0, 0))
+    assert b'"cursor":"3-41"' in await resent
+    assert resend.records == [], "not published twice"
+    await publisher.close()
