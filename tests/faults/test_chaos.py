@@ -7,7 +7,7 @@ start while a dependency is away. Afterwards nothing acknowledged is lost, dupli
 order, delivered, stored, or paged back through history.
 
 A failure names its seed and plan; `CHAOS_SEED=N` runs that plan again, `CHAOS_ROUNDS` sets its
-length (default 8); `CHAOS_DURABLE=1` adds the durable-broker variant."""
+length (default 8)."""
 
 from __future__ import annotations
 
@@ -186,15 +186,7 @@ def durable_broker(tmp_path: Path, log_dir: Path) -> Iterator[tuple[int, Callabl
         weed.stop()
 
 
-@pytest.mark.parametrize("broker", [
-    "memory",
-    # Opt-in: about 1 run in 12 fails `unexpected`. Seen: a send whose produce timed out during a
-    # broker outage reached Kafka after DEDUPE_SETTLE_MS, so its resend was published too (two ids,
-    # delivered twice: open, see README); and sends the client gave up on were delivered (allowed,
-    # but this check counts them).
-    pytest.param("durable", marks=pytest.mark.skipif(not os.environ.get("CHAOS_DURABLE"),
-                                                     reason="opt-in (CHAOS_DURABLE=1): a known open failure")),
-])
+@pytest.mark.parametrize("broker", ["memory", "durable"])
 async def test_faults_in_a_random_order_lose_nothing(
         migrated: Settings, log_dir: Path, tmp_path: Path, mysql: aiomysql.Pool, mysql_proxy: TcpProxy,
         request: pytest.FixtureRequest, broker: str) -> None:
@@ -225,7 +217,7 @@ async def test_faults_in_a_random_order_lose_nothing(
         load = await run_load_through(cluster, lambda: chaos.run(plan), client, mysql)
         async with RoomcastClient([cluster.url(0)], token(settings, "reader")) as reader:
             paged = {room: await history_ids(reader, room) for room in load.rooms}
-        history = check_storage(load.acked_by_room(), paged)
+        history = check_storage(load.acked_by_room(), paged, load.maybe())
         assert history.ok, f"history paged back: {history}"
         assert not chaos.crashed(), f"services died on their own: {chaos.crashed()}"
     except BaseException as e:
