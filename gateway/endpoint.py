@@ -88,7 +88,7 @@ async def ws_endpoint(websocket: WebSocket) -> None:
     user = node.user(identity.user)
     if user.connections >= s.max_conns_per_user:
         await websocket.accept()
-        await websocket.close(Close.BAD_TOKEN, "too many connections for this user")
+        await websocket.close(Close.TRY_AGAIN_LATER, "too many connections for this user")
         return
     user.connections += 1  # before any await: concurrent handshakes cannot all pass the check
     metrics.CONNECTIONS.inc()

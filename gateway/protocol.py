@@ -16,6 +16,7 @@ class Close(IntEnum):
     BAD_TOKEN = 1008
     TOO_LARGE = 1009
     DRAINING = 1012  # reconnect elsewhere and resume
+    TRY_AGAIN_LATER = 1013  # a limit was reached (this user's connections): reconnect with back-off
     TOO_SLOW = 4008  # reconnect and resume with the last cursor
 
 

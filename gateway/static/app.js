@@ -11,6 +11,7 @@ const CLOSES = {
   1008: "The server refused the sign-in (bad or expired token)",
   1009: "A message was too large for the server",
   1012: "The server is restarting (draining); reconnecting",
+  1013: "Too many connections for this user (close another tab); retrying",
   4008: "The connection fell behind the room; reconnecting",
 };
 const BACKOFF_BASE_MS = 500, BACKOFF_MAX_MS = 10000, PING_EVERY_MS = 25000, PONG_WITHIN_MS = 10000;

@@ -293,7 +293,7 @@ async def test_connections_per_user_are_limited(gw: str, hard: Settings) -> None
     refused = [p for p in attempts if p._reader.done()]
     assert len(open_) == CONNS_MAX
     for p in refused:
-        assert (p.ws.close_code, p.ws.close_reason) == (1008, "too many connections for this user")
+        assert (p.ws.close_code, p.ws.close_reason) == (1013, "too many connections for this user")
     for p in open_:
         assert await reply(p, {"type": "ping"}) == {"type": "pong"}
     other = await Peer.connect(gw, token(hard, "li-ned"))  # another user is not affected

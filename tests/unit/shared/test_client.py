@@ -203,7 +203,7 @@ async def test_generates_client_msg_ids_and_pipelines_sends(server: FakeServer) 
     assert [a["cursor"] for a in acks] == [f"0-{i}" for i in range(1, 201)]
 
 
-@pytest.mark.parametrize("code", [1012, 4008, 1011])
+@pytest.mark.parametrize("code", [1012, 4008, 1011, 1013])
 async def test_reconnect_rejoins_at_last_cursor_and_resends(server: FakeServer, code: int) -> None:
     async with fast(server.url, "t") as c:
         await c.join("r")
