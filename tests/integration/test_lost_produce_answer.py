@@ -1,0 +1,91 @@
+"""A produce whose answer was lost: the broker wrote the record, the gateway was told it failed (a
+broker that died before answering). The client's resend, published again, must not become a second
+message. Real Kafka, Redis and MariaDB, gateway and persister processes; the first attempt's
+publisher runs here, its producer the unit's edge (a real producer whose answer is dropped)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import aiomysql
+import orjson
+import pytest
+import redis.asyncio as aioredis
+from aiokafka import TopicPartition
+from aiokafka.errors import KafkaTimeoutError
+
+from gateway.publisher import Publisher, Unavailable
+from shared.checker import stored_ids, stored_messages
+from shared.client import RoomcastClient
+from shared.kafka import new_consumer, new_producer
+from shared.keys import Keys
+from shared.settings import Settings
+from tests.support import Cluster, Peer, eventually, token
+
+pytestmark = pytest.mark.timeout(120)
+
+ROOM = "lost-answer"
+
+
+class AnswerLost:
+    """A real producer whose answer never arrives: the record is in Kafka, the caller sees a timeout."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.producer = new_producer(settings)
+
+    async def send(self, topic: str, value: bytes, key: bytes, partition: int) -> asyncio.Future[Any]:
+        await (await self.producer.send(topic, value, key=key, partition=partition))
+        lost: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        lost.set_exception(KafkaTimeoutError())
+        return lost
+
+
+async def records_of_the_room(settings: Settings) -> list[dict[str, Any]]:
+    """Every record of ROOM's partition, oldest first."""
+    tp = TopicPartition(settings.kafka_topic, Keys(settings.redis_prefix, settings.kafka_partitions).partition(ROOM))
+    consumer = new_consumer(settings)
+    await consumer.start()
+    try:
+        consumer.assign([tp])
+        consumer.seek(tp, 0)
+        batch = await consumer.getmany(tp, timeout_ms=3000)
+        return [orjson.loads(r.value) for r in batch.get(tp, [])]
+    finally:
+        await consumer.stop()
+
+
+async def test_a_resend_after_a_lost_answer_is_delivered_and_stored_once(
+        migrated: Settings, log_dir: Path, redis: aioredis.Redis, mysql: aiomysql.Pool) -> None:
+    cluster = Cluster(migrated, log_dir).start(gateways=1, persister=False)  # (storage comes later)
+    lost = AnswerLost(migrated)
+    await lost.producer.start()
+    try:
+        bob = await Peer.connect(cluster.url(0), token(migrated, "bob"))
+        assert (await bob.join(ROOM))["type"] == "joined"
+        with pytest.raises(Unavailable):  # the first attempt: Kafka has it, the gateway was told it failed
+            await (await Publisher(migrated, lost, redis).send("alice", ROOM, "k-1", "hello"))
+
+        async with RoomcastClient(cluster.url(0), token(migrated, "alice")) as alice:
+            ack = await alice.send(ROOM, "hello", client_msg_id="k-1")  # the client's resend
+            marker = await alice.send(ROOM, "after")
+        copies = [r for r in await records_of_the_room(migrated) if r["cmid"] == "k-1"]
+        assert len(copies) == 2, "the resend was published again (the first answer was lost)"
+        assert copies[0]["id"] == copies[1]["id"] == ack["id"] and copies[0]["ts"] == copies[1]["ts"] == ack["ts"]
+
+        await bob.wait_for(lambda f: f.get("id") == marker["id"])  # (the fan-out is past both copies)
+        assert [m["body"] for m in bob.messages(ROOM)] == ["hello", "after"], "delivered once"
+
+        cluster.start_persister()
+        keys = Keys(migrated.redis_prefix, migrated.kafka_partitions)
+
+        async def both_applied() -> bool:
+            return marker["id"] in stored_ids(await stored_messages(redis, mysql, keys, ROOM))
+
+        await eventually(both_applied, 30, what="the persister applies the room")
+        assert stored_ids(await stored_messages(redis, mysql, keys, ROOM)) == [ack["id"], marker["id"]]
+        await bob.close()
+    finally:
+        await lost.producer.stop()
+        cluster.stop()
