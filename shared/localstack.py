@@ -593,8 +593,9 @@ def start_redis(
 
     No RDB snapshots (``save ""``); AOF in ``data_dir`` when ``appendonly``; never evicts
     (``maxmemory-policy noeviction``): a buffer that is full must refuse writes, not drop data.
-    A kill -9 loses nothing that was acknowledged (Redis writes the AOF before replying;
-    ``appendfsync`` only bounds loss on an OS crash / power cut).
+    A kill -9 loses nothing that Redis has written to its AOF, which it does before replying
+    unless a background fsync lags (then up to 2 s of writes wait in its buffer while it answers);
+    ``appendfsync`` bounds the loss on an OS crash / power cut.
     """
     if appendfsync not in ("always", "everysec", "no"):
         raise ValueError(f"appendfsync must be always, everysec or no, not {appendfsync!r}")

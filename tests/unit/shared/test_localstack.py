@@ -7,6 +7,7 @@ Every server runs on free ports in a temporary folder, so these tests can run be
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -177,6 +178,12 @@ def test_redis_aof_survives_sigkill(tmp_path: Path, procs: list[ls.Proc]) -> Non
         assert client.config_get("save") == {"save": ""}
         client.set("k", "v1")
         client.rpush("buf", *[f"m{i}" for i in range(100)])
+        # Written to the AOF before the kill: with everysec, Redis holds writes back (up to 2 s)
+        # while a background fsync lags, so on a busy disk the reply can come first.
+        deadline = time.monotonic() + 5
+        while client.info("persistence")["aof_buffer_length"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert client.info("persistence")["aof_buffer_length"] == 0
         proc.kill()
         assert not proc.alive
 
