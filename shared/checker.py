@@ -120,8 +120,9 @@ def check_delivery(
 
 
 def _check_room(report: Report, room: str, got: Received, join: str | None, owed: Iterable[Ack],
-                rooms_of: Mapping[str, str]) -> None:
-    """One subscriber in one room; join is None when it was not supposed to be in the room."""
+                allowed: Mapping[str, str]) -> None:
+    """One subscriber in one room; join is None when it was not supposed to be in the room;
+    allowed: id -> the room it may arrive in (acked, or `maybe`)."""
     seen: set[str] = set()
     highest = -1
     for msg_id, cursor in got:
@@ -129,7 +130,7 @@ def _check_room(report: Report, room: str, got: Received, join: str | None, owed
             report.count("duplicated", msg_id)
             continue
         seen.add(msg_id)
-        if join is None or rooms_of.get(msg_id) != room:
+        if join is None or allowed.get(msg_id) != room:
             report.count("unexpected", msg_id)
         if offset(cursor) <= highest:
             report.count("out_of_order", msg_id)
