@@ -13,10 +13,13 @@ from shared.message import Message
 
 # One call per partition batch; every key carries the partition's hash tag.
 # KEYS: applied, newrooms, overcap, then every key the messages touch, each once.
-# ARGV: expected mark ('' when unknown), cap, seen ttl, sent ttl, and the messages as ONE msgpack
-# array of [offset, entry, ts, room, id, ack, list, meta, seen, sent] (the last four: their index in
-# KEYS). One argument instead of ten per message: packing thousands of arguments was most of the
-# persister's CPU, and Redis unpacks the array for less than it saves (bench/README.md).
+# ARGV: expected mark ('' when unknown), cap, seen ttl, sent ttl, and the batch as ONE msgpack
+# pair: the rooms, each [room, list, meta], and the messages, each [offset, entry, ts, room, id,
+# ack, seen, sent] (room: its index in the rooms; list, meta, seen, sent: their index in KEYS).
+# One argument instead of ten per message: packing thousands of arguments was most of the
+# persister's CPU, and Redis unpacks the array for less than it saves (bench/README.md). What is
+# per room or per seen set (its last ts, its registration, the cap check, the set's expiry) is
+# written once per batch, not once per message.
 # Returns {status, mark, room1, len1, room2, len2, ...}; status 0 = applied, 1 = the stored mark is
 # not the one expected (Redis lost data or another persister moved it): nothing applied, seek to mark+1.
 # A message is skipped when its id was appended already (a producer retry's copy) or when its
@@ -30,35 +33,37 @@ if ARGV[1] ~= '' and stored ~= ARGV[1] then
 end
 local mark = tonumber(stored or '-1')
 local cap = tonumber(ARGV[2])
-local out = {0, ''}
-local lens = {}
-for _, m in ipairs(cmsgpack.unpack(ARGV[5])) do
+local batch = cmsgpack.unpack(ARGV[5])
+local rooms = batch[1]
+local lens, last_ts, seens = {}, {}, {}
+for _, m in ipairs(batch[2]) do
   local off = m[1]
   if off > mark then
     mark = off
-    local entry, ts, room, id, ack = m[2], m[3], m[4], m[5], m[6]
-    local list, meta, seen, sent = KEYS[m[7]], KEYS[m[8]], KEYS[m[9]], KEYS[m[10]]
+    local entry, ts, r, id, ack, seen, sent = m[2], m[3], m[4], m[5], m[6], KEYS[m[7]], KEYS[m[8]]
     local first_ack = redis.call('GET', sent)
     local acked = first_ack and string.sub(first_ack, 1, 1) == '{'
     local resent = acked and not string.find(first_ack, id, 1, true)
     if not resent and redis.call('SADD', seen, id) == 1 then
-      redis.call('EXPIRE', seen, ARGV[3])
+      seens[seen] = true
       if not acked then redis.call('SET', sent, ack, 'EX', ARGV[4]) end
-      local len = redis.call('RPUSH', list, entry)
-      if len == 1 then redis.call('HSET', meta, 'first_ts', ts) end
-      redis.call('HSET', meta, 'last_ts', ts)
-      if redis.call('HSETNX', meta, 'reg', '1') == 1 then redis.call('SADD', KEYS[2], room) end
-      if len > cap then redis.call('SADD', KEYS[3], room) end
-      lens[room] = len
+      local len = redis.call('RPUSH', KEYS[rooms[r][2]], entry)
+      if len == 1 then redis.call('HSET', KEYS[rooms[r][3]], 'first_ts', ts) end
+      lens[r], last_ts[r] = len, ts
     end
   end
 end
-redis.call('SET', KEYS[1], mark)
-out[2] = tostring(mark)
-for room, len in pairs(lens) do
+for seen in pairs(seens) do redis.call('EXPIRE', seen, ARGV[3]) end
+local out = {0, tostring(mark)}
+for r, len in pairs(lens) do
+  local room, meta = rooms[r][1], KEYS[rooms[r][3]]
+  redis.call('HSET', meta, 'last_ts', last_ts[r])
+  if redis.call('HSETNX', meta, 'reg', '1') == 1 then redis.call('SADD', KEYS[2], room) end
+  if len > cap then redis.call('SADD', KEYS[3], room) end
   out[#out + 1] = room
   out[#out + 1] = len
 end
+redis.call('SET', KEYS[1], mark)
 return out
 """
 
@@ -127,14 +132,18 @@ class RedisBuffer:
                 i = index[name] = len(keys)
             return i
 
+        rooms: list[tuple[str, int, int]] = []  # [room, list, meta]
+        room_index: dict[str, int] = {}  # room -> its 1-based index in rooms
         rows = []
         for m in messages:
             assert m.position is not None and m.position.partition == partition
-            rows.append((m.position.offset, m.entry(), str(m.ts), m.room, m.id, m.ack(),
-                         key(k.msgs(m.room)), key(k.meta(m.room)), key(k.seen(partition, m.ts)),
-                         key(k.sent(m.room, m.user, m.client_msg_id))))
+            if (r := room_index.get(m.room)) is None:
+                rooms.append((m.room, key(k.msgs(m.room)), key(k.meta(m.room))))
+                r = room_index[m.room] = len(rooms)
+            rows.append((m.position.offset, m.entry(), str(m.ts), r, m.id, m.ack(),
+                         key(k.seen(partition, m.ts)), key(k.sent(m.room, m.user, m.client_msg_id))))
         # (use_bin_type=False: Redis's cmsgpack predates msgpack's bin type; bytes go as raw strings)
-        packed = msgpack.packb(rows, use_bin_type=False)
+        packed = msgpack.packb((rooms, rows), use_bin_type=False)
         return keys, ["" if expected is None else str(expected), self._cap, self._ttl, self._ttl, packed]
 
     async def done_if_short(self, room: str) -> int:

@@ -40,6 +40,43 @@ async def test_a_batch_is_stored_byte_for_byte_with_its_acks_and_mark(settings: 
     assert await redis.get(keys.applied(p)) == str(10 + len(BODIES) - 1).encode()
 
 
+async def test_a_batch_of_interleaved_rooms_keeps_each_rooms_meta_and_work_lists(
+        settings: Settings, redis: aioredis.Redis) -> None:
+    # The script writes what is per room (last ts, registration, the cap check) and the seen sets'
+    # expiry once per batch: each room must still end with its own values.
+    keys = Keys(settings.redis_prefix, settings.kafka_partitions)
+    buffer = RedisBuffer(redis, keys, cap=3, dedupe_ttl_s=60)
+    p = keys.partition("r-mix-a")
+    rooms = [r for r in (f"r-mix-{c}" for c in "abcdefghijklmnop") if keys.partition(r) == p][:3]
+    assert len(rooms) == 3, "three rooms of one partition"
+    a, b, c = rooms
+    order = [a, b, a, c, a, b, a]  # a: 4 messages (past the cap of 3), b: 2, c: 1
+    batch = [message(keys, room, n, 100 + n) for n, room in enumerate(order)]
+
+    applied = await buffer.apply(p, None, batch)
+
+    assert applied.lengths == {a: 4, b: 2, c: 1}
+    for room in rooms:
+        mine = [m for m in batch if m.room == room]
+        assert await redis.lrange(keys.msgs(room), 0, -1) == [m.entry() for m in mine]
+        assert await redis.hgetall(keys.meta(room)) == {
+            b"first_ts": str(mine[0].ts).encode(), b"last_ts": str(mine[-1].ts).encode(), b"reg": b"1"}
+    assert await redis.smembers(keys.over_cap(p)) == {a.encode()}
+    assert await redis.smembers(keys.new_rooms(p)) == {r.encode() for r in rooms}
+    seen = keys.seen(p, batch[0].ts)
+    assert await redis.scard(seen) == len(batch)
+    assert 0 < await redis.ttl(seen) <= 60
+
+    # A later batch: registered rooms are not listed again, last_ts moves, first_ts stays.
+    await redis.delete(keys.new_rooms(p))
+    later = message(keys, b, 50, 200)
+    await buffer.apply(p, applied.mark, [later])
+    assert await redis.smembers(keys.new_rooms(p)) == set()
+    assert await redis.hmget(keys.meta(b), ["first_ts", "last_ts"]) == [
+        str(batch[1].ts).encode(), str(later.ts).encode()]
+    assert await redis.smembers(keys.over_cap(p)) == {a.encode()}
+
+
 async def test_copies_resends_and_old_offsets_are_skipped(settings: Settings, redis: aioredis.Redis) -> None:
     keys = Keys(settings.redis_prefix, settings.kafka_partitions)
     buffer = RedisBuffer(redis, keys, cap=100, dedupe_ttl_s=60)
