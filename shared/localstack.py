@@ -68,9 +68,16 @@ class LocalStackError(RuntimeError):
 
 def free_port(host: str = LOCALHOST) -> int:
     """A TCP port that is free right now (the kernel's pick; racy by nature, like any such helper)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    return free_ports(1, host)[0]
+
+
+def free_ports(count: int, host: str = LOCALHOST) -> list[int]:
+    """`count` distinct TCP ports that are free right now (held open together while picked)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(count)]
+        for s in socks:
+            s.bind((host, 0))
+        return [int(s.getsockname()[1]) for s in socks]
 
 
 def port_bindable(port: int, host: str = LOCALHOST) -> bool:
