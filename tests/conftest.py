@@ -1,16 +1,16 @@
-"""Service discovery for the tests, and per-test isolation.
+"""The test session's services, and per-test isolation.
 
-Each backing service is found in this order: an explicit environment variable (KAFKA_BOOTSTRAP,
-REDIS_URL, MYSQL_DSN) -> a Docker engine (testcontainers; Kafka only, when one answers) -> a local
-process: Tansu (memory) started for the session on a free port, the machine's Redis on 6379 and
-MariaDB on 3306. A missing service is a failure, never a skip. Every test gets its own Kafka topic,
-Redis key prefix and MySQL database, so tests never see each other's data.
+Each backing service comes from an environment variable when it is set (KAFKA_BOOTSTRAP, REDIS_URL,
+MYSQL_DSN: used as they are), else the session starts its own on free ports, in its own folders:
+an Apache Kafka broker (KRaft, one node, jars from Maven Central: shared/localkafka.py), a
+redis-server with AOF on, and a MariaDB. Nothing of the machine's is used or touched. A service that
+cannot start is a failure, never a skip. Every test gets its own Kafka topic, Redis key prefix and
+MySQL database, so tests never see each other's data.
 """
 
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -19,6 +19,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from shared import localstack
+from shared.localkafka import KafkaCluster
 from shared.migrate import migrate
 from shared.mysql import MysqlTarget, create_pool
 from shared.settings import Settings
@@ -26,28 +27,6 @@ from tests.support import delete_keys, drop_database, isolated_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "test-output"
-
-
-def _docker_answers() -> bool:
-    """A Docker engine answers its /_ping (checked by hand: no client objects left open)."""
-    host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
-    try:
-        if host.startswith("unix://"):
-            if not os.path.exists(host[7:]):
-                return False
-            sock = socket.socket(socket.AF_UNIX)
-            sock.settimeout(2)
-            sock.connect(host[7:])
-        elif host.startswith("tcp://"):
-            h, _, p = host[6:].partition(":")
-            sock = socket.create_connection((h, int(p or 2375)), timeout=2)
-        else:
-            return False
-        with sock:
-            sock.sendall(b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n")
-            return b" 200 " in sock.recv(1024)
-    except OSError:
-        return False
 
 
 @pytest.fixture(scope="session")
@@ -59,48 +38,41 @@ def log_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def kafka_bootstrap(log_dir: Path) -> Iterator[str]:
+def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory, log_dir: Path) -> Iterator[str]:
     if os.environ.get("KAFKA_BOOTSTRAP"):
         yield os.environ["KAFKA_BOOTSTRAP"]
         return
-    if _docker_answers():
-        from testcontainers.kafka import KafkaContainer  # type: ignore[import-untyped]
+    ports = localstack.free_ports(2)
+    with KafkaCluster.local(tmp_path_factory.mktemp("kafka"), log_dir, [(ports[0], ports[1])]).start() as kafka:
+        yield kafka.bootstrap
 
-        with KafkaContainer() as kafka:
-            yield kafka.get_bootstrap_server()
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory, log_dir: Path) -> Iterator[str]:
+    if os.environ.get("REDIS_URL"):
+        yield os.environ["REDIS_URL"]
         return
     port = localstack.free_port()
-    proc = localstack.start_tansu_memory(port, log_dir)
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        proc.stop()
+    with localstack.start_redis(port, tmp_path_factory.mktemp("redis"), log_dir):
+        yield f"redis://127.0.0.1:{port}/0"
 
 
 @pytest.fixture(scope="session")
-def kafka_idempotence() -> bool:
-    """Tansu lacks InitProducerId; Apache Kafka (env or container) has it."""
-    return bool(os.environ.get("KAFKA_BOOTSTRAP")) and os.environ.get("KAFKA_IDEMPOTENCE", "") == "true"
-
-
-@pytest.fixture(scope="session")
-def redis_url() -> str:
-    url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
-    return url
-
-
-@pytest.fixture(scope="session")
-def mysql_server_dsn() -> str:
+def mysql_server_dsn(tmp_path_factory: pytest.TempPathFactory, log_dir: Path) -> Iterator[str]:
     """DSN of the server, without the database part (tests make their own databases)."""
-    dsn = os.environ.get("MYSQL_DSN", "mysql://root:@127.0.0.1:3306/test")
-    t = MysqlTarget.from_dsn(dsn)
-    return f"mysql://{t.user}:{t.password}@{t.host}:{t.port}"
+    if os.environ.get("MYSQL_DSN"):
+        t = MysqlTarget.from_dsn(os.environ["MYSQL_DSN"])
+        yield f"mysql://{t.user}:{t.password}@{t.host}:{t.port}"
+        return
+    port = localstack.free_port()
+    with localstack.start_mariadb(port, tmp_path_factory.mktemp("mariadb"), log_dir):
+        yield f"mysql://root:@127.0.0.1:{port}"
 
 
 @pytest.fixture
-def settings(kafka_bootstrap: str, redis_url: str, mysql_server_dsn: str, kafka_idempotence: bool) -> Settings:
+def settings(kafka_bootstrap: str, redis_url: str, mysql_server_dsn: str) -> Settings:
     """Settings isolated to this test: own topic, own key prefix, own database."""
-    return isolated_settings(kafka_bootstrap, redis_url, mysql_server_dsn, kafka_idempotence)
+    return isolated_settings(kafka_bootstrap, redis_url, mysql_server_dsn)
 
 
 @pytest.fixture

@@ -144,13 +144,14 @@ class Peer:
         await asyncio.gather(self._reader, return_exceptions=True)
 
 
-def isolated_settings(kafka_bootstrap: str, redis_url: str, mysql_server_dsn: str, kafka_idempotence: bool,
-                      **overrides: Any) -> Settings:
-    """Settings with their own topic, consumer group, key prefix and database (fast group joins)."""
+def isolated_settings(kafka_bootstrap: str, redis_url: str, mysql_server_dsn: str, **overrides: Any) -> Settings:
+    """Settings with their own topic, consumer group, key prefix and database. Consumer sessions are
+    short (the test brokers allow them: shared/localkafka.py), so a killed persister's partitions
+    move within seconds."""
     tag = f"t_{uuid.uuid4().hex[:10]}"
     base: dict[str, Any] = dict(
         kafka_bootstrap=kafka_bootstrap, kafka_topic=f"roomcast.{tag}", kafka_persister_group=f"persister.{tag}",
-        kafka_partitions=4, kafka_idempotence=kafka_idempotence, kafka_session_timeout_ms=2000,
+        kafka_partitions=4, kafka_session_timeout_ms=2000,
         kafka_heartbeat_interval_ms=300, redis_url=redis_url, redis_prefix=tag,
         mysql_dsn=f"{mysql_server_dsn}/rc_{tag}",
         jwt_secret=SecretStr(f"test-secret-{uuid.uuid4().hex}{uuid.uuid4().hex}"),  # 64+ bytes: fit for HS512

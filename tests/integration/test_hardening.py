@@ -37,11 +37,10 @@ ORIGIN = "https://chat.example"
 
 
 @pytest.fixture(scope="module")
-async def hard(kafka_bootstrap: str, redis_url: str, mysql_server_dsn: str,
-               kafka_idempotence: bool) -> AsyncIterator[Settings]:
+async def hard(kafka_bootstrap: str, redis_url: str, mysql_server_dsn: str) -> AsyncIterator[Settings]:
     """Settings of this module (own topic, key prefix and database), every limit set small."""
     s = isolated_settings(
-        kafka_bootstrap, redis_url, mysql_server_dsn, kafka_idempotence,
+        kafka_bootstrap, redis_url, mysql_server_dsn,
         max_frame_bytes=FRAME_MAX, max_body_chars=BODY_MAX, max_rooms_per_conn=ROOMS_MAX,
         max_conns_per_user=CONNS_MAX, send_rate_per_s=RATE, send_burst=BURST, history_limit_max=HISTORY_MAX,
         allowed_origins=[ORIGIN],
