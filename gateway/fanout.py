@@ -12,8 +12,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from gateway import metrics
 from gateway.hub import Hub
 from gateway.wire import text_frame
-from shared.kafka import GapGuard, all_partitions, offsets_now
-from shared.message import Message
+from shared.kafka import all_partitions, fetch
 from shared.settings import Settings
 
 log = logging.getLogger("roomcast.gateway.fanout")
@@ -44,7 +43,6 @@ class Fanout:
         self.positions: dict[int, int] = {}  # partition -> next offset this node will deliver
         self.tps: list[TopicPartition] = []
         self.recent = RecentIds(50_000)
-        self.gaps = GapGuard(settings.kafka_gap_wait_ms / 1000)
         self.started = False
         self.failed: BaseException | None = None  # set when the consume loop died
         self.last_poll = time.monotonic()  # the consume loop came round (even with nothing new)
@@ -54,9 +52,9 @@ class Fanout:
         await self.consumer.start()
         self.tps = await all_partitions(self.consumer, self.s.kafka_topic)
         self.consumer.assign(self.tps)
-        for tp, offset in (await offsets_now(self.consumer, self.tps)).items():
-            self.consumer.seek(tp, offset)
-            self.positions[tp.partition] = offset
+        await self.consumer.seek_to_end(*self.tps)
+        for tp in self.tps:
+            self.positions[tp.partition] = await self.consumer.position(tp)
         self.started = True
         log.info("fan-out consuming", extra={"partitions": len(self.tps)})
 
@@ -65,30 +63,23 @@ class Fanout:
 
     async def run(self) -> None:
         while True:
-            batch = await self.consumer.getmany(timeout_ms=1000, max_records=5000)
+            batch = await fetch(self.consumer, timeout_ms=1000, max_records=5000)
             self.last_poll = time.monotonic()
             if not batch:
                 continue
             self.last_advance = self.last_poll
             delivered = 0
-            for tp, records in batch.items():
-                n, again = self.gaps.cut(tp.partition, self.positions.get(tp.partition), [r.offset for r in records])
-                if again is not None:
-                    metrics.FANOUT_GAPS.inc()
-                    self.consumer.seek(tp, again)
-                for r in records[:n]:
-                    self.positions[tp.partition] = r.offset + 1
-                    try:
-                        msg = Message.from_kafka(r.value, r.partition, r.offset)
-                    except (ValueError, KeyError, TypeError):
-                        log.error("undecodable record", extra={"partition": r.partition, "offset": r.offset})
-                        continue
+            for fetched in batch:
+                self.positions[fetched.tp.partition] = fetched.next_offset
+                for msg in fetched.messages:
                     if not self.recent.add(msg.id):
                         metrics.DUPLICATES_DROPPED.inc()
                         continue
                     if self.hub.has_room(msg.room):
+                        assert msg.position is not None
                         payload = msg.frame()
-                        delivered += self.hub.publish(msg.room, r.offset, payload.decode(), text_frame(payload))
+                        delivered += self.hub.publish(msg.room, msg.position.offset, payload.decode(),
+                                                      text_frame(payload))
             metrics.DELIVERED.inc(delivered)
 
     def position(self, partition: int) -> int:

@@ -24,4 +24,3 @@ HISTORY_MYSQL_QUERIES = Counter("roomcast_gateway_history_mysql_queries_total",
 HISTORY_PARTIAL_PAGES = Counter("roomcast_gateway_history_partial_pages_total",
                                 "History pages served from Redis alone, short, because MySQL did not answer")
 RESUMED = Counter("roomcast_gateway_resumed_messages_total", "Missed messages replayed on a resume")
-FANOUT_GAPS = Counter("roomcast_gateway_fanout_gaps_total", "Fetches that skipped records and were read again")

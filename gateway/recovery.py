@@ -31,7 +31,7 @@ from gateway.node import Node
 from gateway.protocol import Err, dumps
 from gateway.session import Session
 from shared.cursor import CursorError, Position, parse_cursor
-from shared.kafka import GapGuard, new_consumer
+from shared.kafka import fetch, new_consumer
 from shared.message import Message
 
 WINDOW = 200  # list entries per LRANGE while walking back from the newest end
@@ -39,6 +39,14 @@ WINDOW = 200  # list entries per LRANGE while walking back from the newest end
 
 class ResumeUnavailable(Exception):
     pass
+
+
+class LogTruncated(ResumeUnavailable):
+    """Retention deleted the start of the range asked for."""
+
+    def __init__(self, log_start: int) -> None:
+        super().__init__(f"the log no longer holds offsets before {log_start}")
+        self.log_start = log_start
 
 
 class PersisterBehind(Exception):
@@ -169,45 +177,48 @@ async def missed_with_kafka(node: Node, room: str, after: int, before: int, mark
         stored, complete = await missed(node, room, after, mark + 1)
         if not complete:
             return [], False
-    recent = await from_kafka(node, room, start, before)
+    complete = True
+    try:
+        recent = await from_kafka(node, room, start, before)
+    except LogTruncated as gone:
+        if mark is None:  # Redis away: what the log no longer holds is stored, but unreadable now
+            raise
+        # The persister never applied what retention deleted: it is gone. Replay what is left, honestly.
+        recent, complete = await from_kafka(node, room, gone.log_start, before), False
     if len(stored) + len(recent) > node.settings.resume_max_messages:
         return [], False
     known = {orjson.loads(e)["id"] for e in stored}
-    return stored + [e for e in recent if orjson.loads(e)["id"] not in known], True
+    return stored + [e for e in recent if orjson.loads(e)["id"] not in known], complete
 
 
 async def from_kafka(node: Node, room: str, start: int, end: int) -> list[bytes]:
-    """The room's records at offsets [start, end) of its partition: a short-lived assign + seek."""
+    """The room's records at offsets [start, end) of its partition: a short-lived assign + seek.
+    Raises LogTruncated when retention has deleted `start` already (never skips silently)."""
     if start >= end:
         return []
     tp = TopicPartition(node.settings.kafka_topic, node.keys.partition(room))
     consumer = new_consumer(node.settings, group_id=None, fetch_max_wait_ms=50)
     out: list[bytes] = []
     seen: set[str] = set()
-    gaps = GapGuard(node.settings.kafka_gap_wait_ms / 1000)  # (a fetch may show a later batch first)
     try:
         await consumer.start()
         consumer.assign([tp])
-        if (await consumer.beginning_offsets([tp]))[tp] > start:  # retention deleted it: never skip
-            raise ResumeUnavailable(f"the log no longer holds offset {start}")
+        log_start = (await consumer.beginning_offsets([tp]))[tp]
+        if log_start > start:
+            raise LogTruncated(log_start)
         consumer.seek(tp, start)
         deadline = time.monotonic() + node.settings.recovery_wait_s
         position = start
         while position < end:
             if time.monotonic() > deadline:
                 raise ResumeUnavailable(f"reading the log took too long (offset {position} of [{start}, {end}))")
-            records = (await consumer.getmany(tp, timeout_ms=500, max_records=5000)).get(tp, [])
-            n, again = gaps.cut(tp.partition, position, [r.offset for r in records])
-            if again is not None:
-                consumer.seek(tp, again)
-            for r in records[:n]:
-                position = r.offset + 1
-                if r.offset >= end:
-                    break
-                msg = Message.from_kafka(r.value, r.partition, r.offset)
-                if msg.room == room and msg.id not in seen:  # a producer retry may have written it twice
-                    seen.add(msg.id)
-                    out.append(msg.entry())
+            for fetched in await fetch(consumer, tp, timeout_ms=500, max_records=5000):
+                position = fetched.next_offset
+                for msg in fetched.messages:
+                    assert msg.position is not None
+                    if msg.position.offset < end and msg.room == room and msg.id not in seen:
+                        seen.add(msg.id)  # (a resend that reached Kafka twice has one id: first copy wins)
+                        out.append(msg.entry())
     except KafkaError as e:
         raise ResumeUnavailable("the log is unreachable") from e
     finally:

@@ -12,6 +12,8 @@ FLUSH_BATCH = Histogram("roomcast_persister_flush_batch_size", "Messages per MyS
                         buckets=(1, 10, 25, 50, 100, 200, 500))
 FLUSH_SECONDS = Histogram("roomcast_persister_flush_seconds", "Duration of one chunk move to MySQL")
 FLUSH_ERRORS = Counter("roomcast_persister_flush_errors_total", "Failed chunk moves (MySQL or Redis away)")
+LOG_SKIPPED = Counter("roomcast_persister_log_skipped_records_total",
+                      "Records retention deleted before the persister applied them (lost from storage)")
 REDIS_ERRORS = Counter("roomcast_persister_redis_errors_total", "Failed Redis calls (retried)")
 LAG = Gauge("roomcast_persister_lag_records", "Records between the applied mark and the high-water mark",
             ["partition"])

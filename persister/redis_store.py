@@ -13,13 +13,14 @@ from shared.message import Message
 
 # One call per partition batch; every key carries the partition's hash tag.
 # KEYS: applied, newrooms, overcap, then every key the messages touch, each once.
-# ARGV: expected mark ('' when unknown), cap, seen ttl, sent ttl, and the batch as ONE msgpack
+# ARGV: expected mark ('' when unknown), cap, seen ttl, sent ttl, the batch as ONE msgpack
 # pair: the rooms, each [room, list, meta], and the messages, each [offset, entry, ts, room, id,
 # ack, seen, sent] (room: its index in the rooms; list, meta, seen, sent: their index in KEYS).
 # One argument instead of ten per message: packing thousands of arguments was most of the
 # persister's CPU, and Redis unpacks the array for less than it saves (bench/README.md). What is
 # per room or per seen set (its last ts, its registration, the cap check, the set's expiry) is
-# written once per batch, not once per message.
+# written once per batch, not once per message. ARGV[6]: the fetch's last offset ('' if unknown): the
+# mark moves past records that were not messages too.
 # Returns {status, mark, room1, len1, room2, len2, ...}; status 0 = applied, 1 = the stored mark is
 # not the one expected (Redis lost data or another persister moved it): nothing applied, seek to mark+1.
 # A message is skipped when its id was appended already (a producer retry's copy) or when its
@@ -53,6 +54,7 @@ for _, m in ipairs(batch[2]) do
     end
   end
 end
+if ARGV[6] ~= '' and tonumber(ARGV[6]) > mark then mark = tonumber(ARGV[6]) end
 for seen in pairs(seens) do redis.call('EXPIRE', seen, ARGV[3]) end
 local out = {0, tostring(mark)}
 for r, len in pairs(lens) do
@@ -104,12 +106,13 @@ class RedisBuffer:
     async def mark(self, partition: int) -> int | None:
         return _int_or_none(await self._redis.get(self._keys.applied(partition)))
 
-    async def apply(self, partition: int, expected: int | None, messages: list[Message]) -> Applied:
-        return (await self.apply_many([(partition, expected, messages)]))[0]
+    async def apply(self, partition: int, expected: int | None, messages: list[Message],
+                    last: int | None = None) -> Applied:
+        return (await self.apply_many([(partition, expected, messages, last)]))[0]
 
-    async def apply_many(self, batches: list[tuple[int, int | None, list[Message]]]) -> list[Applied]:
-        """One APPLY_BATCH call per (partition, expected mark, messages), sent in one pipeline (no
-        MULTI: each call is atomic on its own, and each touches only its partition's slot)."""
+    async def apply_many(self, batches: list[tuple[int, int | None, list[Message], int | None]]) -> list[Applied]:
+        """One APPLY_BATCH call per (partition, expected mark, messages, last offset fetched), sent in
+        one pipeline (no MULTI: each call is atomic on its own, and each touches only its partition's slot)."""
         if len(batches) == 1:
             keys, args = self._apply_call(*batches[0])
             return [_applied(await self._apply(keys=keys, args=args))]
@@ -119,8 +122,8 @@ class RedisBuffer:
                 await self._apply(keys=keys, args=args, client=pipe)
             return [_applied(res) for res in await pipe.execute()]
 
-    def _apply_call(self, partition: int, expected: int | None,
-                    messages: list[Message]) -> tuple[list[str], list[Any]]:
+    def _apply_call(self, partition: int, expected: int | None, messages: list[Message],
+                    last: int | None) -> tuple[list[str], list[Any]]:
         k = self._keys
         keys = [k.applied(partition), k.new_rooms(partition), k.over_cap(partition)]
         index: dict[str, int] = {}
@@ -144,7 +147,8 @@ class RedisBuffer:
                          key(k.seen(partition, m.ts)), key(k.sent(m.room, m.user, m.client_msg_id))))
         # (use_bin_type=False: Redis's cmsgpack predates msgpack's bin type; bytes go as raw strings)
         packed = msgpack.packb((rooms, rows), use_bin_type=False)
-        return keys, ["" if expected is None else str(expected), self._cap, self._ttl, self._ttl, packed]
+        return keys, ["" if expected is None else str(expected), self._cap, self._ttl, self._ttl, packed,
+                      "" if last is None else str(last)]
 
     async def done_if_short(self, room: str) -> int:
         p = self._keys.partition(room)

@@ -17,13 +17,13 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
-from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 from redis.exceptions import RedisError
 
 from persister import metrics
 from persister.redis_store import Applied, RedisBuffer
-from shared.kafka import GapGuard, new_consumer, wait_for_topic
+from shared.kafka import Fetched, fetch, new_consumer, wait_for_topic
 from shared.keys import Keys
 from shared.message import Message
 from shared.mover import Mover
@@ -55,13 +55,9 @@ class Persister:
         self.rooms = rooms
         self.consumer: AIOKafkaConsumer | None = None
         self.expected: dict[int, int | None] = {}  # partition -> applied mark we believe Redis holds
-        # partition -> the log's first offset, where a partition without a mark was sought to: the first
-        # record expected (a fetch that skips it is read again, not taken for the start)
-        self.log_start: dict[int, int] = {}
         self.to_flush: set[str] = set()
         self.backlog: dict[str, int] = {}  # room -> messages past the cap (MySQL slow or down)
         self.lengths: dict[str, int] = {}  # room -> its list length, as last seen
-        self.gaps = GapGuard(settings.kafka_gap_wait_ms / 1000)
         self.flush_wakeup = asyncio.Event()
         self.paused = False
 
@@ -84,31 +80,15 @@ class Persister:
     def drop_partitions(self, tps: Iterable[TopicPartition]) -> None:
         for tp in tps:
             self.expected.pop(tp.partition, None)
-            self.log_start.pop(tp.partition, None)
 
     async def read_after(self, tp: TopicPartition, mark: int | None) -> None:
-        """Consume the partition from just after its applied mark, or from the log's start without one."""
+        """Consume the partition from just after its applied mark, or from the log's start without one.
+        (A mark + 1 that retention deleted resets to the log's start: `apply_all` reports the loss.)"""
         assert self.consumer is not None
         if mark is None:
-            await self.replay_from_start(tp)
+            await self.consumer.seek_to_beginning(tp)
         else:
             self.consumer.seek(tp, mark + 1)
-
-    async def replay_from_start(self, tp: TopicPartition) -> None:
-        """Read the partition from the first offset the log holds. That offset is remembered: a
-        fetch can show a later batch an instant before the first one, and the first batch applied
-        would otherwise set the mark past records never applied (lost from storage)."""
-        assert self.consumer is not None
-        try:
-            start = (await self.consumer.beginning_offsets([tp]))[tp]
-        except KafkaError as e:
-            log.warning("log start unknown; reading from the beginning unchecked",
-                        extra={"partition": tp.partition, "error": repr(e)})
-            self.log_start.pop(tp.partition, None)
-            await self.consumer.seek_to_beginning(tp)
-            return
-        self.log_start[tp.partition] = start
-        self.consumer.seek(tp, start)
 
     # --- the main loop
     async def consume(self) -> None:
@@ -126,12 +106,12 @@ class Persister:
                 await self.check_marks()
                 checked = time.monotonic()
             batch = await self.gather()
-            ours: dict[TopicPartition, list[ConsumerRecord]] = {}
-            for tp, records in batch.items():
-                if tp.partition in self.expected:
-                    ours[tp] = records
-                elif tp in self.consumer.assignment():  # fetched before its seek: read it again
-                    self.consumer.seek(tp, records[0].offset)
+            ours = []
+            for fetched in batch:
+                if fetched.tp.partition in self.expected:
+                    ours.append(fetched)
+                elif fetched.tp in self.consumer.assignment():  # fetched before its seek: read it again
+                    self.consumer.seek(fetched.tp, fetched.first_offset)
             if ours:
                 await self.apply_all(ours)
             uncommitted = uncommitted or bool(batch)
@@ -142,25 +122,25 @@ class Persister:
             self._pause_or_resume()
             self._observe()
 
-    async def gather(self) -> dict[TopicPartition, list[ConsumerRecord]]:
+    async def gather(self) -> list[Fetched]:
         """The next batch: what one fetch returned plus what arrives within PERSISTER_LINGER_MS, applied
         in one Redis round trip (at low rates a fetch brings a record or two, and a round trip per
         partition per fetch cost more than the appends; the linger delays nothing but storage)."""
         assert self.consumer is not None
         most = self.s.persister_batch_max
-        batch = await self.consumer.getmany(timeout_ms=200, max_records=most)
-        n = sum(len(records) for records in batch.values())
+        batch = {f.tp: f for f in await fetch(self.consumer, timeout_ms=200, max_records=most)}
+        n = sum(f.next_offset - f.first_offset for f in batch.values())
         if not batch or n >= most:
-            return batch
+            return list(batch.values())
         await asyncio.sleep(self.s.persister_linger_ms / 1000)
-        more = await self.consumer.getmany(timeout_ms=0, max_records=most - n)
-        for tp, records in more.items():
-            had = batch.get(tp)
-            if had and records[0].offset > had[-1].offset:  # offsets grow, not always by one
-                had.extend(records)
-            else:  # new, or the partition was sought back meanwhile: the later read is the current one
-                batch[tp] = records
-        return batch
+        for later in await fetch(self.consumer, timeout_ms=0, max_records=most - n):
+            had = batch.get(later.tp)
+            if had is not None and later.first_offset == had.next_offset:
+                had.messages.extend(later.messages)
+                had.next_offset = later.next_offset
+            else:  # new, or the partition was sought meanwhile: the later read is the current one
+                batch[later.tp] = later
+        return list(batch.values())
 
     def _observe(self) -> None:
         assert self.consumer is not None
@@ -187,33 +167,21 @@ class Persister:
         self.expected[tp.partition] = mark
         await self.read_after(tp, mark)
 
-    async def apply(self, tp: TopicPartition, records: list[ConsumerRecord]) -> None:
-        await self.apply_all({tp: records})
-
-    async def apply_all(self, batch: dict[TopicPartition, list[ConsumerRecord]]) -> None:
-        """Append every partition's records, one script call each, all in one Redis round trip."""
-        work: list[tuple[TopicPartition, list[Message]]] = []
-        for tp, records in batch.items():
-            mark = self.expected.get(tp.partition)
-            first = self.log_start.get(tp.partition) if mark is None else mark + 1
-            n, again = self.gaps.cut(tp.partition, first, [r.offset for r in records])
-            if again is not None:
-                assert self.consumer is not None
-                self.consumer.seek(tp, again)
-            messages = []
-            for r in records[:n]:
-                try:
-                    messages.append(Message.from_kafka(r.value, r.partition, r.offset))
-                except (ValueError, KeyError, TypeError):
-                    log.error("undecodable record skipped", extra={"partition": r.partition, "offset": r.offset})
-            if messages:
-                work.append((tp, messages))
-        if not work:
-            return
-        results = await self._retry_redis(
-            self.buffer.apply_many, [(tp.partition, self.expected.get(tp.partition), ms) for tp, ms in work])
-        for (tp, messages), res in zip(work, results, strict=True):
-            await self._applied(tp, messages, res)
+    async def apply_all(self, batch: list[Fetched]) -> None:
+        """Append every partition's messages, one script call each, all in one Redis round trip. The
+        mark moves to the last record fetched, so records that are not messages are passed over once."""
+        for fetched in batch:
+            mark = self.expected.get(fetched.tp.partition)
+            if mark is not None and fetched.first_offset > mark + 1:
+                # Offsets of our topic are dense: only retention (the persister was behind for longer
+                # than the topic keeps records) skips some. They are not in Kafka any more: say so.
+                metrics.LOG_SKIPPED.inc(fetched.first_offset - mark - 1)
+                log.error("records deleted by retention before they were applied",
+                          extra={"partition": fetched.tp.partition, "from": mark + 1, "to": fetched.first_offset - 1})
+        results = await self._retry_redis(self.buffer.apply_many, [
+            (f.tp.partition, self.expected.get(f.tp.partition), f.messages, f.next_offset - 1) for f in batch])
+        for fetched, res in zip(batch, results, strict=True):
+            await self._applied(fetched.tp, fetched.messages, res)
 
     async def _applied(self, tp: TopicPartition, messages: list[Message], res: Applied) -> None:
         if tp.partition not in self.expected:  # revoked during the write (the script kept it consistent)
@@ -325,8 +293,7 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
     mover = Mover(redis, pool, Keys(settings.redis_prefix, settings.kafka_partitions), rooms)
     metrics.bind_mover(mover)
     p = Persister(settings, redis, mover, rooms, stop)
-    p.consumer = new_consumer(settings, group_id=settings.kafka_persister_group, max_poll_records=None,
-                              fetch_max_wait_ms=settings.persister_fetch_wait_ms)
+    p.consumer = new_consumer(settings, group_id=settings.kafka_persister_group, max_poll_records=None)
     p.consumer.subscribe([settings.kafka_topic], listener=_Rebalance(p))
     await p.consumer.start()
     flusher = asyncio.create_task(p.flush_loop(stop), name="flush")

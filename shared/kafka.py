@@ -1,8 +1,7 @@
-"""The Kafka topic and the client factories every service uses.
+"""The Kafka topic, the client factories every service uses, and the one way records are read.
 
-Correct on Apache Kafka and on Tansu (../shared/KAFKA.md): idempotence is a setting, topics are
-created explicitly with the configured partition count, and "now" is found by time, not by the end
-offsets Tansu gets wrong.
+Topics are created explicitly with the configured partition count; producers are idempotent with
+acks=all (a retry after a lost answer or a leader change is not written twice).
 """
 
 from __future__ import annotations
@@ -10,16 +9,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from dataclasses import dataclass
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from prometheus_client import Counter
 from tenacity import AsyncRetrying, before_sleep_log, retry_if_exception_type, stop_after_delay, wait_exponential
 
+from shared.message import Message
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
+UNDECODABLE = Counter("roomcast_undecodable_records_total", "Kafka records that are not roomcast messages (skipped)")
 
 
 async def ensure_topic(settings: Settings) -> None:
@@ -31,8 +33,12 @@ async def ensure_topic(settings: Settings) -> None:
         topics = await admin.list_topics()
         if settings.kafka_topic in topics:
             return
+        # min ISR 2 with three replicas: an acknowledged record (acks=all) is on two brokers at least
+        configs = {"retention.ms": str(settings.kafka_topic_retention_ms),
+                   "min.insync.replicas": str(min(2, settings.kafka_replication)),
+                   "unclean.leader.election.enable": "false"}
         topic = NewTopic(settings.kafka_topic, settings.kafka_partitions, settings.kafka_replication,
-                         topic_configs={"retention.ms": str(settings.kafka_topic_retention_ms)})
+                         topic_configs=configs)
         try:
             await admin.create_topics([topic])
         except TopicAlreadyExistsError:
@@ -58,7 +64,7 @@ def new_producer(settings: Settings) -> AIOKafkaProducer:
     return AIOKafkaProducer(
         bootstrap_servers=settings.kafka_bootstrap,
         acks="all",
-        enable_idempotence=settings.kafka_idempotence,
+        enable_idempotence=True,
         linger_ms=settings.kafka_linger_ms,
         request_timeout_ms=settings.kafka_request_timeout_ms,
         client_id=f"roomcast-{settings.name}",
@@ -93,63 +99,30 @@ async def all_partitions(consumer: AIOKafkaConsumer, topic: str, timeout_s: floa
         await asyncio.sleep(0.1)
 
 
-async def high_water_marks(consumer: AIOKafkaConsumer, tps: list[TopicPartition],
-                           timeout_s: float) -> dict[TopicPartition, int | None]:
-    """Each partition's high-water mark as a fetch response reports it (None where none answered
-    within `timeout_s`); every partition is left sought to ListOffsets' answer. ListOffsets ("latest",
-    `end_offsets`) cannot be trusted for it on Tansu: in memory storage it points a batch early, and
-    after a restart of its S3 storage it was seen far behind (1 or 6 for a partition of 13 records).
-    The fetch starts at that answer, so it reads little. `consumer` must not have fetched yet."""
-    for tp, offset in (await consumer.end_offsets(tps)).items():
-        consumer.seek(tp, offset)
-    deadline = time.monotonic() + timeout_s
-    while any(consumer.highwater(tp) is None for tp in tps) and time.monotonic() < deadline:
-        await consumer.getmany(*tps, timeout_ms=100, max_records=1)  # (what it returns is old: dropped)
-    return {tp: consumer.highwater(tp) for tp in tps}
+@dataclass
+class Fetched:
+    """One partition's records of a fetch, decoded: the fan-out, the persister and a resume read the
+    log through this, so a record that is not a roomcast message is skipped the same way by all."""
+
+    tp: TopicPartition
+    messages: list[Message]
+    first_offset: int  # of the first record fetched, decodable or not
+    next_offset: int  # after the last record fetched
 
 
-async def offsets_now(consumer: AIOKafkaConsumer, tps: list[TopicPartition],
-                      timeout_s: float = 30.0) -> dict[TopicPartition, int]:
-    """The offset each partition's next new record will get: where a fan-out starts. (ListOffsets'
-    answer sent a gateway started after a Tansu restart back over the whole log.)"""
-    highs = await high_water_marks(consumer, tps, timeout_s)
-    now = {tp: high for tp, high in highs.items() if high is not None}
-    if len(now) < len(tps):
-        raise TimeoutError(f"no fetch answered within {timeout_s}s for {[tp for tp in tps if tp not in now]}")
-    return now
+def decode(tp: TopicPartition, records: list[ConsumerRecord[bytes, bytes]]) -> Fetched:
+    messages = []
+    for r in records:
+        try:
+            messages.append(Message.from_kafka(r.value, r.partition, r.offset))
+        except (ValueError, KeyError, TypeError):  # a producer outside roomcast: never a crash loop
+            UNDECODABLE.inc()
+            log.error("undecodable record skipped", extra={"partition": r.partition, "offset": r.offset})
+    return Fetched(tp, messages, records[0].offset, records[-1].offset + 1)
 
 
-class GapGuard:
-    """Records of our topic have dense offsets (no transactions, no compaction), so a fetch that
-    skips offsets is a fault of the fetch, not of the log (Tansu can show a partition's next batch
-    an instant before the one below it): cut the batch at the gap and have the caller read again
-    from there, for as long as `wait_s` from the first sight of that gap. Only a gap still there
-    after that is accepted (logged as an error): its records are then skipped by this reader."""
-
-    def __init__(self, wait_s: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self._wait_s = wait_s
-        self._clock = clock
-        self._seen: dict[int, tuple[int, float]] = {}  # partition -> (gap's first offset, first seen)
-
-    def cut(self, partition: int, expected: int | None, offsets: list[int]) -> tuple[int, int | None]:
-        """(how many leading records to use, the offset to read again from, or None)."""
-        seen = self._seen.get(partition)
-        if seen is not None and expected is not None and expected > seen[0]:
-            del self._seen[partition]  # the gap filled: a later sight of it (after a seek back) waits anew
-        prev = None if expected is None else expected - 1
-        for i, off in enumerate(offsets):
-            if prev is not None and off > prev + 1:
-                missing, now = prev + 1, self._clock()
-                first = self._seen.get(partition)
-                if first is None or first[0] != missing:
-                    self._seen[partition] = (missing, now)
-                    log.warning("a fetch skipped offsets; reading them again",
-                                extra={"partition": partition, "expected": missing, "got": off})
-                    return i, missing
-                if now - first[1] < self._wait_s:
-                    return i, missing
-                del self._seen[partition]
-                log.error("offsets still missing; skipping them",
-                          extra={"partition": partition, "from": missing, "to": off - 1, "waited_s": self._wait_s})
-            prev = off if prev is None else max(prev, off)
-        return len(offsets), None
+async def fetch(consumer: AIOKafkaConsumer, *tps: TopicPartition, timeout_ms: int,
+                max_records: int | None) -> list[Fetched]:
+    """The next records of the consumer's partitions (or of `tps`), per partition, decoded."""
+    batch = await consumer.getmany(*tps, timeout_ms=timeout_ms, max_records=max_records)
+    return [decode(tp, records) for tp, records in batch.items() if records]

@@ -24,7 +24,6 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaConnectionError, KafkaError
 
-from shared.kafka import high_water_marks
 from shared.keys import Keys
 from shared.migrate import migration_files
 from shared.mysql import MysqlTarget
@@ -413,7 +412,7 @@ async def _redis_partition_counts(redis: aioredis.Redis, settings: Settings, sta
 
 
 async def _kafka_lag(settings: Settings, timeout_s: float, stats: Stats) -> None:
-    """Lag against the high-water marks of fetch responses (Tansu's ListOffsets cannot be trusted)."""
+    """Lag of the persister's applied marks against each partition's end offset."""
     if not stats.partitions:  # no marks without Redis: lag would be meaningless
         stats.partitions = [PartitionStats(p, None, 0, None, None) for p in range(settings.kafka_partitions)]
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=None,
@@ -425,7 +424,7 @@ async def _kafka_lag(settings: Settings, timeout_s: float, stats: Stats) -> None
         tps = [TopicPartition(settings.kafka_topic, p.partition) for p in stats.partitions]
         consumer.assign(tps)
         starts = await _bounded(consumer.beginning_offsets(tps), timeout_s)
-        highs = await _bounded(high_water_marks(consumer, tps, timeout_s), timeout_s * 2)
+        highs: dict[TopicPartition, int | None] = dict(await _bounded(consumer.end_offsets(tps), timeout_s))
     except (Unreachable, KafkaError, OSError) as e:
         stats.errors["kafka"] = _reason(e)
         return

@@ -29,7 +29,6 @@ class Settings(BaseSettings):
     kafka_partitions: int = Field(8, ge=1, description="Fixed at topic creation: changing it remaps rooms")
     kafka_replication: int = Field(1, ge=1)
     kafka_topic_retention_ms: int = Field(14 * DAY_S * 1000, description="Must exceed redis_retention_s")
-    kafka_idempotence: bool = Field(False, description="On for Apache Kafka; Tansu lacks InitProducerId")
     kafka_linger_ms: int = Field(
         0, ge=0, description="Producer batching delay; records still batch while a request is in flight"
     )
@@ -37,9 +36,8 @@ class Settings(BaseSettings):
     kafka_startup_wait_s: float = Field(
         300.0, ge=0, description="How long a starting gateway or persister waits for the broker before it exits"
     )
-    kafka_fetch_max_wait_ms: int = Field(20, ge=0, description="Fan-out latency vs broker CPU trade")
-    kafka_gap_wait_ms: int = Field(
-        2000, ge=0, description="How long a consumer reads a fetch's skipped offsets again before it accepts the gap"
+    kafka_fetch_max_wait_ms: int = Field(
+        500, ge=0, description="Longest wait of an empty fetch; Kafka answers as soon as a record arrives"
     )
     kafka_session_timeout_ms: int = Field(10000, ge=1000)
     kafka_heartbeat_interval_ms: int = Field(3000, ge=100)
@@ -56,9 +54,6 @@ class Settings(BaseSettings):
     )
     persister_linger_ms: int = Field(
         20, ge=0, description="Records gathered this long after a fetch, then applied in one Redis round trip"
-    )
-    persister_fetch_wait_ms: int = Field(
-        50, ge=0, description="The persister's fetch wait: it is not on the fan-out path (broker CPU trade)"
     )
     persister_batch_max: int = Field(500, ge=1, description="Kafka records applied per Redis round trip")
     dedupe_ttl_s: int = Field(3600, ge=1, description="How long a (user, client_msg_id) is remembered")

@@ -274,7 +274,6 @@ def test_settings_load_from_the_manifests(rendered: dict[str, list[dict[str, Any
     docs = rendered[overlay]
     s = settings_from(docs, monkeypatch)  # raises if a value does not parse or validate
     assert s.host == "0.0.0.0"
-    assert s.kafka_idempotence, "Apache Kafka supports the idempotent producer: KAFKA_IDEMPOTENCE=true"
     assert s.kafka_topic_retention_ms >= (s.redis_retention_s + RETENTION_MARGIN_S) * 1000, \
         "Kafka must retain messages longer than Redis holds them, plus a margin"
     assert s.dev_mode == (overlay == "dev")
