@@ -50,12 +50,14 @@ class LogTruncated(ResumeUnavailable):
 
 
 class PersisterBehind(Exception):
-    """The persister has not applied the partition up to the join point (yet), or its mark cannot be
-    read (Redis away: `mark` None, so the whole missed range comes from the log)."""
+    """The persister has not applied the partition up to the join point (yet: `mark` None when it
+    never applied any), or its mark cannot be read (Redis away: the whole missed range comes from
+    the log)."""
 
-    def __init__(self, mark: int | None) -> None:
+    def __init__(self, mark: int | None, redis_away: bool = False) -> None:
         super().__init__(f"applied mark {mark}")
         self.mark = mark
+        self.redis_away = redis_away
 
 
 async def resume(node: Node, session: Session, room: str, cursor: str, fail: Callable[..., None]) -> None:
@@ -78,7 +80,7 @@ async def resume(node: Node, session: Session, room: str, cursor: str, fail: Cal
                 await wait_applied(node, partition, position - 1)
                 replay, recovered = await missed(node, room, after.offset, position)
             except PersisterBehind as behind:
-                replay, recovered = await missed_with_kafka(node, room, after.offset, position, behind.mark)
+                replay, recovered = await missed_with_kafka(node, room, after.offset, position, behind)
         except ResumeUnavailable as e:
             node.hub.leave(room, session)
             fail(Err.UNAVAILABLE, f"cannot resume {room} now: {e}; join again", room)
@@ -104,7 +106,7 @@ async def wait_applied(node: Node, partition: int, offset: int) -> None:
         try:
             raw = await node.redis.get(key)
         except (RedisError, OSError) as e:
-            raise PersisterBehind(None) from e
+            raise PersisterBehind(None, redis_away=True) from e
         mark = None if raw is None else int(raw)
         if mark is not None and mark >= offset:
             return
@@ -165,10 +167,11 @@ async def missed(node: Node, room: str, after: int, before: int) -> tuple[list[b
     return out, True
 
 
-async def missed_with_kafka(node: Node, room: str, after: int, before: int, mark: int | None
+async def missed_with_kafka(node: Node, room: str, after: int, before: int, behind: PersisterBehind
                             ) -> tuple[list[bytes], bool]:
     """The persister is behind (or down): what it applied comes from storage as usual, the rest
     (mark, before) straight from Kafka, so a resume never depends on the persister being up."""
+    mark = behind.mark
     start = max(after, -1 if mark is None else mark) + 1
     if before - start > node.settings.resume_kafka_max_records:
         raise ResumeUnavailable("too many records to read from the log (the persister is behind or Redis away)")
@@ -181,7 +184,7 @@ async def missed_with_kafka(node: Node, room: str, after: int, before: int, mark
     try:
         recent = await from_kafka(node, room, start, before)
     except LogTruncated as gone:
-        if mark is None:  # Redis away: what the log no longer holds is stored, but unreadable now
+        if behind.redis_away:  # what the log no longer holds is stored, but unreadable now
             raise
         # The persister never applied what retention deleted: it is gone. Replay what is left, honestly.
         recent, complete = await from_kafka(node, room, gone.log_start, before), False

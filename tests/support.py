@@ -15,11 +15,13 @@ import orjson
 import redis.asyncio as aioredis
 import websockets
 from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
 from pydantic import SecretStr
 from websockets.asyncio.client import ClientConnection
 
 from shared import localstack
 from shared.auth import mint_token
+from shared.keys import Keys
 from shared.localstack import Proc
 from shared.message import Message
 from shared.mysql import MysqlTarget
@@ -191,6 +193,20 @@ async def produce_messages(settings: Settings, tp: TopicPartition, room: str, n:
             await (await producer.send(tp.topic, msg.kafka_value(), key=room.encode(), partition=tp.partition))
     finally:
         await producer.stop()
+
+
+async def delete_before(settings: Settings, tp: TopicPartition, offset: int) -> None:
+    """Move the partition's log start to `offset`, as retention does (Kafka's DeleteRecords)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    await admin.start()
+    try:
+        await admin.delete_records({tp: RecordsToDelete(before_offset=offset)}, timeout_ms=10_000)
+    finally:
+        await admin.close()
+
+
+def partition_of(settings: Settings, room: str) -> TopicPartition:
+    return TopicPartition(settings.kafka_topic, Keys(settings.redis_prefix, settings.kafka_partitions).partition(room))
 
 
 def token(settings: Settings, user: str, **kw: Any) -> str:

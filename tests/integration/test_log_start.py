@@ -8,7 +8,6 @@ from __future__ import annotations
 import aiomysql
 import redis.asyncio as aioredis
 from aiokafka import TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
 
 from gateway.fanout import Fanout
 from gateway.hub import Hub
@@ -20,18 +19,9 @@ from shared.message import Message
 from shared.mover import Mover
 from shared.rooms import RoomDirectory
 from shared.settings import Settings
-from tests.support import produce_messages
+from tests.support import delete_before, produce_messages
 
 ROOM = "log-start-room"
-
-
-async def delete_before(settings: Settings, tp: TopicPartition, offset: int) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
-    await admin.start()
-    try:
-        await admin.delete_records({tp: RecordsToDelete(before_offset=offset)}, timeout_ms=10_000)
-    finally:
-        await admin.close()
 
 
 async def test_a_starting_fanout_begins_at_the_end_of_every_partition(migrated: Settings) -> None:

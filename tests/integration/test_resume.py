@@ -10,7 +10,7 @@ import redis.asyncio as aioredis
 
 from shared.settings import Settings
 from tests.faults.proxy import TcpProxy
-from tests.support import Cluster, Peer, eventually, offset, token
+from tests.support import Cluster, Peer, delete_before, eventually, offset, partition_of, token
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -112,6 +112,25 @@ async def test_resume_while_the_persister_is_down_reads_the_gap_from_kafka(
     assert [m["body"] for m in got] == [f"stored {i}" for i in range(5, 30)] + [f"unpersisted {i}" for i in range(10)]
     assert [m["id"] for m in got[-10:]] == [a["id"] for a in gap]
     for p in (sender, b2):
+        await p.close()
+
+
+async def test_a_resume_past_what_retention_deleted_replays_the_rest_and_says_not_recovered(
+        cluster: Cluster, small_buffer: Settings) -> None:
+    """The persister down for longer than the topic keeps records: what it never applied is gone
+    (DeleteRecords moves the log start as retention does). The resume says so, and replays the rest."""
+    sender = await Peer.connect(cluster.url(0), token(small_buffer, "alice"))
+    cursor = (await sender.join("lobby"))["cursor"]
+    assert cluster.persister is not None
+    cluster.persister.stop()
+    gap = await send_many(sender, "lobby", 10, "unpersisted")
+    await delete_before(small_buffer, partition_of(small_buffer, "lobby"), offset(gap[5]["cursor"]))
+    b = await Peer.connect(cluster.url(1), token(small_buffer, "bob"))
+    joined = await b.join("lobby", cursor=cursor)
+    assert joined["type"] == "joined" and joined["recovered"] is False
+    await b.wait_for(lambda f: f["type"] == "message" and f["body"] == "unpersisted 9")
+    assert [m["id"] for m in b.messages("lobby")] == [a["id"] for a in gap[5:]]
+    for p in (sender, b):
         await p.close()
 
 
