@@ -7,9 +7,9 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: system-deps run stop test test-unit test-integration test-e2e test-faults lint typecheck bench image clean
 
-# System packages the suite needs (its own Redis and MariaDB instances, the browser test);
+# System packages the suite needs (its own Kafka, Redis and MariaDB instances, the browser test);
 # installed with apt when we are root and one is missing. `make run` installs what it needs itself.
-SYSTEM_BINS := redis-server:redis-server mariadbd:mariadb-server chromium:chromium
+SYSTEM_BINS := redis-server:redis-server mariadbd:mariadb-server chromium:chromium java:default-jre-headless mvn:maven
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,8 +25,10 @@ system-deps:
 	    echo "installing:$$missing"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	  else echo "missing system packages:$$missing (run: sudo apt-get install -y$$missing)"; exit 1; fi; fi
 
-run: $(STAMP)  ## the whole cluster in the foreground until Ctrl-C
-	$(BIN)/roomcast up
+KAFKA_NODES ?= 1
+
+run: $(STAMP)  ## the whole cluster in the foreground until Ctrl-C (KAFKA_NODES=3: three brokers, RF 3)
+	$(BIN)/roomcast up --kafka-nodes $(KAFKA_NODES)
 
 stop:  ## stop what `make run` started (from another shell)
 	@test -x $(BIN)/roomcast && $(BIN)/roomcast down || echo "nothing to stop (no venv)"

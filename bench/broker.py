@@ -1,19 +1,18 @@
-"""The test broker alone (not a test): Tansu's CPU over time at a constant produce rate.
+"""The broker alone (not a test): Apache Kafka's CPU over time at a constant produce rate.
 
     .venv/bin/python -m bench.broker                         # 400 msgs/s, 3 tail consumers, 60 s
     .venv/bin/python -m bench.broker --consumers 0           # the same without consumers
     .venv/bin/python -m bench.broker --linger 20             # fewer, larger batches
-    .venv/bin/python -m bench.broker --storage s3            # Tansu on SeaweedFS (durable)
+    .venv/bin/python -m bench.broker --nodes 3               # three nodes, RF 3, min ISR 2
 
-Starts Tansu (memory storage, as the benchmarks and tests use it; or on a SeaweedFS S3 of its own,
-the durable setup of `make run`) pinned to --broker-cpus, creates
-a topic, then produces 200-byte records at --rate (one producer, acks=all, the gateway's settings)
-while --consumers consumers read every partition at the tail (the fan-out consumer's settings;
-two gateways and the persister make three). Prints the broker's CPU% for every --every seconds.
+Starts Kafka (shared/localkafka.py, as the benchmarks and tests run it) pinned to --broker-cpus,
+creates a topic, then produces 200-byte records at --rate (one idempotent producer, acks=all, the
+gateway's settings) while --consumers consumers read every partition at the tail (the fan-out
+consumer's settings; two gateways and the persister make three). Prints the broker's CPU% for
+every --every seconds.
 
-Why: roomcast's benchmarks put this broker on the server core, and its cost per fetch grows with
-the batches it holds (it enforces no retention and implements no DeleteRecords), so a benchmark's
-figures depend on how long the broker has been running. This shows that cost by itself.
+Why: roomcast's benchmarks put the broker on the server core; this shows its share by itself, and
+that it stays flat as the log grows (the earlier test broker's cost grew with it).
 """
 
 from __future__ import annotations
@@ -32,7 +31,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from bench.cluster import parse_cpus
 from shared import localstack
-from shared.localstack import LOCALHOST
+from shared.localkafka import KafkaCluster
 
 TOPIC = "broker-bench"
 
@@ -45,8 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--consumers", type=int, default=3)
     p.add_argument("--partitions", type=int, default=8)
     p.add_argument("--linger", type=int, default=0, help="the producer's linger_ms")
-    p.add_argument("--fetch-wait", type=int, default=20, help="the consumers' fetch_max_wait_ms")
-    p.add_argument("--storage", choices=("memory", "s3"), default="memory")
+    p.add_argument("--fetch-wait", type=int, default=500, help="the consumers' fetch_max_wait_ms")
+    p.add_argument("--nodes", type=int, choices=(1, 3), default=1)
     p.add_argument("--broker-cpus", type=parse_cpus, default={0})
     p.add_argument("--gen-cpus", type=parse_cpus, default={1})
     return p.parse_args(argv)
@@ -72,7 +71,7 @@ def busy_s(procs: list[psutil.Process]) -> float:
 
 
 async def produce(boot: str, args: argparse.Namespace, broker: list[psutil.Process]) -> tuple[int, list[float]]:
-    producer = AIOKafkaProducer(bootstrap_servers=boot, acks="all", linger_ms=args.linger)
+    producer = AIOKafkaProducer(bootstrap_servers=boot, acks="all", enable_idempotence=True, linger_ms=args.linger)
     await producer.start()
     sent, cpu = 0, []
     start = time.perf_counter()
@@ -94,11 +93,11 @@ async def produce(boot: str, args: argparse.Namespace, broker: list[psutil.Proce
 
 
 async def measure(boot: str, args: argparse.Namespace, broker: list[psutil.Process]) -> None:
-    """(`broker`: its processes, Tansu and, with S3 storage, SeaweedFS; their CPU is summed.)"""
+    """(`broker`: its processes, one per node; their CPU is summed.)"""
     admin = AIOKafkaAdminClient(bootstrap_servers=boot)
     await admin.start()
     try:
-        await admin.create_topics([NewTopic(TOPIC, args.partitions, 1)])
+        await admin.create_topics([NewTopic(TOPIC, args.partitions, args.nodes)])
     finally:
         await admin.close()
     stop = asyncio.Event()
@@ -106,27 +105,21 @@ async def measure(boot: str, args: argparse.Namespace, broker: list[psutil.Proce
     sent, cpu = await produce(boot, args, broker)
     stop.set()
     got = await asyncio.gather(*consumers)
-    print(f"{args.storage}: rate {args.rate}/s, {args.consumers} consumers, {args.partitions} partitions, "
+    print(f"{args.nodes} node(s): rate {args.rate}/s, {args.consumers} consumers, {args.partitions} partitions, "
           f"linger {args.linger} ms, fetch wait {args.fetch_wait} ms: sent {sent}, consumed {sum(got)}; "
           f"broker CPU % per {args.every} s: {' '.join(f'{c:.0f}' for c in cpu)}")
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    port = localstack.free_port()
-    with tempfile.TemporaryDirectory(prefix="roomcast-broker-bench-") as work, contextlib.ExitStack() as stack:
+    ports = localstack.free_ports(2 * args.nodes)
+    with tempfile.TemporaryDirectory(prefix="roomcast-broker-bench-") as work:
         os.sched_setaffinity(0, args.broker_cpus)  # (the broker inherits it)
-        logs = Path(work) / "logs"
-        if args.storage == "s3":
-            weed = localstack.WeedPorts.free()
-            watched = [stack.enter_context(localstack.start_seaweed(Path(work) / "s3", logs, ports=weed))]
-            proc = stack.enter_context(localstack.start_tansu_s3(port, logs, s3_port=weed.s3))
-        else:
-            proc = stack.enter_context(localstack.start_tansu_memory(port, logs))
-            watched = []
-        os.sched_setaffinity(0, args.gen_cpus)
-        with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(measure(f"{LOCALHOST}:{port}", args, [psutil.Process(p.pid) for p in [proc, *watched]]))
+        kafka = KafkaCluster.local(Path(work), Path(work) / "logs", list(zip(ports[::2], ports[1::2], strict=True)))
+        with kafka.start():
+            os.sched_setaffinity(0, args.gen_cpus)
+            with contextlib.suppress(KeyboardInterrupt):
+                asyncio.run(measure(kafka.bootstrap, args, [psutil.Process(p.pid) for p in kafka.procs.values()]))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
     .venv/bin/python -m bench.cluster                   # start, print URLs/PIDs/env, wait for Ctrl-C
     .venv/bin/python -m bench.cluster --env-file /tmp/rc.env --fetch-wait 25
 
-Starts, on 127.0.0.1 free ports: Tansu (memory storage), our own redis-server (AOF on, everysec),
+Starts, on 127.0.0.1 free ports: an Apache Kafka node, our own redis-server (AOF on, everysec),
 the MySQL database `roomcast_bench` on the configured MariaDB (MYSQL_DSN's server; created,
 migrated and emptied), two gateways and the persister. Every server is started while this process
 is pinned to the server CPUs (default CPU 0), so the children inherit that affinity (threads
@@ -33,6 +33,7 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import SecretStr
 
 from shared import localstack
+from shared.localkafka import KafkaCluster
 from shared.localstack import LOCALHOST, Proc
 from shared.migrate import migrate
 from shared.mysql import MysqlTarget
@@ -40,6 +41,7 @@ from shared.services import start_gateway, start_persister
 from shared.settings import Settings
 
 BENCH_DB = "roomcast_bench"
+STOP_ORDER = ["gateway", "persister", "kafka", "redis"]
 
 
 def parse_cpus(text: str) -> set[int]:
@@ -92,11 +94,10 @@ class Cluster:
         return self.settings.to_env()
 
     def stop(self) -> None:
-        for name in ("gateway-a", "gateway-b", "persister", "tansu", "redis"):
-            proc = self.procs.pop(name, None)
-            if proc is not None:
-                with contextlib.suppress(Exception):
-                    proc.stop(20)
+        for name in sorted(self.procs, key=lambda n: STOP_ORDER.index(n.split("-")[0])):
+            proc = self.procs.pop(name)
+            with contextlib.suppress(Exception):
+                proc.stop(30)
 
     def __enter__(self) -> Cluster:
         return self
@@ -130,7 +131,7 @@ def start_cluster(settings: Settings | None = None, *, server_cpus: set[int] | N
     gen_cpus = gen_cpus if gen_cpus is not None else {1}
     work = work or Path(tempfile.mkdtemp(prefix="roomcast-bench-"))
     logs = work / "logs"
-    kafka_port, redis_port = localstack.free_port(), localstack.free_port()
+    kafka_port, controller_port, redis_port = localstack.free_ports(3)
     s = bench_settings(settings, kafka_bootstrap=f"{LOCALHOST}:{kafka_port}",
                        redis_url=f"redis://{LOCALHOST}:{redis_port}/0", **updates)
     cluster = Cluster(s, work)
@@ -138,7 +139,8 @@ def start_cluster(settings: Settings | None = None, *, server_cpus: set[int] | N
     try:
         os.sched_setaffinity(0, server_cpus)  # children inherit it
         t0 = time.monotonic()
-        cluster.procs["tansu"] = localstack.start_tansu_memory(kafka_port, logs)
+        kafka = KafkaCluster.local(work / "kafka", logs, [(kafka_port, controller_port)]).start()
+        cluster.procs.update({f"kafka-{i}": proc for i, proc in kafka.procs.items()})
         cluster.procs["redis"] = localstack.start_redis(redis_port, work / "redis", logs, appendonly=True)
         _empty_bench_db(s)
         if persister:

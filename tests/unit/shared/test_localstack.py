@@ -1,4 +1,4 @@
-"""shared.localstack against the real binaries: Tansu, weed, redis-server, mariadbd.
+"""shared.localstack against the real binaries: redis-server, mariadbd (Kafka: test_localkafka.py).
 
 Every server runs on free ports in a temporary folder, so these tests can run beside a
 `make run` cluster and the machine's shared Redis (6379) / MariaDB (3306), which they never touch.
@@ -6,7 +6,6 @@ Every server runs on free ports in a temporary folder, so these tests can run be
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,8 +14,6 @@ import psutil
 import pymysql
 import pytest
 import redis
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from shared import localstack as ls
 
@@ -60,106 +57,6 @@ def test_ensure_installed_names_the_apt_command() -> None:
     cmd = ls.ensure_installed(["no-such-binary-rc", "redis-server", "no-such-binary-rc"])
     assert cmd is not None and cmd.endswith("apt-get install -y no-such-binary-rc")
     assert ls.missing_packages(["no-such-mariadbd"]) == ["no-such-mariadbd"]
-    assert ls.tansu_binary().is_file()
-
-
-# ----------------------------------------------------------------------------- Tansu
-
-
-async def _produce(bootstrap: str, topic: str, values: list[bytes]) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=False, acks="all")
-    await producer.start()
-    try:
-        for v in values:
-            await producer.send_and_wait(topic, v, partition=0)
-    finally:
-        await producer.stop()
-
-
-async def _create_topic(bootstrap: str, topic: str) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])
-    finally:
-        await admin.close()
-
-
-async def _consume(bootstrap: str, topic: str, n: int, group: str | None = None) -> list[bytes]:
-    """Read ``n`` messages: from the start (no group) or from the group's committed offset."""
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
-        group_id=group,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        session_timeout_ms=2000,
-        heartbeat_interval_ms=300,
-    )
-    await consumer.start()
-    out: list[bytes] = []
-    try:
-        if group is None:
-            consumer.assign([TopicPartition(topic, 0)])
-        else:
-            consumer.subscribe([topic])
-        async with asyncio.timeout(20):
-            while len(out) < n:
-                for batch in (await consumer.getmany(timeout_ms=200)).values():
-                    out += [m.value for m in batch if m.value is not None]
-        if group is not None:
-            await consumer.commit()
-    finally:
-        await consumer.stop()
-    return out
-
-
-async def test_tansu_memory_produce_consume_and_pidfile(tmp_path: Path, procs: list[ls.Proc]) -> None:
-    port = ls.free_port()
-    tansu = ls.start_tansu_memory(port, tmp_path / "log")
-    procs.append(tansu)
-    assert ls.port_open(ls.LOCALHOST, port)
-    with pytest.raises(ls.LocalStackError, match="already in use"):
-        ls.start_tansu_memory(port, tmp_path / "log")
-    bootstrap = f"127.0.0.1:{port}"
-    await _create_topic(bootstrap, "t.localstack")
-    await _produce(bootstrap, "t.localstack", [b"hello"])
-    assert await _consume(bootstrap, "t.localstack", 1) == [b"hello"]
-
-    # `make stop` path: the PID from a file, checked against the executable's name.
-    pidfile = tmp_path / "run" / "tansu.pid"
-    tansu.write_pidfile(pidfile)
-    assert not ls.stop_pid(tansu.pid, expect="redis-server")
-    assert tansu.alive
-    assert ls.stop_pidfile(pidfile, expect="tansu")
-    assert not pidfile.exists() and not ls.port_open(ls.LOCALHOST, port)
-    assert tansu.stop() == 0  # reaped: already stopped by PID
-
-
-@pytest.mark.faults
-async def test_tansu_on_seaweed_keeps_data_through_kill9(tmp_path: Path, procs: list[ls.Proc]) -> None:
-    ports = ls.WeedPorts.free()
-    weed = ls.start_seaweed(tmp_path / "weed", tmp_path / "log", ports=ports)
-    procs.append(weed)
-    assert ls.weed_bucket_exists(ports.filer, "tansu")
-    assert not ls.weed_bucket_exists(ports.filer, "no-such-bucket")
-    port = ls.free_port()
-    bootstrap = f"127.0.0.1:{port}"
-    tansu = ls.start_tansu_s3(port, tmp_path / "log", s3_port=ports.s3)
-    procs.append(tansu)
-
-    await _create_topic(bootstrap, "t.durable")
-    await _produce(bootstrap, "t.durable", [b"a", b"b"])
-    assert await _consume(bootstrap, "t.durable", 2, group="g") == [b"a", b"b"]  # commits offset 2
-
-    tansu.kill()
-    tansu = ls.start_tansu_s3(port, tmp_path / "log", s3_port=ports.s3)
-    procs.append(tansu)
-    await _produce(bootstrap, "t.durable", [b"c"])
-    assert await _consume(bootstrap, "t.durable", 3) == [b"a", b"b", b"c"]
-    assert await _consume(bootstrap, "t.durable", 1, group="g") == [b"c"]  # committed offset kept
-
-    weed.stop()
-    assert not ls.WeedPorts.leftover_sockets(ports)
 
 
 # ----------------------------------------------------------------------------- Redis
