@@ -1,13 +1,14 @@
-"""The faults of the other fault tests one after another under the same load, in a seeded random
-order: a gateway killed or drained and started again on its port, the persister or the sweeper
-(retention 3 s: it moves messages to MySQL all along) killed and started again, and outages of a
-few seconds while the next faults go on: Redis killed, then restarted on its AOF; MySQL cut off,
-then back; with a durable broker, also the broker killed, then started again. So services also
-start while a dependency is away. Afterwards nothing acknowledged is lost, duplicated or out of
-order, delivered, stored, or paged back through history.
+"""The faults of the other fault tests one after another under the same load, on the three-node
+Kafka, in a seeded random order that holds every fault at least once: a gateway killed or drained
+and started again on its port, the persister or the sweeper (retention 3 s: it moves messages to
+MySQL all along) killed and started again, and outages of a few seconds while the next faults go
+on: Redis killed, then restarted on its AOF; MySQL cut off, then back; a Kafka node killed, then
+started again; a Kafka node cut off the network, then joined again. So services also start while
+a dependency is away. Afterwards nothing acknowledged is lost, duplicated or out of order,
+delivered, stored, or paged back through history.
 
 A failure names its seed and plan; `CHAOS_SEED=N` runs that plan again, `CHAOS_ROUNDS` sets its
-length (default 8)."""
+length (default: each fault once; more rounds draw the extra faults at random)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import asyncio
 import os
 import random
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import aiomysql
@@ -28,32 +29,40 @@ from shared.client import RoomcastClient
 from shared.mysql import MysqlTarget
 from shared.services import start_gateway, start_sweeper
 from shared.settings import Settings
+from tests.faults.conftest import Kafka3
 from tests.faults.harness import run_load_through, small
 from tests.faults.proxy import TcpProxy
 from tests.support import Cluster, offset, token
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(420)]
 
-FAULTS = ("kill_gateway", "drain_gateway", "kill_persister", "kill_sweeper", "restart_redis", "cut_mysql")
+FAULTS = ("kill_gateway", "drain_gateway", "kill_persister", "kill_sweeper", "restart_redis", "cut_mysql",
+          "kill_broker", "cut_broker")
+
+
+def chaos_plan(rng: random.Random, rounds: int) -> list[str]:
+    """Every fault once, and `rounds` - len(FAULTS) more drawn at random, shuffled together."""
+    plan = list(FAULTS) + [rng.choice(FAULTS) for _ in range(rounds - len(FAULTS))]
+    rng.shuffle(plan)
+    return plan
 
 
 class Chaos:
     def __init__(self, cluster: Cluster, sweeper: localstack.Proc, redis: localstack.Proc, redis_port: int,
-                 redis_data: Path, mysql: TcpProxy, log_dir: Path, rng: random.Random) -> None:
+                 redis_data: Path, mysql: TcpProxy, kafka: Kafka3, log_dir: Path, rng: random.Random) -> None:
         self.cluster = cluster
         self.sweeper = sweeper
         self.redis = redis
         self.redis_port = redis_port
         self.redis_data = redis_data
         self.mysql = mysql
+        self.kafka = kafka
         self.log_dir = log_dir
         self.rng = rng
         self.background: set[asyncio.Task[None]] = set()
         self.redis_lock = asyncio.Lock()
         self.mysql_lock = asyncio.Lock()
-        self.broker_lock = asyncio.Lock()
-        self.broker: localstack.Proc | None = None  # a durable broker, when kill_broker is in the plan
-        self.start_broker: Callable[[], localstack.Proc] | None = None
+        self.broker_lock = asyncio.Lock()  # one Kafka node away at a time: the other two keep the quorum
         self.done: list[str] = []
 
     async def run(self, plan: list[str]) -> None:
@@ -106,15 +115,24 @@ class Chaos:
         self.redis.kill()
 
     async def kill_broker(self) -> None:
-        assert self.broker is not None and self.start_broker is not None
-        start = self.start_broker
-
-        async def up() -> None:
-            self.broker = await asyncio.to_thread(start)
+        node = self.rng.choice([n.node_id for n in self.kafka.cluster.nodes])
 
         async def down() -> None:
-            assert self.broker is not None
-            self.broker.kill()
+            self.kafka.cluster.kill(node)
+
+        async def up() -> None:
+            await asyncio.to_thread(self.kafka.cluster.start_node, node)
+
+        await self._outage(self.broker_lock, down, up)
+
+    async def cut_broker(self) -> None:
+        node = self.rng.choice([n.node_id for n in self.kafka.cluster.nodes])
+
+        async def down() -> None:
+            self.kafka.cut_off(node)
+
+        async def up() -> None:
+            self.kafka.rejoin(node)
 
         await self._outage(self.broker_lock, down, up)
 
@@ -165,39 +183,19 @@ async def mysql_proxy(migrated: Settings) -> AsyncIterator[TcpProxy]:
     await proxy.close()
 
 
-@pytest.fixture
-def durable_broker(tmp_path: Path, log_dir: Path) -> Iterator[tuple[int, Callable[[], localstack.Proc]]]:
-    """A Tansu on S3 (SeaweedFS) that keeps what it acknowledged through kill -9: its port, and how
-    to start it (again)."""
-    ports = localstack.WeedPorts.free()
-    weed = localstack.start_seaweed(tmp_path / "weed", log_dir, ports=ports)
-    port = localstack.free_port()
-    started: list[localstack.Proc] = []
-
-    def start() -> localstack.Proc:
-        started.append(localstack.start_tansu_s3(port, log_dir, s3_port=ports.s3))
-        return started[-1]
-
-    try:
-        yield port, start
-    finally:
-        for proc in started:
-            proc.stop()
-        weed.stop()
+def test_every_plan_holds_every_fault() -> None:
+    for seed in range(50):
+        plan = chaos_plan(random.Random(seed), len(FAULTS) + seed % 4)
+        assert set(plan) == set(FAULTS) and len(plan) == len(FAULTS) + seed % 4
 
 
-@pytest.mark.parametrize("broker", ["memory", "durable"])
 async def test_faults_in_a_random_order_lose_nothing(
         migrated: Settings, log_dir: Path, tmp_path: Path, mysql: aiomysql.Pool, mysql_proxy: TcpProxy,
-        request: pytest.FixtureRequest, broker: str) -> None:
+        kafka3: Kafka3) -> None:
     seed = int(os.environ.get("CHAOS_SEED") or random.randrange(1 << 30))
     rng = random.Random(seed)
-    faults = FAULTS + (("kill_broker",) if broker == "durable" else ())
-    plan = [rng.choice(faults) for _ in range(int(os.environ.get("CHAOS_ROUNDS", "8")))]
-    if broker == "durable":
-        broker_port, start_broker = request.getfixturevalue("durable_broker")
-        first_broker = start_broker()
-        migrated = migrated.model_copy(update={"kafka_bootstrap": f"127.0.0.1:{broker_port}"})
+    plan = chaos_plan(rng, int(os.environ.get("CHAOS_ROUNDS", len(FAULTS))))
+    migrated = kafka3.settings(migrated)
     redis_port = localstack.free_port()
     redis_proc = localstack.start_redis(redis_port, tmp_path / "redis", log_dir)
     target = MysqlTarget.from_dsn(migrated.mysql_dsn)
@@ -209,9 +207,7 @@ async def test_faults_in_a_random_order_lose_nothing(
                      buffer_cap=100, flush_chunk=50, redis_retention_s=3, sweep_interval_s=1.0, log_json=True)
     cluster = Cluster(settings, log_dir).start(gateways=3)
     sweeper = start_sweeper(settings, log_dir, f"{settings.redis_prefix}-sweeper")
-    chaos = Chaos(cluster, sweeper, redis_proc, redis_port, tmp_path / "redis", mysql_proxy, log_dir, rng)
-    if broker == "durable":
-        chaos.broker, chaos.start_broker = first_broker, start_broker
+    chaos = Chaos(cluster, sweeper, redis_proc, redis_port, tmp_path / "redis", mysql_proxy, kafka3, log_dir, rng)
     client = aioredis.from_url(settings.redis_url)
     try:
         load = await run_load_through(cluster, lambda: chaos.run(plan), client, mysql)
