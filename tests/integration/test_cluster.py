@@ -1,4 +1,4 @@
-"""Issue 2, end to end: two gateway processes, the persister, Tansu, Redis and MariaDB."""
+"""Issue 2, end to end: two gateway processes, the persister, Kafka, Redis and MariaDB."""
 
 from __future__ import annotations
 
