@@ -39,6 +39,7 @@ from gateway.recovery import resume
 from gateway.session import Session
 from gateway.wire import write_frame_of
 from shared.auth import AuthError, Identity, verify_token
+from shared.cursor import join_point
 from shared.settings import Settings
 from shared.validation import ROOM_RULE, valid_room
 
@@ -339,8 +340,8 @@ class Connection:
             return
         self.node.hub.join(room, self.session)
         metrics.JOINS.inc()
-        position = self.node.fanout.position(partition)
-        self.reply(dumps({"type": "joined", "room": room, "cursor": f"{partition}-{position - 1}"}))
+        cursor = join_point(partition, self.node.fanout.position(partition))
+        self.reply(dumps({"type": "joined", "room": room, "cursor": cursor}))
 
     def on_leave(self, f: Leave) -> None:
         if f.room not in self.session.rooms:

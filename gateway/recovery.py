@@ -30,7 +30,7 @@ from gateway import metrics
 from gateway.node import Node
 from gateway.protocol import Err, dumps
 from gateway.session import Session
-from shared.cursor import CursorError, Position, parse_cursor
+from shared.cursor import CursorError, Position, join_point, parse_cursor
 from shared.kafka import fetch, new_consumer
 from shared.message import Message
 
@@ -87,7 +87,7 @@ async def resume(node: Node, session: Session, room: str, cursor: str, fail: Cal
             return
     if room not in session.rooms:  # left while we were reading
         return
-    session.push(dumps({"type": "joined", "room": room, "cursor": f"{partition}-{position - 1}",
+    session.push(dumps({"type": "joined", "room": room, "cursor": join_point(partition, position),
                         "recovered": recovered}))
     await session.push_paced([(b'{"type":"message",' + entry[1:]).decode() for entry in replay])
     # Live frames held meanwhile follow the replay; no await between these pushes and going live.

@@ -80,8 +80,8 @@ class _Room:
     _order: deque[str] = field(default_factory=deque)
     _ids: set[str] = field(default_factory=set)
 
-    def set_cursor(self, cursor: str) -> None:
-        if _offset(cursor) is not None:
+    def set_cursor(self, cursor: object) -> None:
+        if isinstance(cursor, str) and cursor:  # (opaque: e.g. "3-start", an empty partition's join point)
             self.cursor = cursor
 
     def accept(self, msg_id: str, cursor: str) -> bool:

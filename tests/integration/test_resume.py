@@ -8,6 +8,7 @@ import aiomysql
 import pytest
 import redis.asyncio as aioredis
 
+from shared.partitioning import partition_of
 from shared.settings import Settings
 from tests.faults.proxy import TcpProxy
 from tests.support import Cluster, Peer, delete_before, eventually, offset, partition_of, token
@@ -52,6 +53,25 @@ async def test_resume_replays_exactly_the_missed_messages_then_live(
     assert offsets == sorted(set(offsets))
     for p in (sender, b2):
         await p.close()
+
+
+async def test_an_empty_rooms_join_cursor_is_clean_and_a_resume_from_it_replays_everything(
+        cluster: Cluster, small_buffer: Settings) -> None:
+    partition = partition_of("fresh", small_buffer.kafka_partitions)
+    b = await Peer.connect(cluster.url(1), token(small_buffer, "bob"))
+    joined = await b.join("fresh")
+    assert joined["cursor"] == f"{partition}-start", "nothing was ever sent to this test's topic"
+    await b.close()
+    sender = await Peer.connect(cluster.url(0), token(small_buffer, "alice"))
+    sent = await send_many(sender, "fresh", 3, "m")
+    for cursor in (joined["cursor"], f"{partition}--1"):  # (the form servers issued for it before)
+        b2 = await Peer.connect(cluster.url(0), token(small_buffer, "bob"))
+        again = await b2.join("fresh", cursor=cursor)
+        assert again["type"] == "joined" and again["recovered"] is True, again
+        await b2.wait_for(lambda f: f["type"] == "message" and f["body"] == "m 2")
+        assert [m["id"] for m in b2.messages("fresh")] == [a["id"] for a in sent]
+        await b2.close()
+    await sender.close()
 
 
 async def test_resume_with_an_invalid_cursor_is_live_only_and_says_not_recovered(

@@ -176,6 +176,7 @@ def test_resolve_before() -> None:
     assert resolve_before(None, 2) is None
     assert resolve_before("", 2) is None
     assert resolve_before("2-1842", 2) == 1842
+    assert resolve_before("2-start", 2) == -1
     assert resolve_before("2--1", 2) == -1
     for bad in ("x", "2-", "-5", "2-a", "3-5", "2-5-6", "9" * 50):
         with pytest.raises(BadRequest) as e:

@@ -42,6 +42,7 @@ class FakeServer:
         self.failed_joins = 0  # answer this many joins with `error unavailable`
         self.forbidden: set[str] = set()  # rooms whose joins and history get `error forbidden`
         self.failed_histories = 0  # answer this many history requests with `error unavailable`
+        self.join_cursor: str | None = None  # the `joined` cursor to answer instead of "0-N"
         self.server: Server | None = None
 
     @property
@@ -103,9 +104,10 @@ class FakeServer:
             await self.refuse_request(ws, "unavailable", room)
             return
         self.members[ws].add(room)
-        joined: Frame = {"type": "joined", "room": room, "cursor": f"0-{self.next_offset - 1}"}
+        joined: Frame = {"type": "joined", "room": room, "cursor": self.join_cursor or f"0-{self.next_offset - 1}"}
         if cursor:
-            after = int(cursor.partition("-")[2]) - self.replay_overlap
+            off = cursor.partition("-")[2]
+            after = (0 if off == "start" else int(off)) - self.replay_overlap
             for m in self.log.get(room, []):
                 if int(m["cursor"].partition("-")[2]) > after:
                     await ws.send(orjson.dumps(m).decode())
@@ -237,6 +239,19 @@ async def test_rejoin_uses_the_joined_cursor_when_nothing_was_received(server: F
         assert c.cursor("quiet") == "0-1"
     assert server.joins("quiet") == [{"type": "join", "room": "quiet"},
                                      {"type": "join", "room": "quiet", "cursor": "0-1"}]
+
+
+async def test_an_empty_rooms_join_cursor_is_kept_for_the_rejoin(server: FakeServer) -> None:
+    server.join_cursor = "0-start"  # the gateway's join point in a partition without records
+    async with fast(server.url, "t") as c:
+        assert (await c.join("quiet"))["cursor"] == "0-start"
+        await server.kick(1012)
+        await until(lambda: len(server.joins("quiet")) == 2)
+        assert c.cursor("quiet") == "0-start"
+        await server.publish("quiet", "first")
+        [m] = await take(c, 1)
+        assert (m["body"], c.cursor("quiet")) == ("first", "0-1")
+    assert server.joins("quiet")[-1] == {"type": "join", "room": "quiet", "cursor": "0-start"}
 
 
 async def test_explicit_join_cursor_replays(server: FakeServer) -> None:
