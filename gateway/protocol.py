@@ -6,7 +6,8 @@ from enum import IntEnum
 from typing import Annotated, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, StrictStr, TypeAdapter, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictStr, TypeAdapter, ValidationError
+from pydantic_core import PydanticCustomError
 
 PROTOCOL_VERSION = "1"
 
@@ -47,11 +48,18 @@ class Leave(_Frame):
     room: StrictStr
 
 
+def _not_blank(body: str) -> str:
+    """A body is text a person can see: not empty, not only whitespace (as `str.isspace` has it)."""
+    if not body.strip():
+        raise PydanticCustomError("blank", "empty or only whitespace")
+    return body
+
+
 class Send(_Frame):
     type: Literal["send"]
     room: StrictStr
     client_msg_id: Annotated[StrictStr, Field(min_length=1, max_length=128)]
-    body: StrictStr
+    body: Annotated[StrictStr, AfterValidator(_not_blank)]
 
 
 class History(_Frame):

@@ -263,6 +263,20 @@ async def test_a_body_over_the_limit_is_too_large(gw: str, hard: Settings) -> No
     await p.close()
 
 
+async def test_an_empty_or_blank_body_is_a_bad_frame_and_never_delivered(gw: str, hard: Settings) -> None:
+    p = await Peer.connect(gw, token(hard, "bl-ned"))
+    await p.join("blank")
+    for i, body in enumerate(["", " ", "\t\r\n ", "\u3000\u2028\u00a0"]):  # (ideographic, line sep, nbsp)
+        f = await reply(p, {"type": "send", "room": "blank", "client_msg_id": f"b{i}", "body": body})
+        assert (f["type"], f["code"], f["ref"], f["reason"]) == ("error", "bad_frame", f"b{i}",
+                                                                "body: empty or only whitespace"), body
+    ok = await reply(p, {"type": "send", "room": "blank", "client_msg_id": "text", "body": " x "})
+    assert ok["type"] == "ack"
+    await p.wait_for(lambda f: f["type"] == "message" and f["id"] == ok["id"])
+    assert [m["body"] for m in p.messages("blank")] == [" x "], "nothing blank was published"
+    await p.close()
+
+
 async def test_rooms_per_connection_are_limited(gw: str, hard: Settings) -> None:
     p = await Peer.connect(gw, token(hard, "li-lou"))
     for i in range(ROOMS_MAX):
