@@ -63,8 +63,11 @@ class Refused(Exception):
 def authenticate(settings: Settings, scope: Scope) -> Identity:
     """The identity of a connecting client, from the query of its handshake, or Refused."""
     query = QueryParams(scope["query_string"])  # (parsed here: the connection does not keep it)
-    if query.get("v", PROTOCOL_VERSION) != PROTOCOL_VERSION:
-        raise Refused("unsupported protocol version")
+    version = query.get("v")
+    if version is None:  # required: a later version must never be mistaken for this one
+        raise Refused(f"protocol version missing: connect with ?v={PROTOCOL_VERSION}")
+    if version != PROTOCOL_VERSION:
+        raise Refused(f"unsupported protocol version: this server speaks v={PROTOCOL_VERSION}")
     try:
         return verify_token(settings, query.get("token"))
     except AuthError as e:

@@ -144,10 +144,20 @@ async def test_bad_tokens_are_closed_1008_at_connect(gw: str, hard: Settings) ->
         code, reason = await refused_at_connect(gw, tok)
         assert code == 1008, what
         assert reason and reason.startswith("bad token"), (what, reason)
-    async with connect(f"{gw}/ws?v=2&token={token(hard, 'tk-eve')}") as ws:
-        with pytest.raises(websockets.ConnectionClosed):
-            await asyncio.wait_for(ws.recv(), 5)
-    assert (ws.close_code, ws.close_reason) == (1008, "unsupported protocol version")
+
+
+async def test_the_protocol_version_is_required(gw: str, hard: Settings) -> None:
+    tok = token(hard, "pv-ike")
+    for query, reason in [(f"v=2&token={tok}", "unsupported protocol version: this server speaks v=1"),
+                          (f"v=&token={tok}", "unsupported protocol version: this server speaks v=1"),
+                          (f"token={tok}", "protocol version missing: connect with ?v=1")]:
+        async with connect(f"{gw}/ws?{query}") as ws:
+            with pytest.raises(websockets.ConnectionClosed):
+                await asyncio.wait_for(ws.recv(), 5)
+        assert (ws.close_code, ws.close_reason) == (1008, reason), query
+    async with connect(f"{gw}/ws?token={tok}&v=1") as ws:
+        await ws.send('{"type":"ping"}')
+        assert orjson.loads(await asyncio.wait_for(ws.recv(), 5)) == {"type": "pong"}
 
 
 async def test_a_token_expiring_during_a_connection_closes_it_1008_even_when_idle(gw: str, hard: Settings) -> None:
