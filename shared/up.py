@@ -464,6 +464,8 @@ class Up:
             raise UpError(f"migrating {MysqlTarget.from_dsn(self.settings.mysql_dsn).database!r} failed: {e}") from e
         if applied:
             self.say(f"applied migrations: {', '.join(applied)}")
+        if found := earlier_data(self.settings.mysql_dsn):
+            self.say(found)
 
     def ensure_topic(self) -> None:
         """Create the topic, then verify it: an existing one with another partition count would map
@@ -706,6 +708,31 @@ def _redis_answers(url: str) -> bool:
         return False
     finally:
         client.close()
+
+
+EARLIER_DATA_COUNTED = 10_000  # rows counted at most per table: a big archive is not scanned
+
+
+def earlier_data(dsn: str) -> str | None:
+    """What earlier runs left in the database, said at start-up (so a "fresh" cluster that shows
+    old rooms is no surprise), with how to start from an empty one; None when it holds no room."""
+    target = MysqlTarget.from_dsn(dsn)
+    conn = localstack.mysql_connect(target.host, target.port, target.user, target.password,
+                                    database=target.database)
+    try:
+        with conn.cursor() as cur:
+            counts = []
+            for table in ("rooms", "messages"):
+                cur.execute(f"SELECT COUNT(*) FROM (SELECT 1 FROM {table} LIMIT %s) t", (EARLIER_DATA_COUNTED + 1,))
+                (n,) = cur.fetchone()
+                counts.append(f"{EARLIER_DATA_COUNTED:,}+" if n > EARLIER_DATA_COUNTED else f"{n:,}")
+    finally:
+        conn.close()
+    if counts[0] == "0":
+        return None
+    fresh = urlsplit(dsn)._replace(path=f"/{target.database}_fresh").geturl()
+    return (f"mysql  database {target.database!r} holds {counts[0]} rooms and {counts[1]} archived messages "
+            f"from earlier runs (history shows them); for an empty one: MYSQL_DSN={_redact(fresh)} make run")
 
 
 def _redact(url: str) -> str:
