@@ -11,10 +11,10 @@ STAMP  := $(VENV)/.installed
 # installed with apt when we are root and one is missing. `make run` installs what it needs itself.
 SYSTEM_BINS := redis-server:redis-server mariadbd:mariadb-server chromium:chromium java:default-jre-headless mvn:maven
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml client/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e ./client -e '.[test]'  # the client library is a package of its own (client/)
 	touch $(STAMP)
 
 system-deps:

@@ -4,7 +4,7 @@
     roomcast bench fanout --cluster --max                               # step the rate up until it breaks
     roomcast bench fanout --url ws://127.0.0.1:8001 --url ws://127.0.0.1:8002 --watch gw-a=PID --rate 1000
 
-Every connection is a `shared.client.RoomcastClient` (reconnect off: a disconnect is a failure to
+Every connection is a `roomcast_client.RoomcastClient` (reconnect off: a disconnect is a failure to
 report, not to hide). Subscriber i of room r connects to url[(r*S+i) % N], room r's sender to
 url[r % N] (the peer harness's layout: every room has half its audience on each of two gateways).
 The body is `run:room:seq:send_ns:` padded to --body-bytes; send_ns is CLOCK_MONOTONIC just before
@@ -35,6 +35,7 @@ from typing import Any
 
 import uvloop
 from aiokafka import AIOKafkaProducer
+from roomcast_client import Frame, RoomcastClient
 
 from bench.common import (
     Progress,
@@ -49,7 +50,6 @@ from bench.common import (
     table,
     write_json,
 )
-from shared.client import Frame, RoomcastClient
 from shared.kafka import new_producer
 from shared.keys import Keys
 from shared.message import Message, new_message_id

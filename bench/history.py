@@ -5,7 +5,7 @@
 
 Seeds one fresh room with --seed messages (produced straight into the topic, as the gateways do)
 and waits until the persister has applied them and moved all but the newest (buffer cap) to MySQL.
-Then, over one `shared.client.RoomcastClient` connection, --requests sequential requests of each
+Then, over one `roomcast_client.RoomcastClient` connection, --requests sequential requests of each
 kind: the newest page (`history` without `before`: served from the room's Redis list) and a page
 whose `before` cursor lies far below what Redis holds (served from MySQL). Reports p50/p95/p99/max
 per kind (request -> answer, as the client sees it) and checks each page's size.
@@ -23,9 +23,9 @@ from typing import Any
 import redis.asyncio as aioredis
 import uvloop
 from aiokafka import AIOKafkaProducer
+from roomcast_client import RoomcastClient
 
 from bench.common import Progress, Tokens, add_cluster_args, latency_summary, maybe_cluster, meta, table, write_json
-from shared.client import RoomcastClient
 from shared.cursor import Position
 from shared.keys import Keys
 from shared.message import Message, new_message_id

@@ -26,12 +26,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+from roomcast_client import RoomcastClient
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from shared.auth import mint_token
-from shared.client import RoomcastClient
 from shared.services import start_gateway
 from shared.settings import Settings
 from tests.conftest import OUT, ROOT

@@ -39,10 +39,10 @@ import redis.asyncio as aioredis
 import websockets
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
+from roomcast_client import RoomcastClient
 from websockets.asyncio.client import ClientConnection, connect
 
 from shared.checker import Ack, check_delivery, check_storage, stored_ids, stored_messages
-from shared.client import RoomcastClient
 from shared.keys import Keys
 from shared.services import scrape
 from shared.settings import Settings

@@ -13,10 +13,10 @@ from typing import Any
 
 import aiomysql
 import redis.asyncio as aioredis
+from roomcast_client import RoomcastClient
 
 from shared.auth import mint_token
 from shared.checker import Ack, Report, check_delivery, check_storage, offset, stored_ids, stored_messages
-from shared.client import RoomcastClient
 from shared.keys import Keys
 from shared.settings import Settings
 from tests.support import Cluster

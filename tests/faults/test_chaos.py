@@ -22,10 +22,10 @@ from pathlib import Path
 import aiomysql
 import pytest
 import redis.asyncio as aioredis
+from roomcast_client import RoomcastClient
 
 from shared import localstack
 from shared.checker import check_storage
-from shared.client import RoomcastClient
 from shared.mysql import MysqlTarget
 from shared.services import start_gateway, start_sweeper
 from shared.settings import Settings

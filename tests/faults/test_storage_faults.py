@@ -16,9 +16,9 @@ import aiomysql
 import pytest
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
+from roomcast_client import RoomcastClient
 
 from shared import localstack
-from shared.client import RoomcastClient
 from shared.keys import Keys
 from shared.localkafka import KafkaCluster
 from shared.message import Message, new_message_id

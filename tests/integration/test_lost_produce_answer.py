@@ -15,10 +15,10 @@ import pytest
 import redis.asyncio as aioredis
 from aiokafka import TopicPartition
 from aiokafka.errors import KafkaTimeoutError
+from roomcast_client import RoomcastClient
 
 from gateway.publisher import Publisher, Unavailable
 from shared.checker import stored_ids, stored_messages
-from shared.client import RoomcastClient
 from shared.kafka import new_consumer, new_producer
 from shared.keys import Keys
 from shared.settings import Settings

@@ -1,4 +1,4 @@
-"""The distributions' metadata: what setuptools builds without a deprecation warning."""
+"""The distributions' metadata (the server's and the client library's)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 
 ROOT = Path(__file__).resolve().parents[2]
-PYPROJECTS = [ROOT / "pyproject.toml"]
+PYPROJECTS = [ROOT / "pyproject.toml", ROOT / "client" / "pyproject.toml"]
 
 
 @pytest.mark.parametrize("path", PYPROJECTS, ids=lambda p: str(p.relative_to(ROOT)))
@@ -23,3 +23,10 @@ def test_license_is_an_spdx_string_for_a_setuptools_that_reads_it(path: Path) ->
     assert canonicalize_license_expression(license_) == license_
     (setuptools,) = [Requirement(r) for r in meta["build-system"]["requires"] if r.startswith("setuptools")]
     assert not SpecifierSet(setuptools.specifier).contains("76.9"), "SPDX strings need setuptools>=77"
+
+
+def test_the_client_library_needs_none_of_the_servers_dependencies() -> None:
+    client = tomllib.loads((ROOT / "client" / "pyproject.toml").read_text())["project"]
+    assert client["name"] == "roomcast-client"
+    assert {Requirement(r).name for r in client["dependencies"]} == {"websockets", "orjson"}
+    assert (ROOT / "client" / "roomcast_client" / "py.typed").is_file()

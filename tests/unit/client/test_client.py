@@ -11,11 +11,12 @@ from typing import Any
 
 import orjson
 import pytest
+from roomcast_client import AuthError, Close, ConnectionLost, RoomcastClient, RoomcastError
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from shared.client import AuthError, ConnectionLost, RoomcastClient, RoomcastError
+from gateway.protocol import Close as ServerClose
 
 Frame = dict[str, Any]
 
@@ -296,10 +297,35 @@ async def test_other_errors_raise(server: FakeServer) -> None:
 
 async def test_bad_token_raises_auth_error(server: FakeServer) -> None:
     server.refuse = 1008
-    with pytest.raises(AuthError):
+    with pytest.raises(AuthError) as info:
         async with fast(server.url, "bad"):
             pass
     assert len(server.paths) == 1
+    assert "(1008: refused)" in str(info.value), "the server's reason is kept"
+
+
+def test_close_codes_are_the_servers() -> None:
+    assert {c.name: c.value for c in Close} == {c.name: c.value for c in ServerClose if c is not ServerClose.NORMAL}
+
+
+async def test_a_frame_over_the_limit_is_refused_before_it_is_sent(server: FakeServer) -> None:
+    async with fast(server.url, "t", max_frame_bytes=200) as c:
+        for attempt in (lambda: c.send_nowait("r", "x" * 200), lambda: c.join("r" * 200),
+                        lambda: c.history("r", before="9" * 200)):
+            with pytest.raises(RoomcastError) as info:
+                await attempt()
+            assert info.value.code == "too_large" and "the limit is 200" in str(info.value)
+        assert (c.cursor("r" * 200), server.frames) == ("", [{"type": "ping"}]), "nothing went out"
+        assert (await c.send("r", "x" * 100))["type"] == "ack"  # (the whole frame is 170 bytes)
+
+
+async def test_a_history_page_over_a_mebibyte_is_received(server: FakeServer) -> None:
+    for i in range(50):
+        await server.publish("r", f"{i}" + "😀" * 8000)  # 32 KB each
+    async with fast(server.url, "t") as c:
+        page = await c.history("r", limit=50)
+        assert len(page["messages"]) == 50 and await c.ping() >= 0
+        assert c.reconnects == 0
 
 
 async def test_token_callable_gets_one_more_try(server: FakeServer) -> None:

@@ -3,7 +3,8 @@
 On a lost connection it reconnects (full-jitter back-off, URLs in rotation), re-joins every room
 with the last cursor it received (the server replays what was missed) and resends every un-acked
 send with the same client_msg_id (the server acknowledges a repeat without storing it twice).
-A replay may overlap live delivery, so messages are dropped by id and by cursor.
+A replay may overlap live delivery, so messages are dropped by id and by cursor. What it does on
+each close code is the protocol reference's advice (docs/protocol.md in the roomcast repository).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from enum import IntEnum
 from typing import Any
 from urllib.parse import quote
 
@@ -30,8 +32,24 @@ log = logging.getLogger("roomcast.client")
 Frame = dict[str, Any]
 OnMessage = Callable[[Frame], Awaitable[None] | None]
 
-BAD_TOKEN, DRAINING, TOO_SLOW = 1008, 1012, 4008
-RESUME_SOON = frozenset({DRAINING, TOO_SLOW})  # the server asks us to come back: no growing back-off
+PROTOCOL_VERSION = "1"
+MAX_FRAME_BYTES = 64 * 1024  # the server's default limit; a larger frame gets the connection closed 1009
+# What the server may send in one frame: a history page of 200 messages of 4,000 characters each
+# can pass websockets' default of 1 MiB (then the client would close the connection, 1009).
+MAX_RECEIVED_BYTES = 16 * 1024 * 1024
+
+
+class Close(IntEnum):
+    """The server's close codes, and what the client does on each."""
+
+    BAD_TOKEN = 1008  # refused (token, protocol version): AuthError; a token callable gets one more try
+    TOO_LARGE = 1009  # a frame over the server's limit (never sent: checked against max_frame_bytes first)
+    DRAINING = 1012  # the node is going away: reconnect at once (the next URL) and resume
+    TRY_AGAIN_LATER = 1013  # too many connections for this user: reconnect with a growing back-off
+    TOO_SLOW = 4008  # this client fell behind: reconnect at once and resume
+
+
+RESUME_SOON = frozenset({Close.DRAINING, Close.TOO_SLOW})  # the server asks us to come back: no growing back-off
 RETRIABLE = frozenset({"unavailable", "rate_limited", "connection_lost"})
 
 
@@ -45,7 +63,8 @@ class RoomcastError(Exception):
 
 
 class AuthError(RoomcastError):
-    """The server refused the token (close 1008, HTTP 401/403): retrying will not help."""
+    """The server refused the connection (close 1008: the token, or the protocol version; HTTP
+    401/403): retrying will not help."""
 
     def __init__(self, reason: str = "") -> None:
         super().__init__("auth", reason)
@@ -125,6 +144,7 @@ class RoomcastClient:
         open_timeout: float = 5.0,
         max_queue: int = 10_000,
         dedupe_window: int = 10_000,
+        max_frame_bytes: int = MAX_FRAME_BYTES,
     ) -> None:
         self._urls = [urls] if isinstance(urls, str) else list(urls)
         if not self._urls:
@@ -133,6 +153,7 @@ class RoomcastClient:
         self._reconnect, self._base, self._max = reconnect, backoff_base, backoff_max
         self._on_message = on_message
         self._timeout, self._open_timeout, self._window = request_timeout, open_timeout, dedupe_window
+        self._max_frame = max_frame_bytes
         # without on_message, received messages wait here; a full queue stops reading (back-pressure)
         self._inbox: asyncio.Queue[Frame | None] = asyncio.Queue(max_queue)
         self._rooms: dict[str, _Room] = {}
@@ -181,6 +202,7 @@ class RoomcastClient:
     # --- requests
     async def join(self, room: str, cursor: str | None = None) -> Frame:
         """Subscribe; with a cursor, the server first replays every message after it."""
+        self._encode({"type": "join", "room": room, "cursor": cursor or ""})  # (too_large before anything changes)
         state = self._rooms.setdefault(room, _Room(self._window))
         if cursor:
             state.set_cursor(cursor)
@@ -200,15 +222,16 @@ class RoomcastClient:
         for fut in self._joins.pop(room, []):
             fut.cancel()
         if self._rooms.pop(room, None) is not None:
-            self._write(orjson.dumps({"type": "leave", "room": room}).decode())
+            self._write(self._encode({"type": "leave", "room": room}))
 
     def send_nowait(self, room: str, body: str, client_msg_id: str | None = None) -> asyncio.Future[Frame]:
-        """Queue a send; the future resolves to its `ack`. Many may be in flight at once."""
+        """Queue a send; the future resolves to its `ack`. Many may be in flight at once. Raises
+        RoomcastError `too_large` at once for a frame the server would close the connection for."""
         cmid = client_msg_id or uuid.uuid4().hex
         if cmid in self._sends:
             return self._sends[cmid].future
-        pending = _Send(cmid, orjson.dumps({"type": "send", "room": room, "client_msg_id": cmid,
-                                      "body": body}).decode(), self._future())
+        frame = self._encode({"type": "send", "room": room, "client_msg_id": cmid, "body": body})
+        pending = _Send(cmid, frame, self._future())
         self._sends[cmid] = pending
         pending.future.add_done_callback(lambda _: self._forget(pending))
         self._write_send(pending)
@@ -221,7 +244,7 @@ class RoomcastClient:
         frame: Frame = {"type": "history", "room": room, "limit": limit}
         if before:
             frame["before"] = before
-        return await self._request(("history", room), orjson.dumps(frame).decode(), self._room_future(room))
+        return await self._request(("history", room), self._encode(frame), self._room_future(room))
 
     async def ping(self) -> float:
         """Round-trip time in seconds."""
@@ -256,13 +279,13 @@ class RoomcastClient:
         index, attempt, auth_strikes = random.randrange(len(self._urls)), 0, 0
         try:
             while True:
-                code, healthy = await self._connect_once(self._urls[index])
+                code, reason, healthy = await self._connect_once(self._urls[index])
                 if healthy:
                     attempt, auth_strikes = 0, 0
-                if code == BAD_TOKEN:
+                if code == Close.BAD_TOKEN:
                     auth_strikes += 1  # a token callable gets one chance to mint a fresh token
                     if isinstance(self._token, str) or auth_strikes > 1:
-                        raise AuthError("the server refused the token (1008)")
+                        raise AuthError(f"the server refused the connection (1008: {reason or 'no reason given'})")
                 if not self._reconnect:
                     raise ConnectionLost(f"connection closed (code {code})")
                 index = (index + 1) % len(self._urls)
@@ -275,20 +298,21 @@ class RoomcastClient:
             self._finish(ConnectionLost(f"client crashed: {e!r}"))
             raise
 
-    async def _connect_once(self, url: str) -> tuple[int | None, bool]:
-        """One connection's life: (its close code or None if it never opened, whether frames came)."""
+    async def _connect_once(self, url: str) -> tuple[int | None, str, bool]:
+        """One connection's life: (its close code or None if it never opened, the close reason,
+        whether frames came)."""
         token = self._token() if callable(self._token) else self._token
         try:
-            ws = await connect(f"{url.rstrip('/')}/ws?v=1&token={quote(token, safe='')}",
-                               open_timeout=self._open_timeout)
+            ws = await connect(f"{url.rstrip('/')}/ws?v={PROTOCOL_VERSION}&token={quote(token, safe='')}",
+                               open_timeout=self._open_timeout, max_size=MAX_RECEIVED_BYTES)
         except InvalidStatus as e:
             if e.response.status_code in (401, 403):
-                return BAD_TOKEN, False
+                return Close.BAD_TOKEN, f"HTTP {e.response.status_code}", False
             log.warning("connect %s: %s", url, e)
-            return None, False
+            return None, "", False
         except (OSError, TimeoutError, InvalidHandshake) as e:
             log.warning("connect %s: %s", url, e)
-            return None, False
+            return None, "", False
         healthy = False
         writer = asyncio.create_task(self._writer(ws, self._resume()), name="roomcast-writer")
         try:
@@ -302,7 +326,7 @@ class RoomcastClient:
             writer.cancel()
             await asyncio.gather(writer, return_exceptions=True)
             await ws.close()
-        return ws.close_code, healthy
+        return ws.close_code, ws.close_reason or "", healthy
 
     def _resume(self) -> asyncio.Queue[str]:
         """A new connection: re-join every room at its cursor, then repeat what is unanswered."""
@@ -425,12 +449,21 @@ class RoomcastClient:
         if self._out is not None:
             self._out.put_nowait(text)
 
+    def _encode(self, frame: Frame) -> str:
+        """The frame's JSON text; RoomcastError `too_large` when it is over max_frame_bytes (the server
+        would close the connection 1009, and a resend after the reconnect would do it again)."""
+        raw = orjson.dumps(frame)
+        if len(raw) > self._max_frame:
+            raise RoomcastError("too_large", f"a {frame['type']} frame of {len(raw)} bytes; the limit is "
+                                             f"{self._max_frame}")
+        return raw.decode()
+
     @staticmethod
     def _join_frame(room: str, state: _Room) -> str:
         frame = {"type": "join", "room": room}
         if state.cursor:
             frame["cursor"] = state.cursor
-        return orjson.dumps(frame).decode()
+        return orjson.dumps(frame).decode()  # (its room's size was checked by the first join)
 
     @staticmethod
     def _resolve_first(waiting: deque[tuple[str, asyncio.Future[Frame]]], frame: Frame) -> None:
