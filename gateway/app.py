@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import redis.asyncio as aioredis
@@ -17,6 +17,7 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 
 from gateway import metrics
+from gateway.apidocs import bundled_json
 from gateway.devtoken import dev_token
 from gateway.endpoint import ws_endpoint
 from gateway.fanout import Fanout
@@ -72,6 +73,8 @@ def create_app(settings: Settings) -> Starlette:
         Route("/readyz", readyz),
         Route("/metrics", metrics_endpoint),
         Route("/rooms/{room}/messages", room_messages),
+        Route("/openapi.json", json_document(bundled_json("openapi.yaml"))),
+        Route("/asyncapi.json", json_document(bundled_json("asyncapi.yaml"))),
         *([Route("/dev/token", dev_token(settings))] if settings.dev_mode else []),
     ]
     if (STATIC / "index.html").exists():
@@ -83,6 +86,15 @@ def _fanout_died(task: asyncio.Task[None], fanout: Fanout) -> None:
     if not task.cancelled() and task.exception() is not None:
         fanout.failed = task.exception()
         log.critical("fan-out consumer crashed; this node is not ready", exc_info=task.exception())
+
+
+def json_document(body: bytes) -> Callable[[Request], Awaitable[Response]]:
+    """A route handler answering with one fixed JSON document (the API's specs)."""
+
+    async def endpoint(request: Request) -> Response:
+        return Response(body, media_type="application/json")
+
+    return endpoint
 
 
 async def healthz(request: Request) -> Response:

@@ -48,6 +48,7 @@ from shared.services import scrape
 from shared.settings import Settings
 from shared.validation import valid_room
 from tests.support import Cluster, eventually, token
+from tests.support_spec import frame_errors
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -61,6 +62,14 @@ ERRORS_OF = {  # besides bad_frame, which any frame with a bad field gets
     "leave": {"not_joined"},
     "send": {"forbidden", "too_large", "rate_limited"},
     "history": {"bad_cursor", "forbidden", "rate_limited"},
+    "ping": set(),
+}
+# The errors a frame the AsyncAPI document allows can still get: what its schema cannot know.
+SEMANTIC_ERRORS_OF = {
+    "join": {"forbidden", "limit_exceeded", "rate_limited"},
+    "leave": {"not_joined"},
+    "send": {"forbidden", "rate_limited"},
+    "history": {"bad_cursor", "forbidden", "rate_limited"},  # (a cursor of another room)
     "ping": set(),
 }
 
@@ -245,6 +254,7 @@ class Fuzzer:
             return
         await self.ws.send(shot.data)
         got = await self.answer(shot)
+        assert frame_errors(got, "send") == [], (shot, got)
         self.seen[got["type"] if got["type"] != "error" else got["code"]] += 1
         if shot.kind == "binary":
             assert (got["type"], got["code"], got["ref"]) == ("error", "bad_frame", None), (shot, got)
@@ -268,10 +278,13 @@ class Fuzzer:
         if not (isinstance(kind, str) and kind in REPLY):
             assert (got["type"], got["code"], got["ref"]) == ("error", "unknown_type", ref), context
             return
+        documented = frame_errors(raw, "receive") == []  # the AsyncAPI document's verdict
         if got["type"] == "error":
             assert got["code"] in {"bad_frame", *ERRORS_OF[kind]}, context
             assert got["ref"] == ref and got["reason"], context
+            assert not documented or got["code"] in SEMANTIC_ERRORS_OF[kind], f"refused, yet documented: {context}"
             return
+        assert documented, f"accepted, yet not documented: {context}"
         assert got["type"] == REPLY[kind], context
         if kind in ("join", "send", "history"):
             assert valid_room(room) and (room.startswith("fz-") or room == "weird"), f"not refused: {context}"
@@ -404,6 +417,9 @@ async def test_fuzzed_frames_never_hurt_the_node_or_other_clients(
     fuzz_s = time.monotonic() - t0
     print(f"\nfuzz: {examples} examples, {fz.frames} frames in {fuzz_s:.1f}s, {fz.reconnects} reconnects "
           f"after 1007/1009, {len(fz.bodies)} fuzzed sends acked; answers: {dict(fz.seen.most_common())}")
+
+    for m in fz.messages:
+        assert frame_errors(m, "send") == [], m
 
     # No connection leaked by the ~200 that were closed: only the fuzzer and two chatters are left.
     async def connections_settled() -> bool:
