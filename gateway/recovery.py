@@ -1,6 +1,6 @@
 """Resuming a room from a cursor: replay exactly what the client missed, then continue live.
 
-The order matters (DESIGN.md, delivery guarantee 3):
+The order matters (the resume rule of docs/protocol.md: no gap, no repeat):
 1. subscribe live first, holding live frames back;
 2. note this node's fan-out position P of the room's partition: every record below P was fanned
    out before the subscription, every record from P on will arrive live (held);

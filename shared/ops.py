@@ -94,7 +94,7 @@ def judge_topic(topic: str, partitions: int | None, retention_ms: int | None, se
 
 
 def judge_redis_config(config: Mapping[str, str]) -> tuple[str, str]:
-    """Redis is a buffer that must not forget: AOF on, and never evict (DESIGN.md, Redis)."""
+    """Redis is a buffer that must not forget: AOF on, and never evict (docs/redis.md)."""
     appendonly = config.get("appendonly", "?")
     policy = config.get("maxmemory-policy", "?")
     maxmemory = int(config.get("maxmemory", "0") or 0)

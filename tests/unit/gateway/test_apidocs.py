@@ -4,6 +4,7 @@ answers are checked against them in tests/integration/test_api_spec.py."""
 
 from __future__ import annotations
 
+import json
 import re
 import typing
 from pathlib import Path
@@ -16,9 +17,17 @@ from starlette.routing import Mount, Route, WebSocketRoute
 
 from gateway.apidocs import SCHEMAS_FILE, SPEC, bundle, load
 from gateway.app import create_app
-from gateway.protocol import KNOWN_TYPES, Err, Inbound
+from gateway.protocol import KNOWN_TYPES, Close, Err, Inbound
 from shared.settings import Settings
-from tests.support_spec import asyncapi, asyncapi_meta_schema, frame_types, openapi, resolve, schema_errors
+from tests.support_spec import (
+    asyncapi,
+    asyncapi_meta_schema,
+    frame_errors,
+    frame_types,
+    openapi,
+    resolve,
+    schema_errors,
+)
 
 ROOT = Path(__file__).resolve().parents[3]
 # Every frame the server builds names its type in a literal: a dict ("type": "joined") or
@@ -122,3 +131,47 @@ def test_the_openapi_paths_are_the_routes_the_gateway_serves() -> None:
     assert dev == documented
     assert set(documented) - set(_served(Settings(dev_mode=False))) == {"/dev/token"}  # (documented as dev only)
     assert "DEV_MODE" in openapi()["paths"]["/dev/token"]["get"]["description"]
+
+
+# --- docs/protocol.md, the prose reference
+
+PROTOCOL_MD = ROOT / "docs" / "protocol.md"
+TRANSCRIPT = re.compile(r"^([A-Z]) ([<>]) (\{.*\})$", re.MULTILINE)
+JSON_BLOCK = re.compile(r"^```json\n(.*?)^```", re.MULTILINE | re.DOTALL)
+
+
+def test_every_frame_of_the_protocol_reference_fits_the_asyncapi_document() -> None:
+    text = PROTOCOL_MD.read_text()
+    transcript = [(who, arrow, json.loads(raw)) for who, arrow, raw in TRANSCRIPT.findall(text)]
+    assert len(transcript) > 20
+    for i, (who, arrow, frame) in enumerate(transcript):  # what a reader types (>), what the server sent (<)
+        if arrow == "<" or frame_errors(frame, "receive") == []:
+            assert frame_errors(frame, "send" if arrow == "<" else "receive") == [], frame
+        else:  # a bad frame, shown with the error it gets
+            answer = next(f for w, a, f in transcript[i + 1:] if (w, a) == (who, "<"))
+            assert answer["type"] == "error" and answer["ref"] in frame.values(), (frame, answer)
+    examples = [line for block in JSON_BLOCK.findall(text) for line in block.splitlines() if line.strip()]
+    assert len(examples) > 15
+    for raw in examples:  # (a `history` example may be either direction)
+        frame = json.loads(raw)
+        assert [] in (frame_errors(frame, "receive"), frame_errors(frame, "send")), raw
+
+
+def test_the_protocol_reference_names_every_frame_error_and_close_code() -> None:
+    text = PROTOCOL_MD.read_text()
+    for kind in {*frame_types("receive"), *frame_types("send")}:
+        assert re.search(rf"^#### {kind}\b", text, re.MULTILINE), kind
+    for code in {v for k, v in vars(Err).items() if not k.startswith("_")}:
+        assert f"\n| `{code}` |" in text, code
+    for close in Close:
+        if close is not Close.NORMAL:
+            assert f"\n| {close.value} |" in text, close
+
+
+@pytest.mark.parametrize("doc", ["docs/protocol.md", "README.md", "client/README.md"])
+def test_relative_links_point_inside_the_repository(doc: str) -> None:
+    path = ROOT / doc
+    for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", path.read_text()):
+        if "://" not in target:
+            resolved = (path.parent / target).resolve()
+            assert resolved.is_relative_to(ROOT) and resolved.exists(), (doc, target)
