@@ -31,9 +31,8 @@ ROOMS_MAX, BURST = 3, 5
 
 
 @pytest.fixture(scope="module")
-async def spec_settings(kafka_bootstrap: str, redis_url: str, mysql_server_dsn: str,
-                        kafka_idempotence: bool) -> AsyncIterator[Settings]:
-    s = isolated_settings(kafka_bootstrap, redis_url, mysql_server_dsn, kafka_idempotence,
+async def spec_settings(kafka_bootstrap: str, redis_url: str, mysql_server_dsn: str) -> AsyncIterator[Settings]:
+    s = isolated_settings(kafka_bootstrap, redis_url, mysql_server_dsn,
                           max_rooms_per_conn=ROOMS_MAX, send_rate_per_s=1.0, send_burst=BURST, dev_mode=True)
     await migrate(s.mysql_dsn)
     yield s

@@ -8,7 +8,6 @@ import aiomysql
 import pytest
 import redis.asyncio as aioredis
 
-from shared.partitioning import partition_of
 from shared.settings import Settings
 from tests.faults.proxy import TcpProxy
 from tests.support import Cluster, Peer, delete_before, eventually, offset, partition_of, token
@@ -57,7 +56,7 @@ async def test_resume_replays_exactly_the_missed_messages_then_live(
 
 async def test_an_empty_rooms_join_cursor_is_clean_and_a_resume_from_it_replays_everything(
         cluster: Cluster, small_buffer: Settings) -> None:
-    partition = partition_of("fresh", small_buffer.kafka_partitions)
+    partition = partition_of(small_buffer, "fresh").partition
     b = await Peer.connect(cluster.url(1), token(small_buffer, "bob"))
     joined = await b.join("fresh")
     assert joined["cursor"] == f"{partition}-start", "nothing was ever sent to this test's topic"
