@@ -8,7 +8,6 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
-import redis.asyncio as aioredis
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -29,6 +28,7 @@ from gateway.rest import room_messages
 from shared.kafka import new_consumer, new_producer, wait_for_topic
 from shared.keys import Keys
 from shared.mysql import create_pool
+from shared.redisconn import connect
 from shared.settings import Settings
 
 log = logging.getLogger("roomcast.gateway")
@@ -39,7 +39,7 @@ def create_app(settings: Settings) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Node]]:
         await wait_for_topic(settings)
-        redis = aioredis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=3)
+        redis = connect(settings, timeout_s=5, connect_timeout_s=3)
         mysql = await create_pool(settings.mysql_dsn, settings.mysql_pool_max)
         producer = new_producer(settings)
         await producer.start()

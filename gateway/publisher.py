@@ -31,6 +31,7 @@ from gateway import metrics
 from shared.cursor import Position
 from shared.keys import Keys
 from shared.message import Message, new_message_id
+from shared.redisconn import run_scripts
 from shared.settings import Settings
 
 PENDING = b"pending|"
@@ -222,14 +223,9 @@ class AckWriter:
                     await self._gather()
                 batch, self._pending = self._pending, {}
                 try:
-                    if len(batch) == 1:
-                        ((key, (claim, ack)),) = batch.items()
-                        await self._record(keys=[key], args=[claim, ack, self._ttl])
-                    else:  # (a script per key: keys of different partitions hash to different slots)
-                        async with self._redis.pipeline(transaction=False) as pipe:
-                            for key, (claim, ack) in batch.items():
-                                await self._record(keys=[key], args=[claim, ack, self._ttl], client=pipe)
-                            await pipe.execute()
+                    # (a script per key: keys of different partitions hash to different slots)
+                    await run_scripts(self._redis, [(self._record, [key], [claim, ack, self._ttl])
+                                                    for key, (claim, ack) in batch.items()])
                 except (RedisError, OSError):
                     pass
         finally:

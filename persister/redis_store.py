@@ -10,6 +10,7 @@ import redis.asyncio as aioredis
 
 from shared.keys import Keys
 from shared.message import Message
+from shared.redisconn import run_scripts
 
 # One call per partition batch; every key carries the partition's hash tag.
 # KEYS: applied, newrooms, overcap, then every key the messages touch, each once.
@@ -111,16 +112,10 @@ class RedisBuffer:
         return (await self.apply_many([(partition, expected, messages, last)]))[0]
 
     async def apply_many(self, batches: list[tuple[int, int | None, list[Message], int | None]]) -> list[Applied]:
-        """One APPLY_BATCH call per (partition, expected mark, messages, last offset fetched), sent in
-        one pipeline (no MULTI: each call is atomic on its own, and each touches only its partition's slot)."""
-        if len(batches) == 1:
-            keys, args = self._apply_call(*batches[0])
-            return [_applied(await self._apply(keys=keys, args=args))]
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for batch in batches:
-                keys, args = self._apply_call(*batch)
-                await self._apply(keys=keys, args=args, client=pipe)
-            return [_applied(res) for res in await pipe.execute()]
+        """One APPLY_BATCH call per (partition, expected mark, messages, last offset fetched), in one
+        round trip (each call is atomic on its own, and touches only its partition's slot)."""
+        calls = [(self._apply, *self._apply_call(*batch)) for batch in batches]
+        return [_applied(res) for res in await run_scripts(self._redis, calls)]
 
     def _apply_call(self, partition: int, expected: int | None, messages: list[Message],
                     last: int | None) -> tuple[list[str], list[Any]]:

@@ -28,6 +28,7 @@ from shared.keys import Keys
 from shared.message import Message
 from shared.mover import Mover
 from shared.mysql import create_pool
+from shared.redisconn import connect
 from shared.rooms import RoomDirectory
 from shared.runner import crash_on_failure
 from shared.settings import Settings
@@ -287,7 +288,7 @@ class _Rebalance(ConsumerRebalanceListener):
 
 async def run(settings: Settings, stop: asyncio.Event) -> None:
     await wait_for_topic(settings)
-    redis = aioredis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
+    redis = connect(settings, timeout_s=10, connect_timeout_s=5)
     pool = await create_pool(settings.mysql_dsn, settings.mysql_pool_max)
     rooms = RoomDirectory(pool)
     mover = Mover(redis, pool, Keys(settings.redis_prefix, settings.kafka_partitions), rooms)

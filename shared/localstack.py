@@ -376,6 +376,8 @@ def start_redis(
     appendfsync: str = "everysec",
     maxmemory: str | None = None,
     timeout: float = 30.0,
+    extra_args: Sequence[str] = (),
+    name: str = "redis",
 ) -> Proc:
     """Our own redis-server on 127.0.0.1:``port`` (foreground, so we own its PID).
 
@@ -412,9 +414,48 @@ def start_redis(
     ]
     if maxmemory is not None:
         argv += ["--maxmemory", maxmemory]
-    proc = start_process("redis", argv, log_dir, ports=[port])
+    proc = start_process(name, [*argv, *extra_args], log_dir, ports=[port])
     _wait_or_stop(proc, lambda: wait_until(lambda: redis_ping(port), f"redis PING on {port}", timeout, proc))
     return proc
+
+
+def start_redis_cluster(ports: Sequence[tuple[int, int]], data_dir: Path, log_dir: Path, replicas: int = 1,
+                        node_timeout_ms: int = 2000, timeout: float = 60.0) -> list[Proc]:
+    """A Redis Cluster of our own: one redis-server per (port, cluster bus port) (AOF on, as
+    `start_redis`), then `redis-cli --cluster create` with ``replicas`` replicas per primary;
+    returns once every node says the cluster is ok. A node started again with
+    ``start_redis_cluster_node`` on its folder rejoins it."""
+    procs = [start_redis_cluster_node(port, bus, data_dir, log_dir, node_timeout_ms) for port, bus in ports]
+    addresses = [port for port, _ in ports]
+    try:
+        argv = [str(require_binary("redis-cli")), "--cluster", "create",
+                *(f"{LOCALHOST}:{p}" for p in addresses), "--cluster-replicas", str(replicas), "--cluster-yes"]
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+        if out.returncode != 0:
+            raise LocalStackError(f"{shlex.join(argv)} failed:\n{out.stdout[-2000:]}{out.stderr[-2000:]}")
+        for port in addresses:
+            wait_until(lambda port=port: redis_cluster_ok(port), f"redis cluster ok on {port}", timeout)  # type: ignore[misc]
+    except BaseException:
+        for proc in procs:
+            proc.stop(5)
+        raise
+    return procs
+
+
+def start_redis_cluster_node(port: int, bus_port: int, data_dir: Path, log_dir: Path,
+                             node_timeout_ms: int = 2000) -> Proc:
+    return start_redis(port, data_dir / str(port), log_dir, name=f"redis-{port}", extra_args=[
+        "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-port", str(bus_port),
+        "--cluster-node-timeout", str(node_timeout_ms)])
+
+
+def redis_cluster_ok(port: int, host: str = LOCALHOST) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1) as s:
+            s.sendall(b"CLUSTER INFO\r\n")
+            return b"cluster_state:ok" in s.recv(4096)
+    except OSError:
+        return False
 
 
 # --------------------------------------------------------------------------- MariaDB

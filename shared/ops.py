@@ -27,6 +27,7 @@ from aiokafka.errors import KafkaConnectionError, KafkaError
 from shared.keys import Keys
 from shared.migrate import migration_files
 from shared.mysql import MysqlTarget
+from shared.redisconn import connect
 from shared.settings import Settings
 
 OK, WARN, MISCONFIGURED, UNREACHABLE = "ok", "WARN", "MISCONFIGURED", "UNREACHABLE"
@@ -192,7 +193,7 @@ async def check_kafka(settings: Settings, timeout_s: float = DEFAULT_TIMEOUT_S) 
 
 
 def _redis_client(settings: Settings, timeout_s: float) -> aioredis.Redis:
-    return aioredis.from_url(settings.redis_url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
+    return connect(settings, timeout_s=timeout_s, connect_timeout_s=timeout_s)
 
 
 async def check_redis(settings: Settings, timeout_s: float = DEFAULT_TIMEOUT_S) -> Finding:

@@ -45,6 +45,7 @@ class Settings(BaseSettings):
 
     # --- Redis (write buffer + cache of the newest messages)
     redis_url: str = "redis://127.0.0.1:6380/0"
+    redis_cluster: bool = Field(False, description="REDIS_URL names a node of a Redis Cluster")
     redis_prefix: str = Field("rc", description="Key prefix, so several deployments or tests share a Redis")
     buffer_cap: int = Field(200, ge=2, description="A room's list past this many messages gets flushed")
     flush_chunk: int = Field(100, ge=1, description="Oldest messages moved to MySQL in one batch")

@@ -27,6 +27,7 @@ from shared.keys import Keys
 from shared.message import Message
 from shared.mover import Mover
 from shared.mysql import create_pool
+from shared.redisconn import connect
 from shared.rooms import RoomDirectory
 from shared.settings import Settings
 from sweeper import metrics
@@ -194,7 +195,7 @@ async def _sleep(stop: asyncio.Event, seconds: float) -> None:
 
 
 async def run(settings: Settings, stop: asyncio.Event, once: bool = False) -> None:
-    redis = aioredis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
+    redis = connect(settings, timeout_s=10, connect_timeout_s=5)
     pool = await create_pool(settings.mysql_dsn, min(settings.mysql_pool_max, PARALLEL_ROOMS + 1))
     try:
         rooms = RoomDirectory(pool)
