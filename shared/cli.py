@@ -180,10 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_stats)
 
-    p = sub.add_parser("bench", help="the load tool: fanout | connections | persist | history (see bench/README.md)",
+    from bench.cli import WORKLOADS
+
+    p = sub.add_parser("bench", help=f"the load tool: {' | '.join(WORKLOADS)} (see bench/README.md)",
                        description="Runs one workload against a running cluster (--url ...) or a throwaway one "
                                    "(--cluster). `roomcast bench WORKLOAD --help` lists its options.")
-    p.add_argument("workload", choices=("fanout", "connections", "persist", "history"))
+    p.add_argument("workload", choices=tuple(WORKLOADS))
     p.add_argument("args", nargs=argparse.REMAINDER, help="the workload's options")
     p.set_defaults(func=cmd_bench)
     return parser
