@@ -121,13 +121,14 @@ def _go(args: list[str], cwd: Path, env: dict[str, str], log_path: Path) -> str:
 
 
 def _build(out: Path, tools: Tools, log_path: Path) -> None:
-    go = shutil.which("go") or next((p for p in ("/usr/local/go/bin/go",) if Path(p).is_file()), None)
+    go = shutil.which("go") or shutil.which("go", path="/usr/local/go/bin")
     if go is None:
         raise ToolsError("Go is not installed (needed once, to build kube-apiserver, etcd and kwok from the "
                          "module proxy): install Go >= 1.25 from https://go.dev/dl or `apt-get install golang`")
     env = {**os.environ, "PATH": f"{Path(go).parent}:{os.environ.get('PATH', '')}",
            "GOMODCACHE": str(cache_root() / "go" / "mod"), "GOCACHE": str(cache_root() / "go" / "build"),
            "GOFLAGS": "-mod=readonly -modcacherw -buildvcs=false", "CGO_ENABLED": "0"}
+    log_path.write_text("")  # this build's log only: its tail is the failure message
     staging = out / "bin.partial"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
