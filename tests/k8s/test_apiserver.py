@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -444,7 +445,17 @@ def test_nodes_drain_one_by_one_within_the_budgets(cp: ControlPlane, applied: di
     def stateless_back(pods: dict[str, PodState]) -> bool:
         return all(sum(p.ready for p in up(pods, d)) == n for d, n in deployments.items())
 
+    def budgets_allow_one() -> bool:
+        return all(pdb.get("status", {}).get("disruptionsAllowed", 0) >= 1 for a in applied.values()
+                   for pdb in items(cp, f"/apis/policy/v1/namespaces/{a.namespace}/poddisruptionbudgets"))
+
     for node in sorted(n["metadata"]["name"] for n in items(cp, "/api/v1/nodes")):
+        # As an operator would: the next node once every budget allows a disruption again. A
+        # StatefulSet pod evicted and recreated under its name may count as disrupted for up to
+        # the disruption controller's 2 minutes (its DeletionTimeout) after it is back.
+        started = time.monotonic()
+        localstack.wait_until(budgets_allow_one, "every budget to allow a disruption", 150)
+        print(f"{node}: budgets allowed a disruption after {time.monotonic() - started:.1f} s")
         # Done when every Deployment has all its pods ready again while the node is still
         # cordoned (the gateway's hard spread honours the cordon); the node's broker waits for it.
         history = pods_during(cp, lambda node=node: cp.kubectl("drain", node, "--ignore-daemonsets",
