@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: system-deps run stop test test-unit test-integration test-e2e test-faults lint typecheck bench image clean
+.PHONY: system-deps run stop test test-unit test-integration test-e2e test-faults test-k8s lint typecheck bench image clean
 
 # System packages the suite needs (its own Kafka, Redis and MariaDB instances, the browser test,
 # npm for the official AsyncAPI schema the spec test validates against);
@@ -48,6 +48,9 @@ test-e2e: system-deps $(STAMP)
 
 test-faults: system-deps $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/faults
+
+test-k8s: $(STAMP)  ## deploy/k8s on a real API server; the first run on a machine builds it with Go (deploy/README.md)
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/k8s
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -28,15 +28,11 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
-from starlette.routing import Route
 
-from gateway.app import create_app
 from shared.settings import Settings
+from tests.manifests import K8S, OVERLAYS, ROOT, find, gateway_routes, kubectl_binary, render
 
-ROOT = Path(__file__).resolve().parents[3]
 DEPLOY = ROOT / "deploy"
-K8S = DEPLOY / "k8s"
-OVERLAYS = ("dev", "prod")
 # Oldest Kubernetes release the manifests support, and a recent one (schemas ship with the
 # pinned kubernetes-validate package, so this is offline and reproducible).
 K8S_VERSIONS = ("1.30.0", "1.35.0")
@@ -73,33 +69,20 @@ CHECKOV_ALLOWED: dict[str, tuple[frozenset[str] | None, str]] = {
 
 @pytest.fixture(scope="module")
 def kubectl() -> str:
-    path = shutil.which("kubectl")
-    if path is None:
-        pytest.fail("kubectl is not on PATH: these tests render deploy/k8s with `kubectl kustomize` "
-                    "(install kubectl >= 1.27; it has kustomize built in)")
-    return path
+    try:
+        return kubectl_binary()
+    except FileNotFoundError as e:
+        pytest.fail(str(e))
 
 
 @pytest.fixture(scope="module")
 def rendered_text(kubectl: str) -> dict[str, str]:
-    out = {}
-    for overlay in OVERLAYS:
-        proc = subprocess.run([kubectl, "kustomize", str(K8S / "overlays" / overlay)],
-                              capture_output=True, text=True, timeout=60)
-        assert proc.returncode == 0, f"kubectl kustomize overlays/{overlay} failed:\n{proc.stderr}"
-        out[overlay] = proc.stdout
-    return out
+    return {overlay: render(kubectl, K8S / "overlays" / overlay) for overlay in OVERLAYS}
 
 
 @pytest.fixture(scope="module")
 def rendered(rendered_text: dict[str, str]) -> dict[str, list[dict[str, Any]]]:
     return {o: [d for d in yaml.safe_load_all(text) if d] for o, text in rendered_text.items()}
-
-
-def find(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
-    hits = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
-    assert len(hits) == 1, f"expected one {kind}/{name}, found {len(hits)}"
-    return hits[0]
 
 
 def find_generated(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
@@ -286,10 +269,9 @@ def test_settings_load_from_the_manifests(rendered: dict[str, list[dict[str, Any
 # ---------------------------------------------------------------------------------------------
 # gateway: probes, shutdown, scaling
 
-@pytest.fixture(scope="module")
-def gateway_routes() -> set[str]:
-    app = create_app(Settings())  # builds the routes; the lifespan (and any I/O) never runs
-    return {r.path for r in app.routes if isinstance(r, Route)}
+@pytest.fixture(scope="module", name="gateway_routes")
+def gateway_routes_fixture() -> set[str]:
+    return gateway_routes()
 
 
 def gateway_container(docs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -368,9 +350,7 @@ def test_gateway_scaling_objects(rendered: dict[str, list[dict[str, Any]]], over
 
 
 def test_base_runs_at_least_two_gateways(kubectl: str) -> None:
-    proc = subprocess.run([kubectl, "kustomize", str(K8S / "base")], capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    docs = [d for d in yaml.safe_load_all(proc.stdout) if d]
+    docs = [d for d in yaml.safe_load_all(render(kubectl, K8S / "base")) if d]
     assert find(docs, "Deployment", "gateway")["spec"]["replicas"] >= 2
     assert find(docs, "HorizontalPodAutoscaler", "gateway")["spec"]["minReplicas"] >= 2
 
