@@ -158,6 +158,7 @@ def isolated_settings(kafka_bootstrap: str, redis_url: str, mysql_server_dsn: st
         mysql_dsn=f"{mysql_server_dsn}/rc_{tag}",
         jwt_secret=SecretStr(f"test-secret-{uuid.uuid4().hex}{uuid.uuid4().hex}"),  # 64+ bytes: fit for HS512
         log_json=False,
+        drain_delay_s=0.0,  # no load balancer in front (tests/faults/test_lb.py starts one)
     )
     return Settings(**{**base, **overrides})
 

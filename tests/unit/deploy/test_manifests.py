@@ -344,9 +344,9 @@ def test_termination_grace_covers_prestop_and_drain(rendered: dict[str, list[dic
     assert sleep_s >= 3, "give endpoints/ingress time to stop routing before SIGTERM"
     flush_s = s.kafka_request_timeout_ms / 1000
     grace = spec["terminationGracePeriodSeconds"]
-    assert grace > sleep_s + s.drain_grace_s + flush_s, (
-        f"terminationGracePeriodSeconds {grace} <= preStop {sleep_s} + DRAIN_GRACE_S {s.drain_grace_s}"
-        f" + producer flush {flush_s}"
+    assert grace > sleep_s + s.drain_delay_s + s.drain_grace_s + flush_s, (
+        f"terminationGracePeriodSeconds {grace} <= preStop {sleep_s} + DRAIN_DELAY_S {s.drain_delay_s}"
+        f" + DRAIN_GRACE_S {s.drain_grace_s} + producer flush {flush_s}"
     )
 
 
