@@ -7,9 +7,9 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: system-deps run stop test test-unit test-integration test-e2e test-faults lint typecheck bench image clean
 
-# System packages the suite needs (its own Kafka, Redis and MariaDB instances, the browser test);
+# System packages the suite needs (its own Kafka, Redis and MariaDB instances, HAProxy, the browser test);
 # installed with apt when we are root and one is missing. `make run` installs what it needs itself.
-SYSTEM_BINS := redis-server:redis-server mariadbd:mariadb-server chromium:chromium java:default-jre-headless mvn:maven
+SYSTEM_BINS := redis-server:redis-server mariadbd:mariadb-server chromium:chromium java:default-jre-headless mvn:maven haproxy:haproxy
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
