@@ -26,9 +26,10 @@ system-deps:
 	  else echo "missing system packages:$$missing (run: sudo apt-get install -y$$missing)"; exit 1; fi; fi
 
 KAFKA_NODES ?= 1
+GATEWAYS ?= 2
 
-run: $(STAMP)  ## the whole cluster in the foreground until Ctrl-C (KAFKA_NODES=3: three brokers, RF 3)
-	$(BIN)/roomcast up --kafka-nodes $(KAFKA_NODES)
+run: $(STAMP)  ## the whole cluster in the foreground until Ctrl-C (KAFKA_NODES=3: three brokers, RF 3; GATEWAYS=N)
+	$(BIN)/roomcast up --kafka-nodes $(KAFKA_NODES) --gateways $(GATEWAYS)
 
 stop:  ## stop what `make run` started (from another shell)
 	@test -x $(BIN)/roomcast && $(BIN)/roomcast down || echo "nothing to stop (no venv)"

@@ -44,12 +44,12 @@ def server_name(port: int) -> str:
     return f"gw{port}"
 
 
-def admin_socket(data_dir: Path) -> Path:
-    """Where the runtime API listens for a run whose files live in `data_dir`."""
-    path = data_dir / "haproxy.sock"
+def admin_socket(folder: Path) -> Path:
+    """Where the runtime API listens, for a HAProxy whose config lives in `folder`."""
+    path = folder / "admin.sock"
     if len(str(path)) <= _SUN_PATH_MAX:
         return path
-    return Path(f"/tmp/roomcast-haproxy-{hashlib.sha1(str(data_dir).encode()).hexdigest()[:12]}.sock")
+    return Path(f"/tmp/roomcast-haproxy-{hashlib.sha1(str(folder).encode()).hexdigest()[:12]}.sock")
 
 
 # --------------------------------------------------------------------------- config
