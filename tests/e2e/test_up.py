@@ -75,15 +75,18 @@ class UpRun:
 
 
 def test_up_refuses_a_busy_port_before_starting_anything(tmp_path: Path) -> None:
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        port = busy.getsockname()[1]
-        r = subprocess.run(up_command(tmp_path / "run", "--gateway-ports", f"{port},{localstack.free_port()}",
+    port = next(p for p in localstack.free_ports(20) if localstack.port_bindable(p + 1))
+    with socket.socket() as first, socket.socket() as second:
+        for sock, p in ((first, port), (second, port + 1)):
+            sock.bind(("127.0.0.1", p))
+            sock.listen()
+        # --gateways 2: the second gateway's port is the next one
+        r = subprocess.run(up_command(tmp_path / "run", "--gateway-ports", str(port), "--gateways", "2",
                                       "--lb-port", str(localstack.free_port()), "--no-install"),
                            cwd=ROOT, capture_output=True, text=True, timeout=30)
     assert r.returncode == 1, r.stdout + r.stderr
-    assert f"{port} (move it with --gateway-ports)" in r.stdout and "starting" not in r.stdout, r.stdout
+    assert f"{port} (move it with --gateway-ports), {port + 1} (move it with --gateway-ports)" in r.stdout, r.stdout
+    assert "starting" not in r.stdout, r.stdout
     assert not list((tmp_path / "run" / "pids").glob("*.pid"))
 
 
