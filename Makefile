@@ -7,10 +7,10 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: system-deps run stop test test-unit test-integration test-e2e test-faults test-k8s lint typecheck bench image clean
 
-# System packages the suite needs (its own Kafka, Redis and MariaDB instances, the browser test,
+# System packages the suite needs (its own Kafka, Redis and MariaDB instances, HAProxy, the browser test,
 # npm for the official AsyncAPI schema the spec test validates against);
 # installed with apt when we are root and one is missing. `make run` installs what it needs itself.
-SYSTEM_BINS := redis-server:redis-server mariadbd:mariadb-server chromium:chromium java:default-jre-headless mvn:maven npm:npm
+SYSTEM_BINS := redis-server:redis-server mariadbd:mariadb-server chromium:chromium java:default-jre-headless mvn:maven npm:npm haproxy:haproxy
 
 $(STAMP): pyproject.toml client/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,9 +27,10 @@ system-deps:
 	  else echo "missing system packages:$$missing (run: sudo apt-get install -y$$missing)"; exit 1; fi; fi
 
 KAFKA_NODES ?= 1
+GATEWAYS ?= 2
 
-run: $(STAMP)  ## the whole cluster in the foreground until Ctrl-C (KAFKA_NODES=3: three brokers, RF 3)
-	$(BIN)/roomcast up --kafka-nodes $(KAFKA_NODES)
+run: $(STAMP)  ## the whole cluster in the foreground until Ctrl-C (KAFKA_NODES=3: three brokers, RF 3; GATEWAYS=N)
+	$(BIN)/roomcast up --kafka-nodes $(KAFKA_NODES) --gateways $(GATEWAYS)
 
 stop:  ## stop what `make run` started (from another shell)
 	@test -x $(BIN)/roomcast && $(BIN)/roomcast down || echo "nothing to stop (no venv)"

@@ -62,7 +62,7 @@ def bench_settings(base: Settings | None = None, **updates: Any) -> Settings:
         jwt_secret=SecretStr(secrets.token_urlsafe(48)),
         send_rate_per_s=1e6, send_burst=1_000_000, max_conns_per_user=100_000,
         kafka_session_timeout_ms=6000, kafka_heartbeat_interval_ms=1000,
-        log_level="WARNING", drain_grace_s=1.0,
+        log_level="WARNING", drain_grace_s=1.0, drain_delay_s=0.0,  # no load balancer in front
     )
     defaults.update(updates)
     return base.model_copy(update=defaults)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import sys
+
 import uvicorn
+from uvicorn.main import STARTUP_FAILURE
 
 from gateway.app import create_app
+from gateway.drain import Drain, DrainingServer
 from gateway.wire import PreparedFramesProtocol
 from shared.logging import setup_logging
 from shared.settings import Settings
@@ -15,8 +19,9 @@ def main() -> None:
     setup_logging("gateway", settings.name, settings.log_level, settings.log_json)
     if problem := settings.unsafe_secret():
         raise SystemExit(f"roomcast-gateway: refusing to start: {problem}")
-    uvicorn.run(
-        create_app(settings),
+    drain = Drain()
+    config = uvicorn.Config(
+        create_app(settings, drain),
         host=settings.host,
         port=settings.port,
         loop="uvloop",
@@ -32,6 +37,10 @@ def main() -> None:
         access_log=False,
         server_header=False,
     )
+    server = DrainingServer(config, drain, settings.drain_delay_s)
+    server.run()
+    if not server.started:
+        sys.exit(STARTUP_FAILURE)  # as uvicorn.run does when the lifespan's startup failed
 
 
 if __name__ == "__main__":

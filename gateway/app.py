@@ -18,6 +18,7 @@ from starlette.staticfiles import StaticFiles
 from gateway import metrics
 from gateway.apidocs import bundled_json
 from gateway.devtoken import dev_token
+from gateway.drain import Drain
 from gateway.endpoint import ws_endpoint
 from gateway.fanout import Fanout
 from gateway.history import HistoryReader
@@ -35,7 +36,10 @@ log = logging.getLogger("roomcast.gateway")
 STATIC = Path(__file__).parent / "static"
 
 
-def create_app(settings: Settings) -> Starlette:
+def create_app(settings: Settings, drain: Drain | None = None) -> Starlette:
+    """The app; `drain` is shared with the server that stops it (gateway.drain)."""
+    drain = drain or Drain()
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Node]]:
         await wait_for_topic(settings)
@@ -48,14 +52,14 @@ def create_app(settings: Settings) -> Starlette:
         await fanout.start()
         keys = Keys(settings.redis_prefix, settings.kafka_partitions)
         node = Node(settings, keys, hub, fanout, producer, Publisher(settings, producer, redis), redis, mysql,
-                    HistoryReader(settings, keys, redis, mysql))
+                    HistoryReader(settings, keys, redis, mysql), drain=drain)
         fan_task = asyncio.create_task(fanout.run(), name="fanout")
         fan_task.add_done_callback(lambda t: _fanout_died(t, fanout))
         log.info("gateway ready", extra={"port": settings.port})
         try:
             yield {"node": node}
         finally:
-            node.draining = True
+            drain.start()
             fan_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await fan_task
@@ -103,7 +107,7 @@ async def healthz(request: Request) -> Response:
 
 async def readyz(request: Request) -> Response:
     node: Node = request.state.node
-    if node.draining:
+    if node.drain.started:
         return JSONResponse({"ready": False, "reason": "draining"}, status_code=503)
     ok, reason = node.fanout.ready()
     if ok and (trouble := node.publisher.broker_trouble()):

@@ -47,6 +47,7 @@ class Fanout:
         self.failed: BaseException | None = None  # set when the consume loop died
         self.last_poll = time.monotonic()  # the consume loop came round (even with nothing new)
         self.last_advance = time.monotonic()  # a record was consumed
+        self.started_ms = 0.0  # wall clock (ms), as aiokafka stamps fetch answers
 
     async def start(self) -> None:
         await self.consumer.start()
@@ -56,6 +57,7 @@ class Fanout:
         for tp in self.tps:
             self.positions[tp.partition] = await self.consumer.position(tp)
         self.started = True
+        self.started_ms = time.time() * 1000
         log.info("fan-out consuming", extra={"partitions": len(self.tps)})
 
     async def stop(self) -> None:
@@ -96,6 +98,13 @@ class Fanout:
     def lag(self) -> int:
         return sum(self.lag_by_partition().values())
 
+    def broker_silence_s(self) -> float:
+        """Seconds since the broker last answered a fetch, for the partition answered longest ago.
+        aiokafka stamps a partition whenever an answer brings its high-water mark, records or not;
+        a broker that is cut off answers nothing, so the lag looks like 0 while nothing arrives."""
+        stamps = [self.consumer.last_poll_timestamp(tp) or self.started_ms for tp in self.tps]
+        return max(0.0, time.time() * 1000 - min(stamps)) / 1000 if stamps else 0.0
+
     def ready(self) -> tuple[bool, str]:
         """Not ready when this node would accept clients but not deliver to them (a "deaf" node)."""
         if self.failed is not None:
@@ -105,6 +114,8 @@ class Fanout:
         now = time.monotonic()
         if now - self.last_poll > self.s.ready_stall_s:
             return False, "fan-out loop stuck"
+        if (silence := self.broker_silence_s()) > self.s.ready_stall_s:
+            return False, f"fan-out: no fetch answered by the broker for {silence:.0f}s"
         lag = self.lag()
         if lag > self.s.ready_max_lag:
             return False, f"fan-out lag {lag} > {self.s.ready_max_lag}"

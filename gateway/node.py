@@ -8,6 +8,7 @@ import aiomysql
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
 
+from gateway.drain import Drain
 from gateway.fanout import Fanout
 from gateway.history import HistoryReader
 from gateway.hub import Hub
@@ -35,7 +36,7 @@ class Node:
     mysql: aiomysql.Pool
     history: HistoryReader
     users: dict[str, UserState] = field(default_factory=dict)
-    draining: bool = False
+    drain: Drain = field(default_factory=Drain)
 
     def user(self, user: str) -> UserState:
         state = self.users.get(user)

@@ -1,4 +1,4 @@
-"""`roomcast`: the operator's command (token, migrate, up, down, check, stats)."""
+"""`roomcast`: the operator's command (token, migrate, up, down, gateway add, check, stats)."""
 
 from __future__ import annotations
 
@@ -45,9 +45,13 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     if args.mysql_port is not None:
         updates["mysql_dsn"] = _with_mysql_port(settings.mysql_dsn, args.mysql_port)
     settings = settings.model_copy(update=updates)
+    gateway_ports = args.gateway_ports
+    if args.gateways is not None:
+        gateway_ports = list(range(gateway_ports[0], gateway_ports[0] + args.gateways))
     opts = UpOptions(
         data_dir=args.data_dir.resolve(),
-        gateway_ports=tuple(args.gateway_ports),
+        gateway_ports=tuple(gateway_ports),
+        lb_port=args.lb_port,
         persister_metrics_port=args.persister_metrics_port,
         sweeper_metrics_port=args.sweeper_metrics_port,
         kafka_nodes=args.kafka_nodes,
@@ -62,6 +66,12 @@ def cmd_down(args: argparse.Namespace, settings: Settings) -> int:
     from shared.up import down
 
     return down(args.data_dir.resolve())
+
+
+def cmd_gateway_add(args: argparse.Namespace, settings: Settings) -> int:
+    from shared.up import request_gateway
+
+    return request_gateway(args.data_dir.resolve())
 
 
 def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
@@ -137,11 +147,16 @@ def build_parser() -> argparse.ArgumentParser:
         "up", help="run the whole cluster on this machine in the foreground (what `make run` does)",
         description="Reuse the Kafka broker, Redis (REDIS_URL) and MySQL that already answer, start the ones "
                     "missing (Apache Kafka, redis-server with AOF, MariaDB) in the data folder, migrate, "
-                    "start two gateways, the persister and the sweeper, print where to connect, and stay until "
-                    "Ctrl-C / SIGTERM; then stop everything it started, in order.")
+                    "start two gateways, the persister and the sweeper, HAProxy in front of the gateways, "
+                    "print where to connect, and stay until Ctrl-C / SIGTERM; then stop everything it started, "
+                    "in order.")
     p.add_argument("--data-dir", type=Path, default=data_dir, help=f"data, logs and pidfiles (default {data_dir})")
+    p.add_argument("--lb-port", type=int, default=up.LB_PORT,
+                   help="HAProxy, the one address clients need: chat page, REST and /ws (default %(default)s)")
     p.add_argument("--gateway-ports", type=_ports, default=",".join(map(str, up.GATEWAY_PORTS)),
                    help="comma-separated, one gateway per port (default %(default)s)")
+    p.add_argument("--gateways", type=int, choices=range(1, 33), metavar="N",
+                   help="N gateways on consecutive ports from the first of --gateway-ports")
     p.add_argument("--kafka-port", type=int,
                    help="first broker on 127.0.0.1:PORT, its controller on PORT+1, the next node on PORT+2 ... "
                         "(default: KAFKA_BOOTSTRAP)")
@@ -164,6 +179,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("down", help="stop what `roomcast up` started, from another shell (what `make stop` does)")
     p.add_argument("--data-dir", type=Path, default=data_dir, help="the data folder of that `up` (default %(default)s)")
     p.set_defaults(func=cmd_down)
+
+    p = sub.add_parser("gateway", help="change the gateways of a running `roomcast up`")
+    actions = p.add_subparsers(dest="action", required=True)
+    p = actions.add_parser("add", help="one more gateway, put into HAProxy's rotation; nothing else restarts",
+                           description="Asks the running `roomcast up` (SIGUSR1) to start a gateway on the next free "
+                                       "port and register it with HAProxy through its runtime API; returns once "
+                                       "HAProxy's health checks pass on it.")
+    p.add_argument("--data-dir", type=Path, default=data_dir, help="the data folder of that `up` (default %(default)s)")
+    p.set_defaults(func=cmd_gateway_add)
 
     p = sub.add_parser("check", help="say whether the configured Kafka, Redis and MySQL answer and are set up right",
                        description="One line per dependency: ok, WARN, MISCONFIGURED or UNREACHABLE with the reason. "

@@ -98,7 +98,12 @@ class Settings(BaseSettings):
         5000, ge=1, description="A resume that missed more replays nothing (recovered=false; page history)"
     )
     ready_max_lag: int = Field(10_000, ge=0, description="Fan-out lag (records) past which /readyz fails")
-    ready_stall_s: float = Field(30.0, gt=0, description="Fan-out silent this long while lagging: not ready")
+    ready_stall_s: float = Field(
+        30.0, gt=0, description="Fan-out silent this long while lagging, or without a fetch answered: not ready"
+    )
+    drain_delay_s: float = Field(
+        5.0, ge=0, description="On SIGTERM, /readyz answers 503 this long before clients are closed 1012"
+    )
     drain_grace_s: float = Field(10.0, ge=0)
     ping_interval_s: float = Field(20.0, gt=0)
     metrics_port: int = Field(0, ge=0, description="Persister/sweeper Prometheus port; 0: none")

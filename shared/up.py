@@ -4,7 +4,8 @@
 
   claim the data folder -> plan (reuse what answers, start the rest) -> check ports -> install
   missing OS packages -> Kafka broker(s) -> Redis -> MySQL -> migrate, topic -> persister,
-  sweeper, gateways -> print where to connect -> watch -> stop in order.
+  sweeper, gateways -> HAProxy in front of them -> print where to connect -> watch (and add a
+  gateway when `roomcast gateway add` asks) -> stop in order.
 
 Services and infrastructure run as our direct children (shared.localstack, shared.services), each
 with a pidfile in <data>/pids so `roomcast down` can stop them from another shell. Only what we
@@ -37,23 +38,27 @@ from urllib.parse import urlsplit
 
 from aiokafka.errors import KafkaConnectionError
 
-from shared import localstack
+from shared import haproxy, localstack
 from shared.localkafka import KafkaCluster
 from shared.localstack import LOCALHOST, LocalStackError, Proc
 from shared.mysql import MysqlTarget
 from shared.services import start_gateway, start_persister, start_sweeper, wait_http_ok
 from shared.settings import Settings
 
+LB_PORT = 8000
 GATEWAY_PORTS = (8001, 8002)
 PERSISTER_METRICS_PORT = 9101
 SWEEPER_METRICS_PORT = 9102
 REDIS_MAXMEMORY = "512mb"
-# Stop order: the front door first (gateways drain their clients), then the consumers, then the
-# infrastructure under them (as the brief orders it). Services start in the reverse order.
-STOP_ORDER = ("gateway", "sweeper", "persister", "kafka", "redis", "mariadb")
+# Stop order: the front door first (HAProxy stops taking connections: Up.close_front_door; the
+# gateways drain their clients through it; HAProxy exits once they have), then the consumers,
+# then the infrastructure under them. Services start in the reverse order.
+STOP_ORDER = ("gateway", "haproxy", "sweeper", "persister", "kafka", "redis", "mariadb")
 APP_KINDS = frozenset({"gateway", "sweeper", "persister"})
+STARTED_FRESH = APP_KINDS | {"haproxy"}  # never adopted: one left by an `up` that died is stopped
 MAX_RESTARTS, RESTART_WINDOW_S = 3, 60.0
 DOWN_TIMEOUT_S = 120.0
+ADD_GATEWAY_TIMEOUT_S = 90.0
 TOPIC_TIMEOUT_S = 30.0
 _LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
@@ -72,6 +77,7 @@ def default_data_dir() -> Path:
 class UpOptions:
     data_dir: Path
     gateway_ports: tuple[int, ...] = GATEWAY_PORTS
+    lb_port: int = LB_PORT
     persister_metrics_port: int = PERSISTER_METRICS_PORT
     sweeper_metrics_port: int = SWEEPER_METRICS_PORT
     kafka_nodes: int = 1  # three: replication factor 3, min ISR 2 (settings.kafka_bootstrap names them all)
@@ -86,6 +92,11 @@ class UpOptions:
     @property
     def pids(self) -> Path:
         return self.data_dir / "pids"
+
+    @property
+    def lb(self) -> Path:
+        """HAProxy's rendered config and its runtime API's socket."""
+        return self.data_dir / "haproxy"
 
 
 # --------------------------------------------------------------------------- children and pidfiles
@@ -173,14 +184,15 @@ class Child:
             return "exited"
         return f"was killed by {signal.Signals(-rc).name}" if rc < 0 else f"exited with code {rc}"
 
-    def terminate(self) -> None:
-        """SIGTERM, once: a second one would make uvicorn skip the gateway's drain."""
+    def terminate(self, sig: signal.Signals = signal.SIGTERM) -> None:
+        """SIGTERM, once: a second one would make a gateway skip its DRAIN_DELAY_S. SIGINT stops a
+        gateway without that delay (no load balancer left to wait for); SIGUSR1 soft-stops HAProxy."""
         if self.proc is not None:
             if self.proc.alive:
-                self.proc.popen.send_signal(signal.SIGTERM)
+                self.proc.popen.send_signal(sig)
         elif self.alive:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGTERM)
+                os.kill(self.pid, sig)
 
     def wait(self, timeout: float) -> None:
         """Wait for the exit after terminate(); SIGKILL when `timeout` passes. Reaps and cleans up."""
@@ -195,7 +207,7 @@ class Child:
 
     def stop_timeout(self, settings: Settings) -> float:
         if self.kind == "gateway":
-            return settings.drain_grace_s + 10
+            return settings.drain_delay_s + settings.drain_grace_s + 10
         return self.proc.stop_timeout if self.proc is not None else 30.0
 
 
@@ -220,6 +232,8 @@ class Up:
         self.children: list[Child] = []
         self.plan = Plan()
         self.stop_requested: str | None = None  # the signal's name once one arrived
+        self.gateways_wanted = 0  # gateways asked for by `roomcast gateway add` (SIGUSR1), not yet added
+        self.gateway_ports = list(opts.gateway_ports)
         self._lock: IO[str] | None = None
 
     # ----- the whole run
@@ -236,7 +250,8 @@ class Up:
         code = 0
         try:
             for step in (self.make_plan, self.check_ports, self.install_missing, self.start_broker,
-                         self.start_redis, self.start_mysql, self.migrate, self.ensure_topic, self.start_services):
+                         self.start_redis, self.start_mysql, self.migrate, self.ensure_topic, self.start_services,
+                         self.start_lb):
                 if self.stop_requested:
                     self.say(f"{self.stop_requested} received: not starting the rest")
                     return 0
@@ -260,10 +275,14 @@ class Up:
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self.stop_requested = self.stop_requested or signal.Signals(signum).name
 
+    def _on_add_gateway(self, signum: int, frame: FrameType | None) -> None:
+        self.gateways_wanted += 1
+
     def _install_signal_handlers(self) -> dict[int, object]:
         previous: dict[int, object] = {}
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             previous[sig] = signal.signal(sig, self._on_signal)
+        previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, self._on_add_gateway)
         return previous
 
     @staticmethod
@@ -275,7 +294,7 @@ class Up:
 
     def claim(self) -> None:
         """Lock <data>/pids/up.pid (released by the kernel even if we are killed -9), write our PID,
-        and stop app services an earlier `up` left running when it died."""
+        and stop app services (and HAProxy) an earlier `up` left running when it died."""
         self.opts.pids.mkdir(parents=True, exist_ok=True)
         self.opts.logs.mkdir(parents=True, exist_ok=True)
         path = self.opts.pids / "up.pid"
@@ -294,7 +313,7 @@ class Up:
         lock.flush()
         self._lock = lock
         for pidfile in role_pidfiles(self.opts.pids):
-            if kind_of(pidfile.stem) in APP_KINDS and localstack.stop_pidfile(pidfile, expected_exe(pidfile.stem)):
+            if kind_of(pidfile.stem) in STARTED_FRESH and localstack.stop_pidfile(pidfile, expected_exe(pidfile.stem)):
                 self.say(f"stopped {pidfile.stem}, left running by an earlier `up` that did not stop cleanly")
 
     def release(self) -> None:
@@ -374,7 +393,7 @@ class Up:
 
     def check_ports(self) -> None:
         o, plan = self.opts, self.plan
-        wanted: list[tuple[int, str]] = [(p, "--gateway-ports") for p in o.gateway_ports]
+        wanted: list[tuple[int, str]] = [(o.lb_port, "--lb-port")] + [(p, "--gateway-ports") for p in o.gateway_ports]
         wanted += [(o.persister_metrics_port, "--persister-metrics-port"),
                    (o.sweeper_metrics_port, "--sweeper-metrics-port")]
         if plan.start_broker:
@@ -391,8 +410,8 @@ class Up:
     # ----- step 4: OS packages
 
     def install_missing(self) -> None:
-        """redis-server / mariadbd missing: apt-get install them when we are root, else say how."""
-        binaries = (["redis-server"] if self.plan.start_redis else []) + (
+        """redis-server / mariadbd / haproxy missing: apt-get install them when we are root, else say how."""
+        binaries = ["haproxy"] + (["redis-server"] if self.plan.start_redis else []) + (
             ["mariadbd", "mariadb-install-db"] if self.plan.start_mysql else [])
         pkgs = localstack.missing_packages(binaries)
         if not pkgs:
@@ -500,11 +519,15 @@ class Up:
         self._own(Child.started("persister", self._start_persister(), self._start_persister))
         self._own(Child.started("sweeper", self._start_sweeper(), self._start_sweeper))
         for port in self.opts.gateway_ports:
+            self._own_gateway(port)
 
-            def start(port: int = port) -> Proc:
-                return self._start_gateway(port)
+    def _own_gateway(self, port: int) -> Child:
+        def start() -> Proc:
+            return self._start_gateway(port)
 
-            self._own(Child.started(f"gateway-{port}", start(), start))
+        child = Child.started(f"gateway-{port}", start(), start)
+        self._own(child)
+        return child
 
     # Each starts without waiting, then waits for its HTTP endpoint, so that a start that times
     # out stops the process instead of leaving it running unowned.
@@ -539,23 +562,49 @@ class Up:
         assert child.proc is not None
         child.proc.write_pidfile(self.opts.pids / f"{child.role}.pid")
 
-    # ----- step 10: where to connect
+    # ----- step 10: HAProxy, the one address clients need (deploy/haproxy/haproxy.cfg)
+
+    def start_lb(self) -> None:
+        self.say(f"starting HAProxy on {LOCALHOST}:{self.opts.lb_port} in front of the gateways ...")
+        self._own(Child.started("haproxy", self._start_haproxy(), self._start_haproxy))
+        admin = haproxy.admin_socket(self.opts.lb)
+        try:
+            localstack.wait_until(lambda: all(s.status == "UP" for s in haproxy.servers(admin).values()),
+                                  "HAProxy's health checks to pass on every gateway", 30)
+        except LocalStackError as e:
+            raise UpError(f"{e}; HAProxy's log: {self.opts.logs / 'haproxy.log'}") from e
+
+    def _start_haproxy(self) -> Proc:
+        """Also how `up` restarts it: the config names every gateway added meanwhile."""
+        config = self._write_lb_config()
+        return haproxy.start_haproxy(config, self.opts.lb_port, haproxy.admin_socket(self.opts.lb), self.opts.logs)
+
+    def _write_lb_config(self) -> Path:
+        self.opts.lb.mkdir(parents=True, exist_ok=True)
+        config = self.opts.lb / "haproxy.cfg"
+        config.write_text(haproxy.render(self.opts.lb_port, self.gateway_ports, haproxy.admin_socket(self.opts.lb)))
+        return config
+
+    # ----- step 11: where to connect
 
     def announce(self) -> None:
         from shared.auth import mint_token
 
         s, o = self.settings, self.opts
         token = mint_token(s, "dev")
-        first = f"{s.host}:{o.gateway_ports[0]}"
+        lb = f"{LOCALHOST}:{o.lb_port}"
         ours = ", ".join(c.role for c in self.children)
         lines = [
             "",
             "roomcast is ready.",
-            f"  gateways    {'  '.join(f'ws://{s.host}:{p}/ws' for p in o.gateway_ports)}",
-            f"  chat page   http://{first}/",
+            f"  chat page   http://{lb}/",
+            f"  websocket   ws://{lb}/ws?v=1&token={token}",
+            f"              (HAProxy on {o.lb_port}, in front of every gateway: the one address clients need)",
             f"  dev token   {token}",
             f"              (user 'dev', valid {s.token_ttl_s // 3600} h; `roomcast token NAME` mints others)",
-            f"  try         ws://{first}/ws?v=1&token={token}",
+            f"  gateways    {'  '.join(f'ws://{s.host}:{p}/ws' for p in self.gateway_ports)}",
+            "              (each one directly, for debugging; `roomcast gateway add` adds one)",
+            f"  haproxy     config {o.lb / 'haproxy.cfg'}, runtime API {haproxy.admin_socket(o.lb)}",
             f"  kafka       {s.kafka_bootstrap} topic {s.kafka_topic!r}",
             f"  redis       {_redact(s.redis_url)}",
             f"  mysql       {_redact(s.mysql_dsn)}",
@@ -571,11 +620,14 @@ class Up:
         ]
         self.say("\n".join(lines))
 
-    # ----- step 11: watch the children until asked to stop
+    # ----- step 12: watch the children until asked to stop
 
     def watch(self) -> int:
         while not self.stop_requested:
             time.sleep(0.25)
+            if self.gateways_wanted:
+                self.gateways_wanted -= 1
+                self.add_gateway()
             for child in list(self.children):
                 if self.stop_requested or child.alive:
                     continue
@@ -609,24 +661,71 @@ class Up:
         self.say(f"{child.role} is back (pid {proc.pid})")
         return True
 
-    # ----- step 12: stop in order
+    def add_gateway(self) -> None:
+        """One more gateway (`roomcast gateway add`), on the next free port: started like the
+        others, then put into HAProxy's rotation through its runtime API. Nothing else restarts;
+        its clients come with new connections (leastconn sends it the next ones)."""
+        port = self._next_gateway_port()
+        self.say(f"\nadding gateway-{port} ...")
+        try:
+            child = self._own_gateway(port)
+        except LocalStackError as e:
+            self.say(f"gateway-{port} could not start: {e}")
+            return
+        self.gateway_ports.append(port)
+        try:
+            config = self._write_lb_config()  # a HAProxy restarted later keeps it
+            args = haproxy.default_server_args(config.read_text())
+            haproxy.add_server(haproxy.admin_socket(self.opts.lb), port, args)
+        except (LocalStackError, OSError) as e:
+            self.say(f"HAProxy did not take gateway-{port}: {e}; stopping it")
+            self.gateway_ports.remove(port)
+            self._stop_child(child)
+            self._write_lb_config()
+            return
+        self.say(f"gateway-{port} added: ws://{self.settings.host}:{port}/ws, in HAProxy's rotation once its "
+                 "health checks pass")
+
+    def _next_gateway_port(self) -> int:
+        o = self.opts
+        taken = {o.lb_port, o.persister_metrics_port, o.sweeper_metrics_port, *self.gateway_ports}
+        port = max(self.gateway_ports) + 1
+        while port in taken or not _port_free(port):
+            port += 1
+        return port
+
+    # ----- step 13: stop in order
 
     def stop_all(self) -> None:
-        """Stage by stage (gateways, sweeper, persister, Kafka, Redis, MariaDB); within a stage
-        all get SIGTERM at once (the gateways drain in parallel), then each is waited for."""
+        """The front door first (close_front_door), then stage by stage (gateways, HAProxy, sweeper,
+        persister, Kafka, Redis, MariaDB); within a stage all are signalled at once (the gateways
+        drain in parallel), then each is waited for."""
+        front_door_closed = self.close_front_door()
         stages = list(_stages(self.children))
         for stage in stages:
             self.say(f"stopping {', '.join(c.role for c in stage)} ...")
             for child in stage:
-                child.terminate()
+                child.terminate(signal.SIGINT if front_door_closed and child.kind == "gateway" else signal.SIGTERM)
             for child in stage:
-                self._stop_child(child)
+                self._stop_child(child, signalled=True)
         if stages:
             self.say("stopped everything `up` started." + (
                 f" Left running, not ours: {', '.join(self.plan.reused)}." if self.plan.reused else ""))
 
-    def _stop_child(self, child: Child) -> None:
-        child.terminate()
+    def close_front_door(self) -> bool:
+        """Soft-stop HAProxy: from now on it refuses new connections but carries the open ones, so
+        each client still gets its acks and then its gateway's 1012 (not a cut connection), and no
+        reconnect reaches a gateway that is stopping. The gateways need not wait for a health check
+        then (SIGINT: no DRAIN_DELAY_S); HAProxy exits once they have closed their clients."""
+        doors = [c for c in self.children if c.kind == "haproxy" and c.alive]
+        for door in doors:
+            self.say(f"closing the front door: HAProxy on {self.opts.lb_port} takes no new connections ...")
+            door.terminate(signal.SIGUSR1)
+        return bool(doors)
+
+    def _stop_child(self, child: Child, signalled: bool = False) -> None:
+        if not signalled:
+            child.terminate()
         child.wait(child.stop_timeout(self.settings))
         (self.opts.pids / f"{child.role}.pid").unlink(missing_ok=True)
         with contextlib.suppress(ValueError):
@@ -669,6 +768,34 @@ def down(data_dir: Path, out: IO[str] | None = None, timeout_s: float = DOWN_TIM
         (pids / "up.pid").unlink(missing_ok=True)
     print("everything is stopped" if did else f"nothing to stop ({data_dir})", file=out, flush=True)
     return 0
+
+
+# --------------------------------------------------------------------------- gateway add
+
+
+def request_gateway(data_dir: Path, out: IO[str] | None = None, timeout_s: float = ADD_GATEWAY_TIMEOUT_S) -> int:
+    """`roomcast gateway add`: ask the `roomcast up` of this data folder for one more gateway
+    (SIGUSR1: `up` starts it and registers it with HAProxy), and wait until HAProxy sends it clients."""
+    out = out or sys.stdout
+    pids = data_dir / "pids"
+    up_pid = _read_pid(pids / "up.pid")
+    if up_pid is None or not is_up_process(up_pid):
+        print(f"no `roomcast up` is running with data folder {data_dir}: start one first (make run)", file=out)
+        return 1
+    before = set(pids.glob("gateway-*.pid"))
+    os.kill(up_pid, signal.SIGUSR1)
+    admin = haproxy.admin_socket(UpOptions(data_dir).lb)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and is_up_process(up_pid):
+        for pidfile in set(pids.glob("gateway-*.pid")) - before:
+            port = int(pidfile.stem.rpartition("-")[2])
+            with contextlib.suppress(OSError, KeyError):
+                if haproxy.servers(admin)[haproxy.server_name(port)].status == "UP":
+                    print(f"gateway-{port} is in HAProxy's rotation (ws://{LOCALHOST}:{port}/ws directly)", file=out)
+                    return 0
+        time.sleep(0.2)
+    print(f"no new gateway in HAProxy's rotation after {timeout_s:g}s: the `roomcast up` console says why", file=out)
+    return 1
 
 
 # --------------------------------------------------------------------------- helpers

@@ -19,7 +19,7 @@ from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
 from pydantic import SecretStr
 from websockets.asyncio.client import ClientConnection
 
-from shared import localstack
+from shared import haproxy, localstack
 from shared.auth import mint_token
 from shared.keys import Keys
 from shared.localstack import Proc
@@ -77,6 +77,54 @@ class Cluster:
     def stop(self) -> None:
         for p in [*self.gateways, *([self.persister] if self.persister else [])]:
             p.stop()
+
+
+@dataclass
+class Lb:
+    """HAProxy with the production config (deploy/haproxy/haproxy.cfg) in front of a Cluster's
+    gateways, on a free port; `overrides` change a directive's value (short timeouts)."""
+
+    proc: Proc
+    port: int
+    admin: Path
+
+    @classmethod
+    def start(cls, cluster: Cluster, work: Path, **overrides: str) -> Lb:
+        port = localstack.free_port()
+        admin = haproxy.admin_socket(work)
+        config = work / "haproxy.cfg"
+        ports = [g.ports[0] for g in cluster.gateways]
+        config.write_text(haproxy.render(port, ports, admin, {k.replace("_", " "): v for k, v in overrides.items()}))
+        proc = haproxy.start_haproxy(config, port, admin, cluster.log_dir, f"{cluster.settings.redis_prefix}-haproxy")
+        lb = cls(proc, port, admin)
+        localstack.wait_until(lambda: all(s.status == "UP" for s in lb.servers().values()),
+                              "every gateway UP in HAProxy", 15, lb.proc)
+        return lb
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def servers(self) -> dict[str, haproxy.ServerStat]:
+        return haproxy.servers(self.admin)
+
+    def server(self, gateway: Proc) -> haproxy.ServerStat:
+        return self.servers()[haproxy.server_name(gateway.ports[0])]
+
+    async def wait_status(self, gateway: Proc, status: str, timeout: float = 15.0) -> float:
+        """Until HAProxy shows `gateway` with `status` (UP, DOWN); when it was first seen so."""
+        async def seen() -> bool:
+            return (await asyncio.to_thread(self.server, gateway)).status == status
+
+        await eventually(seen, timeout, every=0.05, what=f"{gateway.name} {status} in HAProxy")
+        return time.monotonic()
+
+    def stop(self) -> None:
+        self.proc.stop()
 
 
 class Peer:
@@ -158,6 +206,7 @@ def isolated_settings(kafka_bootstrap: str, redis_url: str, mysql_server_dsn: st
         mysql_dsn=f"{mysql_server_dsn}/rc_{tag}",
         jwt_secret=SecretStr(f"test-secret-{uuid.uuid4().hex}{uuid.uuid4().hex}"),  # 64+ bytes: fit for HS512
         log_json=False,
+        drain_delay_s=0.0,  # no load balancer in front (tests/faults/test_lb.py starts one)
     )
     return Settings(**{**base, **overrides})
 

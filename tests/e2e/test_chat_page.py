@@ -9,7 +9,10 @@ broker, Redis and MariaDB.
    the three missed messages exactly once, then live messages again.
 3. A room with more messages than a page: scrolling to the top loads older pages, keeping the
    reader's place, down to the room's first message.
-4. Against a scripted fake gateway (frame-level control a real one does not give): an un-acked
+4. Through HAProxy (the production config, deploy/haproxy): the page, its dev token and its
+   WebSocket all come from the load balancer's one address; its gateway is killed and the page
+   resumes on the other one behind the same address, missing nothing.
+5. Against a scripted fake gateway (frame-level control a real one does not give): an un-acked
    send survives a 4008 close and is resent with the same client_msg_id after the re-join with the
    last cursor, shown once; an `error` frame and a 1008 close show a clear banner.
 Screenshots go to test-output/e2e/.
@@ -35,7 +38,7 @@ from shared.auth import mint_token
 from shared.services import start_gateway
 from shared.settings import Settings
 from tests.conftest import OUT, ROOT
-from tests.support import Cluster
+from tests.support import Cluster, Lb
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -201,6 +204,42 @@ async def test_two_nodes_live_messages_and_recovery_after_the_gateway_dies(
     await a.page.screenshot(path=str(SHOTS / "chat.png"))
     await b.page.screenshot(path=str(SHOTS / "chat-reconnected.png"))
     assert not a.errors + b.errors, f"JavaScript errors: {a.errors + b.errors}"
+
+
+async def test_through_the_load_balancer_the_page_knows_one_address_and_outlives_its_gateway(
+        browser: Any, cluster: Cluster, tmp_path: Path) -> None:
+    room = "e2e-lb"
+    lb = Lb.start(cluster, tmp_path)
+    try:
+        a = await ChatPage.open(browser, f"{lb.http}/", "page A")
+        await a.sign_in_and_join("alice", room)  # its token from /dev/token, through HAProxy
+        [a_gateway] = [g for g in cluster.gateways if lb.server(g).current == 1]
+        b = await ChatPage.open(browser, f"{lb.http}/", "page B")
+        await b.sign_in_and_join("bob", room)
+        [b_gateway] = [g for g in cluster.gateways if g is not a_gateway]
+        assert lb.server(b_gateway).current == 1, "leastconn put B on the other gateway"
+        for page in (a, b):
+            assert await page.page.text_content("#node") == lb.url, "the page knows only HAProxy's address"
+        await a.say("before")
+        await b.shows(["before"])
+
+        b_gateway.kill()
+        missed = ["missed 1", "missed 2"]
+        for text in missed:
+            await a.say(text)
+        await b.until("window.roomcast.st.joined && window.roomcast.stats.reconnects >= 1",
+                      "B re-joined behind the same address", timeout_ms=30_000)
+        await b.shows(missed)
+        assert lb.server(a_gateway).current == 2, "B's new connection went to the live gateway"
+        assert (await b.stats())["resumeFallbacks"] == 0, await b.describe()
+        assert await b.page.text_content("#node") == lb.url
+        await b.say("B is back")
+        await a.shows(["B is back"])
+        assert await b.bodies() == ["before", *missed, "B is back"], await b.bodies()
+        await b.page.screenshot(path=str(SHOTS / "chat-through-haproxy.png"))
+        assert not a.errors + b.errors, f"JavaScript errors: {a.errors + b.errors}"
+    finally:
+        lb.stop()
 
 
 @pytest.fixture

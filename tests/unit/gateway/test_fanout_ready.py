@@ -14,9 +14,13 @@ from shared.settings import Settings
 class FakeConsumer:  # the unit's edge: only what Fanout.ready reads
     def __init__(self, highwater: dict[int, int]) -> None:
         self.high = highwater
+        self.answered_ms: dict[int, float] = {p: time.time() * 1000 for p in highwater}  # last fetch answer
 
     def highwater(self, tp: TopicPartition) -> int | None:
         return self.high.get(tp.partition)
+
+    def last_poll_timestamp(self, tp: TopicPartition) -> float | None:
+        return self.answered_ms.get(tp.partition)
 
 
 def fanout(high: dict[int, int], positions: dict[int, int], **settings: object) -> Fanout:
@@ -24,6 +28,7 @@ def fanout(high: dict[int, int], positions: dict[int, int], **settings: object) 
     f.tps = [TopicPartition("t", p) for p in high]
     f.positions = dict(positions)
     f.started = True
+    f.started_ms = time.time() * 1000
     return f
 
 
@@ -63,3 +68,20 @@ def test_a_stuck_loop_or_a_dead_consumer_is_not_ready() -> None:
 
 def test_lag_is_reported_per_partition() -> None:
     assert fanout({0: 12, 1: 3, 2: 7}, {0: 10, 1: 3}).lag_by_partition() == {0: 2, 1: 0, 2: 7}
+
+
+def test_a_broker_that_stopped_answering_fetches_is_not_ready_even_with_no_known_lag() -> None:
+    f = fanout({0: 10, 1: 10}, {0: 10, 1: 10})
+    f.consumer.answered_ms[1] = time.time() * 1000 - 8000  # type: ignore[attr-defined]  # cut off 8 s ago
+    ok, reason = f.ready()
+    assert not ok and "no fetch answered by the broker for 8s" in reason
+    f.consumer.answered_ms[1] = time.time() * 1000  # type: ignore[attr-defined]  # it answers again
+    assert f.ready() == (True, "ok")
+
+
+def test_a_partition_never_answered_counts_from_the_start() -> None:
+    f = fanout({0: 0}, {0: 0})
+    del f.consumer.answered_ms[0]  # type: ignore[attr-defined]
+    assert f.ready()[0] is True
+    f.started_ms -= 6000
+    assert f.ready()[0] is False
