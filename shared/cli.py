@@ -94,6 +94,15 @@ def cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
     return run(args, settings)
 
 
+def _simulate_arguments(p: argparse.ArgumentParser) -> None:
+    """The simulator's options; the service image has no tools/, and the rest of the command works there."""
+    try:
+        from tools.simulate.cli import add_arguments
+    except ModuleNotFoundError:
+        return
+    add_arguments(p)
+
+
 def _quiet_client_logs() -> None:
     """aiokafka logs every failed connection attempt; the checks report them once, as a verdict."""
     logging.basicConfig(level=logging.CRITICAL)
@@ -198,8 +207,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("args", nargs=argparse.REMAINDER, help="the workload's options")
     p.set_defaults(func=cmd_bench)
 
-    from tools.simulate.cli import add_arguments
-
     p = sub.add_parser("simulate", help="days of traffic through the real persister, sweeper and history reader "
                                         "(docs/capacity.md)",
                        description="Simulated days of chat traffic against the real persister, chunk mover, sweeper "
@@ -207,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "its own on the MYSQL_DSN server (dropped afterwards), with a simulated clock; once "
                                    "per SWEEP_POLICY. Other settings (BUFFER_CAP, FLUSH_CHUNK, REDIS_RETENTION_S, ...) "
                                    "come from the environment. Prints the report, or writes it with --report.")
-    add_arguments(p)
+    _simulate_arguments(p)
     p.set_defaults(func=cmd_simulate)
     return parser
 
