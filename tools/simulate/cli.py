@@ -90,14 +90,15 @@ def simulate(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     opts = Options(workload, settings, policies, sample=args.sample, time_limit_s=args.time_limit,
                    progress=not args.quiet, jobs=args.jobs, fork_window_s=args.fork_window)
     started = datetime.datetime.now(datetime.UTC)
-    t0 = time.monotonic()
+    t0, load = time.monotonic(), os.getloadavg()[0]
     runs = simulate(opts)
     return {
         "command": shlex.join(["roomcast", "simulate", *sys.argv[2:]]),
         "started": started.isoformat(timespec="seconds"),
         "seconds": round(time.monotonic() - t0, 1),
         "machine": {"mysql": uvloop.run(mysql_version(settings)), "transparent_hugepage": _thp(),
-                    "cpus": os.cpu_count(), "python": platform.python_version()},
+                    "cpus": os.cpu_count(), "python": platform.python_version(),
+                    "load_average": [round(load, 1), round(os.getloadavg()[0], 1)]},  # 1-minute, before and after
         "workload": dataclasses.asdict(workload),
         "settings": {k: getattr(settings, k) for k in SETTINGS},
         "runs": [dataclasses.asdict(r) for r in runs],

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 MB = 1e6  # decimal, as the design counted (400 x 100 x 100 B = 4 MB)
+COLORS = {"message": "C0", "list": "C1"}
 
 
 def draw(results: dict[str, Any], folder: Path) -> dict[str, Path]:
@@ -25,7 +26,7 @@ def draw(results: dict[str, Any], folder: Path) -> dict[str, Path]:
     fig, ax = plt.subplots(figsize=(8, 4.2))
     for run in runs:
         ax.plot([h["hour"] / 24 for h in run["hours"]], [h["used"] / MB for h in run["hours"]],
-                label=f"{run['policy']} policy: used_memory")
+                color=COLORS.get(run["policy"]), label=f"{run['policy']} policy: used_memory")
     days = [d / 24 for d in range(0, w["days"] * 24 + 1)]
     design = w["users"] * w["msgs_per_user_day"] * w["body_max"] / MB
     ax.plot(days, [design * min(d, retention_days) for d in days], "--", color="grey",
@@ -38,8 +39,10 @@ def draw(results: dict[str, Any], folder: Path) -> dict[str, Path]:
     fig, ax = plt.subplots(figsize=(8, 4.2))
     for run in runs:
         xs = [d["day"] for d in run["days"]]
-        ax.plot(xs, [100 * _hit(d["reads"]) for d in run["days"]], "o-", label=f"{run['policy']}: all reads")
-        ax.plot(xs, [100 * _hit(d["reads_by_depth"].get("newest", {})) for d in run["days"]], "x--",
+        color = COLORS.get(run["policy"])
+        ax.plot(xs, [100 * _hit(d["reads"]) for d in run["days"]], "o-", color=color,
+                label=f"{run['policy']}: all reads")
+        ax.plot(xs, [100 * _hit(d["reads_by_depth"].get("newest", {})) for d in run["days"]], "x--", color=color,
                 label=f"{run['policy']}: newest page")
     ax.set(xlabel="simulated day", ylabel="% of reads without a MySQL query", ylim=(0, 100),
            title="History reads served by Redis alone")
@@ -49,12 +52,13 @@ def draw(results: dict[str, Any], folder: Path) -> dict[str, Path]:
 
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
     for run in runs:
-        top.plot([h["hour"] / 24 for h in run["hours"]], [h["sweep_moved"] for h in run["hours"]],
+        color = COLORS.get(run["policy"])
+        top.plot([h["hour"] / 24 for h in run["hours"]], [h["sweep_moved"] for h in run["hours"]], color=color,
                  label=f"{run['policy']} policy")
         bottom.plot([d["day"] for d in run["days"]], [d["sweep"]["statements"] for d in run["days"]], "o-",
-                    label=f"{run['policy']}: sweeper inserts")
+                    color=color, label=f"{run['policy']}: sweeper inserts")
         bottom.plot([d["day"] for d in run["days"]], [d["flush"]["statements"] for d in run["days"]], "x--",
-                    label=f"{run['policy']}: flush inserts")
+                    color=color, label=f"{run['policy']}: flush inserts")
     top.set(ylabel="messages moved per hour", title="Sweeper work (retention) and MySQL inserts")
     bottom.set(xlabel="simulated day", ylabel="MySQL insert statements per day")
     for ax in (top, bottom):

@@ -172,6 +172,7 @@ class Consistency:
 class RunResult:
     policy: str
     seconds: float
+    cpu_seconds: float  # of the simulator's process (the services' code runs in it), not Redis's or MySQL's
     sent: int
     reads: int
     days: list[Day]
@@ -227,7 +228,7 @@ class Sim:
         self.never = asyncio.Event()  # the sweeper's stop: never set
 
     async def run(self, deadline: float) -> RunResult:
-        started = time.monotonic()
+        started, cpu = time.monotonic(), time.process_time()
         await self.redis.config_set("auto-aof-rewrite-percentage", 0)  # rewrites come when measured
         await self.slowlog.start(self.redis)
         await self.persister.take_partitions(self.tps)
@@ -251,7 +252,8 @@ class Sim:
             self.rewrites.append(done)
         check = await self._consistency(len(self.consumer.seeks) - first_seeks)
         version = str((await self.redis.info("server"))["redis_version"])
-        return RunResult(self.s.sweep_policy, time.monotonic() - started, self.traffic.sent, self.traffic.asked,
+        return RunResult(self.s.sweep_policy, time.monotonic() - started, time.process_time() - cpu,
+                         self.traffic.sent, self.traffic.asked,
                          self.days, self.hours, self.rewrites, check, check.ok, version)
 
     async def _tick(self, t0: int, t1: int) -> None:

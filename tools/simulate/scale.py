@@ -8,7 +8,12 @@ Memory at N users (rooms scale with users, each room as busy as in the run):
     dedupe(N) = N x msgs_per_user_day / 86,400 x peak_ratio x dedupe_ttl_s x (b_sent + b_seen)
 
 with U, cached (messages in Redis) and rooms (meta hashes) from the run's last day, b_* the
-MEMORY USAGE per message, room, sent key and seen id. The persister's outage buffer
+MEMORY USAGE per message, room, sent key and seen id. Under `message` a list holds at most the
+retention's volume, which the run's last days reach. Under `list` the run's end is not the steady
+state: an active room's list leaves Redis only once the room is idle, so a quiet room's list keeps
+growing to the cap; its long-run figure takes every room with a list at the mean length of a list
+that has reached the cap (it is flushed back by FLUSH_CHUNK: between cap - chunk + 1 and cap):
+cached = lists x (BUFFER_CAP - FLUSH_CHUNK / 2). The persister's outage buffer
 (persister_backlog_budget messages past the caps while MySQL is down) comes on top: budget x b_msg.
 
 Fork copy-on-write of an AOF rewrite at N users: the rewrite of a dataset D takes T = D / S
@@ -43,6 +48,8 @@ class Constants:
     users: int
     cached: int  # messages in Redis at the end
     rooms: int  # meta hashes at the end
+    lists: int  # rooms with a list at the end
+    full: float  # the mean length of a list that has reached the cap (BUFFER_CAP - FLUSH_CHUNK / 2)
     b_msg: float  # MEMORY USAGE per cached message (its list's share included)
     b_payload: float  # of which the entry's own bytes
     b_room: float  # per meta hash
@@ -51,11 +58,11 @@ class Constants:
     startup: int  # used_memory of an empty Redis
 
 
-def constants(run: dict[str, Any], users: int) -> Constants:
+def constants(run: dict[str, Any], users: int, cap: int, chunk: int) -> Constants:
     last = run["days"][-1]["memory"]
     k = last["kinds"]
     return Constants(
-        users, k["lists"]["items"], k["meta"]["keys"],
+        users, k["lists"]["items"], k["meta"]["keys"], k["lists"]["keys"], cap - chunk / 2,
         _div(k["lists"]["sampled_bytes"], k["lists"]["sampled_items"]),
         _div(k["lists"]["sampled_payload"], k["lists"]["sampled_items"]),
         _div(k["meta"]["sampled_bytes"], k["meta"]["sampled"]),
@@ -77,10 +84,17 @@ class Memory:
         return self.lists + self.rooms + self.dedupe + self.startup
 
 
-def memory(c: Constants, users: int, w: dict[str, Any], s: dict[str, Any]) -> Memory:
+def long_run_cached(c: Constants, policy: str) -> float:
+    """Messages in Redis once the policy's steady state is reached (see the module's docstring)."""
+    return c.lists * c.full if policy == "list" else c.cached
+
+
+def memory(c: Constants, users: int, w: dict[str, Any], s: dict[str, Any], cached: float | None = None) -> Memory:
+    """At the peak hour, with the run's cached messages (or `cached` of them) at U users."""
     f = users / c.users
     dedupe_live = users * w["msgs_per_user_day"] / DAY_S * w["peak_ratio"] * s["dedupe_ttl_s"]
-    return Memory(f * c.cached * c.b_msg, f * c.rooms * c.b_room, dedupe_live * (c.b_sent + c.b_seen), c.startup,
+    in_lists = c.cached if cached is None else cached
+    return Memory(f * in_lists * c.b_msg, f * c.rooms * c.b_room, dedupe_live * (c.b_sent + c.b_seen), c.startup,
                   s["persister_backlog_budget"] * c.b_msg)
 
 
