@@ -32,7 +32,7 @@ HELP = {
     "read_active": "share of reads in active rooms by popularity (the rest: any room, uniformly)",
     "newest_share": "share of reads of the newest page",
     "deep_share": "share of reads of a page older than the retention (the rest: within it)",
-    "days": "simulated days",
+    "days": "simulated days (the retention, 7 days by default, acts only after it has passed)",
     "tick_s": "simulated seconds per step (sends applied, reads made, keys expired)",
     "seed": "random seed (the same seed gives the same traffic)",
 }
@@ -49,7 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="SWEEP_POLICY values to run, in order (default %(default)s)")
     p.add_argument("--sample", type=int, default=200, help="keys of each kind measured with MEMORY USAGE a day "
                                                            "(default %(default)s)")
-    p.add_argument("--time-limit", type=float, default=1800.0,
+    p.add_argument("--time-limit", type=float, default=3600.0,
                    help="seconds a policy's run may take before it gives up (default %(default)s)")
     p.add_argument("--fork-window", type=float, default=2.0,
                    help="real seconds the day's second AOF rewrite is stretched to (default %(default)s)")

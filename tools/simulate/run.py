@@ -99,7 +99,7 @@ class Options:
     sample: int = 200  # keys of each kind measured with MEMORY USAGE per day
     rewrite_hour: int = PEAK_HOUR
     fork_window_s: float = 2.0  # how long the stretched rewrite of each day lasts (real seconds)
-    time_limit_s: float = 1800.0  # per policy's run
+    time_limit_s: float = 3600.0  # per policy's run
     start_ms: int = START_MS
     progress: bool = True
     jobs: int = 2  # runs at once, each in its own process
@@ -276,7 +276,7 @@ class Sim:
             self.acc.by_depth[read.depth][source] += 1
             self.acc.latency_ns[source].append(ns)
             self.hour_acc.reads += 1
-            self.hour_acc.redis_reads += source == "redis"
+            self.hour_acc.redis_reads += int(source == "redis")
         self.acc.slowest["reader"].add(await self.slowlog.take(self.redis))
 
     def _note_sent(self, sent: list[Message], now_ms: int) -> None:
@@ -294,7 +294,6 @@ class Sim:
         # (the persister registers new rooms within a second; here once before each pass suffices)
         await self.persister.register_new_rooms()
         self.acc.slowest["persister"].add(await self.slowlog.take(self.redis))
-        before = self.sweep_mover.rows_inserted
         stats = await self.sweeper.sweep(self.never)
         slowest = await self.slowlog.take(self.redis)
         d = self.acc.sweeps
@@ -305,13 +304,13 @@ class Sim:
         d.moved_max = max(d.moved_max, stats.messages_moved)
         d.seconds_max = max(d.seconds_max, stats.seconds)
         d.slowest.add(slowest)
-        self.hour_acc.sweep_moved += self.sweep_mover.rows_inserted - before
+        self.hour_acc.sweep_moved += stats.messages_moved
 
     async def _rewrite(self, since_start_ms: int) -> None:
         """At rewrite_hour a rewrite at Redis's own speed, an hour later one stretched to fork_window_s."""
         if (done := await self.rewrite.finished()) is not None:
             self.rewrites.append(done)
-        hour, day = divmod(since_start_ms % (DAY_S * 1000), HOUR_MS)[0], since_start_ms // (DAY_S * 1000) + 1
+        hour, day = since_start_ms % (DAY_S * 1000) // HOUR_MS, since_start_ms // (DAY_S * 1000) + 1
         if since_start_ms % HOUR_MS == 0 and hour - self.opts.rewrite_hour in (0, 1):
             if (done := await self.rewrite.finished(wait=True)) is not None:
                 self.rewrites.append(done)
