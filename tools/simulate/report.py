@@ -452,8 +452,10 @@ class _Report:
             + f"\nFrom these ({f.rewrites} pairs): a rewrite with almost no writes copies **c0 = {size(f.c0)}**; each "
               f"message written during one copies **k = {size(f.k)}** more (median over the days of the stretched "
               "minus the plain rewrite, divided by the messages between them). The plain rewrites went through "
-              f"**S = {size(f.speed)}/s** of used_memory (median, fork and fsync included: a low, safe figure for "
-              "bigger datasets).\n")
+              f"**S = {size(f.speed)}/s** of used_memory (median, fork and fsync included). Redis runs as the "
+              "simulator's child, at its priority, here on a machine shared with other work, so S is a floor, not "
+              "what a dedicated host rewrites at; a faster rewrite shortens the fork window and shrinks the copy, so "
+              "the scale figures built on this S err on the large side.\n")
 
     def scale(self) -> str:
         w, s = self.w, self.s
