@@ -1,4 +1,4 @@
-"""`roomcast`: the operator's command (token, migrate, up, down, gateway add, check, stats)."""
+"""`roomcast`: the operator's command (token, migrate, up, down, gateway add, check, stats, bench, simulate)."""
 
 from __future__ import annotations
 
@@ -99,6 +99,21 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     from bench.cli import main as bench_main
 
     return bench_main(args.workload, args.args, settings)
+
+
+def cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
+    from tools.simulate.cli import run
+
+    return run(args, settings)
+
+
+def _simulate_arguments(p: argparse.ArgumentParser) -> None:
+    """The simulator's options; the service image has no tools/, and the rest of the command works there."""
+    try:
+        from tools.simulate.cli import add_arguments
+    except ModuleNotFoundError:
+        return
+    add_arguments(p)
 
 
 def _quiet_client_logs() -> None:
@@ -212,6 +227,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("workload", choices=tuple(WORKLOADS))
     p.add_argument("args", nargs=argparse.REMAINDER, help="the workload's options")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("simulate", help="days of traffic through the real persister, sweeper and history reader "
+                                        "(docs/capacity.md)",
+                       description="Simulated days of chat traffic against the real persister, chunk mover, sweeper "
+                                   "and history reader, on a Redis of its own (AOF on, a free port) and a database of "
+                                   "its own on the MYSQL_DSN server (dropped afterwards), with a simulated clock; once "
+                                   "per SWEEP_POLICY. Other settings (BUFFER_CAP, FLUSH_CHUNK, REDIS_RETENTION_S, ...) "
+                                   "come from the environment. Prints the report, or writes it with --report.")
+    _simulate_arguments(p)
+    p.set_defaults(func=cmd_simulate)
     return parser
 
 

@@ -16,9 +16,10 @@ from ulid import ULID
 from shared.cursor import Position
 
 
-def new_message_id() -> str:
-    """Server id: time-sortable and unique (ULID, 26 characters)."""
-    return str(ULID())
+def new_message_id(at_ms: int | None = None) -> str:
+    """Server id: time-sortable and unique (ULID, 26 characters); `at_ms`: the time it sorts by
+    (default now; a simulation passes its own clock's)."""
+    return str(ULID() if at_ms is None else ULID.from_timestamp(at_ms / 1000))
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import aiomysql
 
@@ -11,10 +11,12 @@ import aiomysql
 class RoomDirectory:
     """Room name -> MySQL id, registering unknown names in one multi-row insert."""
 
-    def __init__(self, pool: aiomysql.Pool, max_cached: int = 100_000) -> None:
+    def __init__(self, pool: aiomysql.Pool, max_cached: int = 100_000,
+                 clock: Callable[[], float] = time.time) -> None:
         self._pool = pool
         self._ids: dict[str, int] = {}
         self._max = max_cached
+        self._clock = clock  # stamps created_at (a simulation passes its own)
 
     async def ids(self, names: Iterable[str]) -> dict[str, int]:
         wanted = set(names)
@@ -22,7 +24,7 @@ class RoomDirectory:
         if missing:
             if len(self._ids) + len(missing) > self._max:
                 self._ids.clear()
-            now = int(time.time() * 1000)
+            now = int(self._clock() * 1000)
             async with self._pool.acquire() as conn, conn.cursor() as cur:
                 await cur.executemany(
                     "INSERT INTO rooms (name, created_at, last_message_at) VALUES (%s, %s, %s) "
