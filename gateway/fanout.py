@@ -87,6 +87,10 @@ class Fanout:
     def position(self, partition: int) -> int:
         return self.positions.get(partition, 0)
 
+    def highwater(self, partition: int) -> int:
+        """The partition's end as the last fetch saw it (0 before one)."""
+        return self.consumer.highwater(TopicPartition(self.s.kafka_topic, partition)) or 0
+
     def lag_by_partition(self) -> dict[int, int]:
         """Records between this node's position and the high-water mark of the last fetch."""
         out = {}
