@@ -10,6 +10,7 @@ from collections import deque
 from collections.abc import Coroutine
 from typing import Any
 
+from aiokafka.errors import KafkaError
 from redis.exceptions import RedisError
 from starlette.datastructures import Headers, QueryParams
 from starlette.types import Scope
@@ -421,8 +422,13 @@ class Connection:
             at = parse_cursor(f.cursor)
         except CursorError:
             at = None
-        end = max(self.node.fanout.position(partition), self.node.fanout.highwater(partition)) - 1
-        if at is None or at.partition != partition or at.offset > end:
+        valid = at is not None and at.partition == partition
+        if valid and at is not None and at.offset >= self.node.fanout.end(partition):
+            try:  # a record this node has not consumed yet (the client heard of it elsewhere)?
+                valid = at.offset < await self.node.fanout.broker_end(partition)
+            except KafkaError:
+                valid = False
+        if not valid or at is None:
             self.fail(Err.BAD_CURSOR, f"bad cursor for room {room}: use the cursor of a message of the room"[:120],
                       ref_of(room))
             return

@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 import redis.asyncio as aioredis
+from roomcast_client import RoomcastClient
 
 from shared.settings import Settings
 from tests.support import Cluster, Peer, delete_keys, eventually, partition_of, produce_messages, token
@@ -214,3 +215,41 @@ async def test_receipts_reach_the_room_only_while_few_are_online(pcluster: Clust
 
 async def _online(peer: Peer, n: int) -> bool:
     return (await ask(peer, {"type": "presence", "room": "lobby"}, "presence"))["count"] == n
+
+
+async def test_the_client_library_speaks_presence_typing_and_read_state(pcluster: Cluster, signals_settings: Settings
+                                                                       ) -> None:
+    s = signals_settings
+    seen: dict[str, list[dict[str, Any]]] = {"presence": [], "typing": [], "read": []}
+
+    def collect(kind: str) -> Callable[[dict[str, Any]], None]:
+        return seen[kind].append
+
+    async with RoomcastClient([pcluster.url(0)], token(s, "bob"), on_presence=collect("presence"),
+                              on_typing=collect("typing"), on_read=collect("read")) as bob, \
+            RoomcastClient([pcluster.url(1)], token(s, "alice")) as alice:
+        assert (await bob.join("lobby", presence=True))["unread"] == 0
+        await alice.join("lobby")
+        alice_online = {"type": "presence_event", "room": "lobby", "user": "alice", "state": "online"}
+        await eventually(lambda: _async(alice_online in seen["presence"]), timeout=10, what="alice online")
+        assert (await bob.presence("lobby"))["users"] == ["alice", "bob"]
+        assert alice.typing("lobby") is True and alice.typing("lobby") is False  # throttled in the client too
+        await eventually(lambda: _async(len(seen["typing"]) == 1), timeout=10, what="alice typing")
+        ack = await alice.send("lobby", "hello")
+        mark = await bob.read("lobby", ack["cursor"])
+        assert mark == {"type": "read", "room": "lobby", "user": "bob", "cursor": ack["cursor"]}
+        assert (await bob.unread())["rooms"] == [{"room": "lobby", "count": 0, "more": False,
+                                                  "read_cursor": ack["cursor"]}]
+        await alice.send("lobby", "again")
+        await eventually(lambda: _unread_is(bob, 1), timeout=10, what="one unread")
+        await alice.leave("lobby")
+        await eventually(lambda: _async(seen["presence"][-1] == {**alice_online, "state": "offline"}), timeout=10,
+                         what="alice offline")
+
+
+async def _async(value: bool) -> bool:
+    return value
+
+
+async def _unread_is(client: RoomcastClient, n: int) -> bool:
+    return bool((await client.unread())["rooms"][0]["count"] == n)
