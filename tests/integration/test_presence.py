@@ -253,3 +253,37 @@ async def _async(value: bool) -> bool:
 
 async def _unread_is(client: RoomcastClient, n: int) -> bool:
     return bool((await client.unread())["rooms"][0]["count"] == n)
+
+
+async def test_floods_of_typing_and_read_frames_are_rate_limited_like_sends(
+        pcluster: Cluster, signals_settings: Settings) -> None:
+    s = signals_settings  # SEND_BURST 1000, SEND_RATE_PER_S 50: the user's budget for sends, typing and reads
+    flooder, bob = (await Peer.connect(pcluster.url(0), token(s, "flooder")),
+                    await Peer.connect(pcluster.url(0), token(s, "bob")))
+    await flooder.join("lobby")
+    await bob.join("lobby")
+    ack = await send(bob, "lobby", "target")
+    started = time.monotonic()
+    typings, reads = s.send_burst + 200, 300
+    for _ in range(typings):
+        await flooder.send({"type": "typing", "room": "lobby"})
+    await flooder.send({"type": "ping"})
+    await flooder.wait_for(lambda f: f["type"] == "pong")  # typing is answered (or not) in order: all done
+    at = len(flooder.frames)
+    for _ in range(reads):
+        await flooder.send({"type": "read", "room": "lobby", "cursor": ack["cursor"]})
+    await eventually(lambda: _async(len(flooder.frames) - at == reads), timeout=20, what="every read answered")
+    span = time.monotonic() - started
+    errors = [f for f in flooder.frames if f["type"] == "error"]
+    assert errors and {f["code"] for f in errors} == {"rate_limited"}, {f["code"] for f in errors}
+    assert all(f["retry_after_ms"] >= 1 for f in errors)
+    taken = typings + reads - len(errors)
+    assert taken <= s.send_burst + s.send_rate_per_s * span + 1, (taken, span)
+    assert len(events(flooder, "read")) >= 1
+    # the typing that got through is still one per interval for bob
+    await bob.send({"type": "typing", "room": "lobby"})  # a later signal of the room: the barrier
+    await flooder.wait_for(lambda f: f["type"] == "typing" and f["user"] == "bob")
+    assert len(events(bob, "typing", user="flooder")) <= 1 + span / s.typing_interval_s
+    assert (await send(bob, "lobby", "still fine"))["type"] == "ack"  # other users are not limited
+    for p in (flooder, bob):
+        await p.close()
