@@ -417,23 +417,13 @@ class Connection:
 
     async def on_read(self, f: Read) -> None:
         room = f.room
-        partition = self.node.keys.partition(room)
-        try:
-            at = parse_cursor(f.cursor)
-        except CursorError:
-            at = None
-        valid = at is not None and at.partition == partition
-        if valid and at is not None and at.offset >= self.node.fanout.end(partition):
-            try:  # a record this node has not consumed yet (the client heard of it elsewhere)?
-                valid = at.offset < await self.node.fanout.broker_end(partition)
-            except KafkaError:
-                valid = False
-        if not valid or at is None:
+        offset = await self._offset_in(room, f.cursor)
+        if offset is None:
             self.fail(Err.BAD_CURSOR, f"bad cursor for room {room}: use the cursor of a message of the room"[:120],
                       ref_of(room))
             return
         try:
-            stored = await self.node.reads.read(self.identity.user, room, at.offset,
+            stored = await self.node.reads.read(self.identity.user, room, offset,
                                                 self.node.signals.conn_id(self.session))
         except RoomsFull:
             self.fail(Err.LIMIT, f"read state is kept for at most {ROOMS_MAX} rooms per user", ref_of(room))
@@ -443,6 +433,22 @@ class Connection:
             return
         self.reply(dumps({"type": "read", "room": room, "user": self.identity.user,
                           "cursor": self.node.reads.cursor(room, stored)}))
+
+    async def _offset_in(self, room: str, cursor: str) -> int | None:
+        """The offset of `cursor` when it is a position of `room` up to its newest message, else None."""
+        partition = self.node.keys.partition(room)
+        try:
+            at = parse_cursor(cursor)
+        except CursorError:
+            return None
+        if at is None or at.partition != partition:
+            return None
+        if at.offset < self.node.fanout.end(partition):
+            return at.offset
+        try:  # a record this node has not consumed yet (the client heard of it elsewhere)?
+            return at.offset if at.offset < await self.node.fanout.broker_end(partition) else None
+        except KafkaError:
+            return None
 
     async def on_presence(self, f: Presence) -> None:
         try:
