@@ -12,6 +12,7 @@ WORKLOADS = {
     "connections": "C idle joined connections on one gateway: RSS per connection, open time, one-message fan-out",
     "persist": "persister throughput into Redis and MySQL, statements per 100 messages, lag over time",
     "history": "history page latency from Redis vs from MySQL",
+    "presence": "C users online in one room on one gateway: CPU per join, per user kept present, per typing signal",
     "rebalance": "a persister joining the group: time to settle, pause, backlog, for 8/32/128 partitions",
 }
 

@@ -23,9 +23,12 @@ from gateway.endpoint import ws_endpoint
 from gateway.fanout import Fanout
 from gateway.history import HistoryReader
 from gateway.hub import Hub
-from gateway.node import Node
+from gateway.node import Node, TypingThrottle
+from gateway.presence import Presence
 from gateway.publisher import Publisher
-from gateway.rest import room_messages
+from gateway.readstate import ReadState
+from gateway.rest import room_messages, room_presence
+from gateway.signals import Signals, new_signal_producer
 from shared.kafka import new_consumer, new_producer, wait_for_topic
 from shared.keys import Keys
 from shared.mysql import create_pool
@@ -51,18 +54,29 @@ def create_app(settings: Settings, drain: Drain | None = None) -> Starlette:
         fanout = Fanout(settings, hub, new_consumer(settings))
         await fanout.start()
         keys = Keys(settings.redis_prefix, settings.kafka_partitions)
+        signals = Signals(settings, hub, new_signal_producer(settings), new_consumer(settings))
+        await signals.start()
+        presence = Presence(settings, keys, redis, hub, signals)
+        presence.start()
         node = Node(settings, keys, hub, fanout, producer, Publisher(settings, producer, redis), redis, mysql,
-                    HistoryReader(settings, keys, redis, mysql), drain=drain)
+                    HistoryReader(settings, keys, redis, mysql), signals, presence,
+                    ReadState(settings, keys, redis, mysql, producer, signals, presence),
+                    TypingThrottle(settings.typing_interval_s), drain=drain)
         fan_task = asyncio.create_task(fanout.run(), name="fanout")
         fan_task.add_done_callback(lambda t: _fanout_died(t, fanout))
+        sig_task = asyncio.create_task(signals.run(), name="signals")
+        sig_task.add_done_callback(_signals_died)
         log.info("gateway ready", extra={"port": settings.port})
         try:
             yield {"node": node}
         finally:
             drain.start()
-            fan_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await fan_task
+            await presence.close()  # this node's users leave the rooms (before Redis closes)
+            for task in (fan_task, sig_task):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            await signals.stop()
             await producer.stop()  # flushes what is still buffered
             await node.publisher.close()  # acks gathered for Redis, before its client closes
             await fanout.stop()
@@ -77,6 +91,7 @@ def create_app(settings: Settings, drain: Drain | None = None) -> Starlette:
         Route("/readyz", readyz),
         Route("/metrics", metrics_endpoint),
         Route("/rooms/{room}/messages", room_messages),
+        Route("/rooms/{room}/presence", room_presence),
         Route("/openapi.json", json_document(bundled_json("openapi.yaml"))),
         Route("/asyncapi.json", json_document(bundled_json("asyncapi.yaml"))),
         *([Route("/dev/token", dev_token(settings))] if settings.dev_mode else []),
@@ -90,6 +105,11 @@ def _fanout_died(task: asyncio.Task[None], fanout: Fanout) -> None:
     if not task.cancelled() and task.exception() is not None:
         fanout.failed = task.exception()
         log.critical("fan-out consumer crashed; this node is not ready", exc_info=task.exception())
+
+
+def _signals_died(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.critical("signals consumer crashed; presence, typing and receipts stop here", exc_info=task.exception())
 
 
 def json_document(body: bytes) -> Callable[[Request], Awaitable[Response]]:

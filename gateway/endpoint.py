@@ -10,6 +10,8 @@ from collections import deque
 from collections.abc import Coroutine
 from typing import Any
 
+from aiokafka.errors import KafkaError
+from redis.exceptions import RedisError
 from starlette.datastructures import Headers, QueryParams
 from starlette.types import Scope
 from starlette.websockets import WebSocket, WebSocketDisconnect
@@ -28,18 +30,24 @@ from gateway.protocol import (
     Join,
     Leave,
     Ping,
+    Presence,
+    Read,
     Send,
+    Typing,
+    Unread,
     dumps,
     error,
     parse_frame,
     ref_of,
 )
 from gateway.publisher import Unavailable
+from gateway.readstate import STORE_ERRORS, MarkUnavailable, RoomsFull
 from gateway.recovery import resume
 from gateway.session import Session
 from gateway.wire import write_frame_of
 from shared.auth import AuthError, Identity, verify_token
-from shared.cursor import join_point
+from shared.cursor import CursorError, join_point, parse_cursor
+from shared.reads import ROOMS_MAX
 from shared.settings import Settings
 from shared.validation import ROOM_RULE, valid_room
 
@@ -212,6 +220,16 @@ class Connection:
             self.request(self.on_history(frame), ref_of(frame.room))
         elif isinstance(frame, Ping):
             self.reply(PONG)
+        elif isinstance(frame, Typing):
+            self.on_typing(frame)
+        elif isinstance(frame, Read):
+            if self.check_room(frame.room, frame.room) and self.take_token(frame.room):
+                self.request(self.on_read(frame), ref_of(frame.room))
+        elif isinstance(frame, Presence):
+            if self.check_room(frame.room, frame.room):
+                self.request(self.on_presence(frame), ref_of(frame.room))
+        elif isinstance(frame, Unread):
+            self.request(self.on_unread(), None)
 
     def request(self, coro: Coroutine[Any, Any, None], room: str | None) -> None:
         """Run a join or history in its own task, at most MAX_PENDING_REQUESTS at once."""
@@ -264,6 +282,15 @@ class Connection:
             return False
         return True
 
+    def take_token(self, ref: str | None) -> bool:
+        """Sends, typing and read frames share the user's rate (gateway/limits.py)."""
+        bucket = self.node.user(self.identity.user).bucket
+        wait = bucket.take() if bucket is not None else 0.0
+        if wait > 0:
+            self.fail(Err.RATE_LIMITED, "sending too fast", ref, retry_after_ms=int(wait * 1000) + 1)
+            return False
+        return True
+
     # --- frames
     def on_send(self, f: Send) -> None:
         if not self.check_room(f.room, f.client_msg_id):
@@ -271,10 +298,7 @@ class Connection:
         if len(f.body) > self.s.max_body_chars:
             self.fail(Err.TOO_LARGE, f"body longer than {self.s.max_body_chars} characters", f.client_msg_id)
             return
-        bucket = self.node.user(self.identity.user).bucket
-        wait = bucket.take() if bucket is not None else 0.0
-        if wait > 0:
-            self.fail(Err.RATE_LIMITED, "sending too fast", f.client_msg_id, retry_after_ms=int(wait * 1000) + 1)
+        if not self.take_token(f.client_msg_id):
             return
         sends = self._sends
         if sends is None:  # no worker running: start one
@@ -327,6 +351,7 @@ class Connection:
             self.fail(Err.LIMIT, f"at most {self.s.max_rooms_per_conn} rooms per connection", room)
             return
         partition = self.node.keys.partition(room)
+        read_state = await self.node.reads.room_state(self.identity.user, room)
         if f.cursor:
             # A client re-sends a join left unanswered (a resume can wait seconds for storage or the
             # log): the join in progress answers it. Two at once would each hold and replay the
@@ -335,16 +360,16 @@ class Connection:
                 return
             self._joining = (self._joining or set()) | {room}
             try:
-                await resume(self.node, self.session, room, f.cursor, self.fail)
+                await resume(self.node, self.session, room, f.cursor, self.fail, f.presence, read_state)
             finally:
                 self._joining.discard(room)
                 if not self._joining:
                     self._joining = None
             return
-        self.node.hub.join(room, self.session)
+        self.node.hub.join(room, self.session, f.presence)
         metrics.JOINS.inc()
         cursor = join_point(partition, self.node.fanout.position(partition))
-        self.reply(dumps({"type": "joined", "room": room, "cursor": cursor}))
+        self.reply(dumps({"type": "joined", "room": room, "cursor": cursor, **read_state}))
 
     def on_leave(self, f: Leave) -> None:
         if f.room not in self.session.rooms:
@@ -364,3 +389,79 @@ class Connection:
         frame = await history_frame(self.node, room, f.before, f.limit, fail)
         if frame:
             self.reply(frame)
+
+    def on_typing(self, f: Typing) -> None:
+        if not self.check_room(f.room, f.room):
+            return
+        if f.room not in self.session.rooms:
+            self.fail(Err.NOT_JOINED, f"not in room {f.room}: join it before typing", ref_of(f.room))
+            return
+        if not self.take_token(f.room):
+            return
+        if not self.node.typing.allow(self.identity.user, f.room):
+            metrics.TYPING_DROPPED.inc()
+            return
+        self.spawn(self._typing(f.room), f.room)
+
+    async def _typing(self, room: str) -> None:
+        """Forward unless another gateway forwarded this user's typing in the room within the interval."""
+        key = self.node.keys.typing(room, self.identity.user)
+        try:
+            first = await self.node.redis.set(key, 1, nx=True, px=int(self.s.typing_interval_s * 1000))
+        except (RedisError, OSError):
+            first = True  # this node's own throttle holds meanwhile
+        if first:
+            self.node.signals.publish(room, {"k": "typing", "user": self.identity.user})
+        else:
+            metrics.TYPING_DROPPED.inc()
+
+    async def on_read(self, f: Read) -> None:
+        room = f.room
+        offset = await self._offset_in(room, f.cursor)
+        if offset is None:
+            self.fail(Err.BAD_CURSOR, f"bad cursor for room {room}: use the cursor of a message of the room"[:120],
+                      ref_of(room))
+            return
+        try:
+            stored = await self.node.reads.read(self.identity.user, room, offset,
+                                                self.node.signals.conn_id(self.session))
+        except RoomsFull:
+            self.fail(Err.LIMIT, f"read state is kept for at most {ROOMS_MAX} rooms per user", ref_of(room))
+            return
+        except MarkUnavailable as e:
+            self.fail(Err.UNAVAILABLE, str(e), ref_of(room))
+            return
+        self.reply(dumps({"type": "read", "room": room, "user": self.identity.user,
+                          "cursor": self.node.reads.cursor(room, stored)}))
+
+    async def _offset_in(self, room: str, cursor: str) -> int | None:
+        """The offset of `cursor` when it is a position of `room` up to its newest message, else None."""
+        partition = self.node.keys.partition(room)
+        try:
+            at = parse_cursor(cursor)
+        except CursorError:
+            return None
+        if at is None or at.partition != partition:
+            return None
+        if at.offset < self.node.fanout.end(partition):
+            return at.offset
+        try:  # a record this node has not consumed yet (the client heard of it elsewhere)?
+            return at.offset if at.offset < await self.node.fanout.broker_end(partition) else None
+        except KafkaError:
+            return None
+
+    async def on_presence(self, f: Presence) -> None:
+        try:
+            users, count = await self.node.presence.query(f.room)
+        except (RedisError, OSError):
+            self.fail(Err.UNAVAILABLE, "presence store unavailable", ref_of(f.room))
+            return
+        self.reply(dumps({"type": "presence", "room": f.room, "users": users, "count": count}))
+
+    async def on_unread(self) -> None:
+        try:
+            rooms = await self.node.reads.unread(self.identity.user)
+        except STORE_ERRORS:
+            self.fail(Err.UNAVAILABLE, "read state unavailable")
+            return
+        self.reply(dumps({"type": "unread", "rooms": rooms}))

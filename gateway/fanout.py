@@ -87,6 +87,16 @@ class Fanout:
     def position(self, partition: int) -> int:
         return self.positions.get(partition, 0)
 
+    def end(self, partition: int) -> int:
+        """The partition's end (the offset its next record will get) as this node last saw it."""
+        tp = TopicPartition(self.s.kafka_topic, partition)
+        return max(self.position(partition), self.consumer.highwater(tp) or 0)
+
+    async def broker_end(self, partition: int) -> int:
+        """The partition's end as the broker has it now (one request)."""
+        tp = TopicPartition(self.s.kafka_topic, partition)
+        return int((await self.consumer.end_offsets([tp]))[tp])
+
     def lag_by_partition(self) -> dict[int, int]:
         """Records between this node's position and the high-water mark of the last fetch."""
         out = {}

@@ -24,3 +24,9 @@ HISTORY_MYSQL_QUERIES = Counter("roomcast_gateway_history_mysql_queries_total",
 HISTORY_PARTIAL_PAGES = Counter("roomcast_gateway_history_partial_pages_total",
                                 "History pages served from Redis alone, short, because MySQL did not answer")
 RESUMED = Counter("roomcast_gateway_resumed_messages_total", "Missed messages replayed on a resume")
+SIGNALS_OUT = Counter("roomcast_gateway_signals_out_total", "Signals produced to the signals topic", ["kind"])
+SIGNALS_IN = Counter("roomcast_gateway_signals_in_total", "Signals consumed from the signals topic", ["kind"])
+SIGNALS_FAILED = Counter("roomcast_gateway_signals_failed_total", "Signals the broker did not take (dropped)")
+SIGNAL_FRAMES = Counter("roomcast_gateway_signal_frames_total", "Presence, typing and read frames queued to clients")
+TYPING_DROPPED = Counter("roomcast_gateway_typing_dropped_total", "Typing frames within the interval (dropped)")
+PRESENCE_ERRORS = Counter("roomcast_gateway_presence_errors_total", "Presence writes Redis did not take")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import time
 from dataclasses import dataclass, field
 
 import aiomysql
@@ -13,9 +15,34 @@ from gateway.fanout import Fanout
 from gateway.history import HistoryReader
 from gateway.hub import Hub
 from gateway.limits import TokenBucket
+from gateway.presence import Presence
 from gateway.publisher import Publisher
+from gateway.readstate import ReadState
+from gateway.signals import Signals
 from shared.keys import Keys
 from shared.settings import Settings
+
+
+class TypingThrottle:
+    """When each (user, room) last had a typing signal forwarded by this node; entries older than
+    the interval are forgotten as new ones come in (so the map holds only the last interval's)."""
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self._last: dict[tuple[str, str], float] = {}  # insertion order is time order
+
+    def allow(self, user: str, room: str) -> bool:
+        now = time.monotonic()
+        for key, first in list(itertools.islice(self._last.items(), 2)):
+            if now - first < self.interval_s:
+                break
+            del self._last[key]
+        last = self._last.get((user, room))
+        if last is not None and now - last < self.interval_s:
+            return False
+        self._last.pop((user, room), None)
+        self._last[(user, room)] = now
+        return True
 
 
 @dataclass(slots=True)
@@ -35,6 +62,10 @@ class Node:
     redis: aioredis.Redis
     mysql: aiomysql.Pool
     history: HistoryReader
+    signals: Signals
+    presence: Presence
+    reads: ReadState
+    typing: TypingThrottle = field(default_factory=lambda: TypingThrottle(3.0))
     users: dict[str, UserState] = field(default_factory=dict)
     drain: Drain = field(default_factory=Drain)
 

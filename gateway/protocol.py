@@ -6,7 +6,7 @@ from enum import IntEnum
 from typing import Annotated, Literal
 
 import orjson
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictStr, TypeAdapter, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictStr, TypeAdapter, ValidationError
 from pydantic_core import PydanticCustomError
 
 PROTOCOL_VERSION = "1"
@@ -41,6 +41,7 @@ class Join(_Frame):
     type: Literal["join"]
     room: StrictStr
     cursor: StrictStr | None = None
+    presence: StrictBool = False
 
 
 class Leave(_Frame):
@@ -73,9 +74,29 @@ class Ping(_Frame):
     type: Literal["ping"]
 
 
-Inbound = Join | Leave | Send | History | Ping
+class Presence(_Frame):
+    type: Literal["presence"]
+    room: StrictStr
+
+
+class Typing(_Frame):
+    type: Literal["typing"]
+    room: StrictStr
+
+
+class Read(_Frame):
+    type: Literal["read"]
+    room: StrictStr
+    cursor: StrictStr
+
+
+class Unread(_Frame):
+    type: Literal["unread"]
+
+
+Inbound = Join | Leave | Send | History | Ping | Presence | Typing | Read | Unread
 _INBOUND: TypeAdapter[Inbound] = TypeAdapter(Annotated[Inbound, Field(discriminator="type")])
-KNOWN_TYPES = frozenset({"join", "leave", "send", "history", "ping"})
+KNOWN_TYPES = frozenset({"join", "leave", "send", "history", "ping", "presence", "typing", "read", "unread"})
 
 
 class FrameError(Exception):
@@ -118,7 +139,8 @@ def parse_frame(text: str) -> Inbound:
         first = e.errors(include_url=False, include_input=False)[0]
         where = ".".join(str(p) for p in first["loc"][1:]) or "frame"
         raise FrameError(Err.BAD_FRAME, f"{where}: {first['msg']}"[:200], ref) from None
-    cursor = frame.cursor if isinstance(frame, Join) else frame.before if isinstance(frame, History) else None
+    cursor = (frame.cursor if isinstance(frame, Join | Read) else frame.before if isinstance(frame, History)
+              else None)
     if cursor and (len(cursor) > CURSOR_MAX or not cursor.isascii()):
         raise FrameError(Err.BAD_CURSOR, "bad cursor: cursors are short ASCII strings from the server", ref)
     return frame

@@ -60,14 +60,16 @@ class PersisterBehind(Exception):
         self.redis_away = redis_away
 
 
-async def resume(node: Node, session: Session, room: str, cursor: str, fail: Callable[..., None]) -> None:
+async def resume(node: Node, session: Session, room: str, cursor: str, fail: Callable[..., None],
+                 presence: bool = False, read_state: dict[str, Any] | None = None) -> None:
+    """`read_state`: the fields of `joined` about what the user has read (gateway/readstate.py)."""
     partition = node.keys.partition(room)
     try:
         after = parse_cursor(cursor)
     except CursorError:
         after = None
     valid = after is not None and after.partition == partition
-    node.hub.join(room, session)
+    node.hub.join(room, session, presence)
     metrics.JOINS.inc()
     session.recovering[room] = []
     position = node.fanout.position(partition)
@@ -88,7 +90,7 @@ async def resume(node: Node, session: Session, room: str, cursor: str, fail: Cal
     if room not in session.rooms:  # left while we were reading
         return
     session.push(dumps({"type": "joined", "room": room, "cursor": join_point(partition, position),
-                        "recovered": recovered}))
+                        "recovered": recovered, **(read_state or {})}))
     await session.push_paced([(b'{"type":"message",' + entry[1:]).decode() for entry in replay])
     # Live frames held meanwhile follow the replay; no await between these pushes and going live.
     for _, frame in session.recovering.pop(room, []):

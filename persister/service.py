@@ -22,6 +22,7 @@ from aiokafka.errors import KafkaError
 from redis.exceptions import RedisError
 
 from persister import metrics
+from persister.reads import run_reads
 from persister.redis_store import Applied, RedisBuffer
 from shared.kafka import Fetched, fetch, new_consumer, wait_for_topic
 from shared.keys import Keys
@@ -299,13 +300,17 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
     await p.consumer.start()
     flusher = asyncio.create_task(p.flush_loop(stop), name="flush")
     crash_on_failure(flusher, stop)
+    reads_consumer = new_consumer(settings, group_id=f"{settings.kafka_persister_group}.reads")
+    reads = asyncio.create_task(run_reads(settings, reads_consumer, redis, pool, stop), name="reads")
+    crash_on_failure(reads, stop)
     log.info("persister started", extra={"topic": settings.kafka_topic})
     try:
         await p.consume()
     finally:
-        flusher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await flusher
+        for task in (flusher, reads):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await p.consumer.stop()
         pool.close()
         await pool.wait_closed()

@@ -24,25 +24,38 @@ log = logging.getLogger(__name__)
 UNDECODABLE = Counter("roomcast_undecodable_records_total", "Kafka records that are not roomcast messages (skipped)")
 
 
+def topic_specs(settings: Settings) -> list[NewTopic]:
+    """Every topic roomcast uses, as it is created. All have the messages topic's partition count, so
+    a room's (or a user's) partition is the same number in each."""
+    safe = {"min.insync.replicas": str(min(2, settings.kafka_replication)),
+            "unclean.leader.election.enable": "false"}
+    n, rf = settings.kafka_partitions, settings.kafka_replication
+    return [
+        # min ISR 2 with three replicas: an acknowledged record (acks=all) is on two brokers at least
+        NewTopic(settings.kafka_topic, n, rf,
+                 topic_configs={"retention.ms": str(settings.kafka_topic_retention_ms), **safe}),
+        # ephemeral: produced with acks=1, read from the end, never replayed
+        NewTopic(settings.kafka_signals_topic, n, rf,
+                 topic_configs={"retention.ms": str(settings.kafka_signals_retention_ms)}),
+        # the latest read mark of each (user, room) is kept for ever; an echoed mark is on two brokers
+        NewTopic(settings.kafka_reads_topic, n, rf, topic_configs={"cleanup.policy": "compact", **safe}),
+    ]
+
+
 async def ensure_topic(settings: Settings) -> None:
-    """Create the topic with the configured partitions if it does not exist (idempotent)."""
+    """Create the topics (topic_specs) that do not exist yet (idempotent)."""
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap,
                                 request_timeout_ms=settings.kafka_request_timeout_ms)
     await admin.start()
     try:
         topics = await admin.list_topics()
-        if settings.kafka_topic in topics:
-            return
-        # min ISR 2 with three replicas: an acknowledged record (acks=all) is on two brokers at least
-        configs = {"retention.ms": str(settings.kafka_topic_retention_ms),
-                   "min.insync.replicas": str(min(2, settings.kafka_replication)),
-                   "unclean.leader.election.enable": "false"}
-        topic = NewTopic(settings.kafka_topic, settings.kafka_partitions, settings.kafka_replication,
-                         topic_configs=configs)
-        try:
-            await admin.create_topics([topic])
-        except TopicAlreadyExistsError:
-            pass
+        for topic in topic_specs(settings):
+            if topic.name in topics:
+                continue
+            try:
+                await admin.create_topics([topic])
+            except TopicAlreadyExistsError:
+                pass
     finally:
         await admin.close()
 

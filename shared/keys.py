@@ -54,3 +54,34 @@ class Keys:
         """The ack of a send, so a resend of the same client_msg_id is acknowledged, not re-sent."""
         digest = hashlib.blake2b(f"{user}\0{client_msg_id}".encode(), digest_size=16).hexdigest()
         return f"{self.tag(self.partition(room))}:sent:{room}:{digest}"
+
+    # presence (gateway/presence.py) and read state (shared/reads.py)
+    def online(self, room: str) -> str:
+        """Sorted set: the room's online users, scored by when their presence lapses (ms)."""
+        return f"{self.tag(self.partition(room))}:room:{room}:online"
+
+    def online_names(self, room: str) -> str:
+        """Sorted set: the same users, all scored 0, so they list in name order."""
+        return f"{self.tag(self.partition(room))}:room:{room}:onames"
+
+    def user_gateways(self, room: str, user: str) -> str:
+        """Sorted set: the gateways holding a connection of `user` joined to `room`, scored by lapse."""
+        return f"{self.tag(self.partition(room))}:room:{room}:ogw:{_digest(user)}"
+
+    def typing(self, room: str, user: str) -> str:
+        """Set for TYPING_INTERVAL_S after a typing signal of `user` in `room` was forwarded."""
+        return f"{self.tag(self.partition(room))}:room:{room}:typing:{_digest(user)}"
+
+    def reads(self, user: str) -> str:
+        """Hash: room -> the user's read offset in it; field "" marks a hash loaded from MySQL.
+        Tagged by the user's partition of the reads topic, like the partition's mark below."""
+        return f"{self.tag(self.partition(user))}:reads:{_digest(user)}"
+
+    def reads_applied(self, partition: int) -> str:
+        """Highest offset of the reads topic's partition applied to Redis (the reads consumer's mark)."""
+        return f"{self.tag(partition)}:readsapplied"
+
+
+def _digest(user: str) -> str:
+    """A user id in a key: any text up to 255 characters, so hashed to a fixed safe form."""
+    return hashlib.blake2b(user.encode(), digest_size=16).hexdigest()

@@ -42,6 +42,13 @@ class Settings(BaseSettings):
     kafka_session_timeout_ms: int = Field(10000, ge=1000)
     kafka_heartbeat_interval_ms: int = Field(3000, ge=100)
     kafka_persister_group: str = "persister"
+    kafka_signals_topic: str = Field(
+        "chat.signals", description="Ephemeral signals (presence, typing, receipts), read by every gateway"
+    )
+    kafka_signals_retention_ms: int = Field(60_000, ge=1000, description="Signals are never replayed: minutes at most")
+    kafka_reads_topic: str = Field(
+        "chat.reads", description="Read marks, compacted (key = user + room): the durable record of what was read"
+    )
 
     # --- Redis (write buffer + cache of the newest messages)
     redis_url: str = "redis://127.0.0.1:6380/0"
@@ -107,6 +114,14 @@ class Settings(BaseSettings):
     drain_grace_s: float = Field(10.0, ge=0)
     ping_interval_s: float = Field(20.0, gt=0)
     metrics_port: int = Field(0, ge=0, description="Persister/sweeper Prometheus port; 0: none")
+
+    # --- presence, typing, read state
+    presence_ttl_s: float = Field(30.0, gt=0, description="A dead gateway's users go offline within this")
+    typing_interval_s: float = Field(3.0, gt=0, description="At most one typing signal per user and room this often")
+    receipts_max_online: int = Field(
+        50, ge=0, description="Read receipts go to the room's other members while at most this many are online"
+    )
+    reads_linger_ms: int = Field(100, ge=0, description="Read marks gathered this long, then stored in one batch")
 
     @field_validator("allowed_origins", mode="before")
     @classmethod

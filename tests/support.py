@@ -200,7 +200,9 @@ def isolated_settings(kafka_bootstrap: str, redis_url: str, mysql_server_dsn: st
     move within seconds."""
     tag = f"t_{uuid.uuid4().hex[:10]}"
     base: dict[str, Any] = dict(
-        kafka_bootstrap=kafka_bootstrap, kafka_topic=f"roomcast.{tag}", kafka_persister_group=f"persister.{tag}",
+        kafka_bootstrap=kafka_bootstrap, kafka_topic=f"roomcast.{tag}",
+        kafka_signals_topic=f"roomcast.{tag}.signals", kafka_reads_topic=f"roomcast.{tag}.reads",
+        kafka_persister_group=f"persister.{tag}",
         kafka_partitions=4, kafka_session_timeout_ms=2000,
         kafka_heartbeat_interval_ms=300, redis_url=redis_url, redis_prefix=tag,
         mysql_dsn=f"{mysql_server_dsn}/rc_{tag}",

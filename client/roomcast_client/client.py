@@ -10,6 +10,8 @@ each close code is the protocol reference's advice (docs/protocol.md in the room
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import inspect
 import logging
@@ -31,6 +33,9 @@ log = logging.getLogger("roomcast.client")
 
 Frame = dict[str, Any]
 OnMessage = Callable[[Frame], Awaitable[None] | None]
+OnSignal = Callable[[Frame], Awaitable[None] | None]
+
+TYPING_INTERVAL_S = 3.0  # the server forwards at most one typing signal per user and room this often
 
 PROTOCOL_VERSION = "1"
 MAX_FRAME_BYTES = 64 * 1024  # the server's default limit; a larger frame gets the connection closed 1009
@@ -96,6 +101,8 @@ class _Room:
     window: int
     cursor: str = ""  # last cursor received; "" = none yet
     confirmed: int = 0  # the connection whose `joined` frame we last got (0: never joined)
+    presence: bool = False  # joined with presence events
+    typed: float = -TYPING_INTERVAL_S  # when a typing frame was last sent (monotonic)
     _order: deque[str] = field(default_factory=deque)
     _ids: set[str] = field(default_factory=set)
 
@@ -129,7 +136,12 @@ class _Send:
 class RoomcastClient:
     """`async with RoomcastClient(urls, token) as c:` then join/send/history, and read messages with
     `async for m in c.messages()` or `on_message=` (sync or async). Without on_message, unread
-    messages queue up to max_queue, then the client stops reading (acks too) until you catch up."""
+    messages queue up to max_queue, then the client stops reading (acks too) until you catch up.
+
+    Presence, typing and read state: `join(room, presence=True)` then `presence(room)` and
+    `on_presence=` for each `presence_event`; `typing(room)` (throttled here as the server does) and
+    `on_typing=`; `read(room, cursor)` and `on_read=` for the user's marks from other devices and
+    other users' receipts; `unread()`. Signals are not replayed after a reconnect: ask again."""
 
     def __init__(
         self,
@@ -145,6 +157,9 @@ class RoomcastClient:
         max_queue: int = 10_000,
         dedupe_window: int = 10_000,
         max_frame_bytes: int = MAX_FRAME_BYTES,
+        on_presence: OnSignal | None = None,
+        on_typing: OnSignal | None = None,
+        on_read: OnSignal | None = None,
     ) -> None:
         self._urls = [urls] if isinstance(urls, str) else list(urls)
         if not self._urls:
@@ -152,6 +167,9 @@ class RoomcastClient:
         self._token = token
         self._reconnect, self._base, self._max = reconnect, backoff_base, backoff_max
         self._on_message = on_message
+        self._on_signal: dict[str, OnSignal | None] = {"presence_event": on_presence, "typing": on_typing,
+                                                       "read": on_read}
+        self.user = _subject(token) if isinstance(token, str) else ""  # the token's `sub`
         self._timeout, self._open_timeout, self._window = request_timeout, open_timeout, dedupe_window
         self._max_frame = max_frame_bytes
         # without on_message, received messages wait here; a full queue stops reading (back-pressure)
@@ -200,10 +218,13 @@ class RoomcastClient:
         await self.close()
 
     # --- requests
-    async def join(self, room: str, cursor: str | None = None) -> Frame:
-        """Subscribe; with a cursor, the server first replays every message after it."""
+    async def join(self, room: str, cursor: str | None = None, presence: bool = False) -> Frame:
+        """Subscribe; with a cursor, the server first replays every message after it. With presence,
+        `on_presence` gets the room's presence events. The `joined` frame has the user's
+        `read_cursor` and `unread` count of the room."""
         self._encode({"type": "join", "room": room, "cursor": cursor or ""})  # (too_large before anything changes)
         state = self._rooms.setdefault(room, _Room(self._window))
+        state.presence = presence
         if cursor:
             state.set_cursor(cursor)
         fut = self._room_future(room)
@@ -245,6 +266,32 @@ class RoomcastClient:
         if before:
             frame["before"] = before
         return await self._request(("history", room), self._encode(frame), self._room_future(room))
+
+    async def presence(self, room: str) -> Frame:
+        """Who is online in `room`: `{"users": [...], "count": N}` (at most 1,000 users listed)."""
+        return await self._request(("presence", room), self._encode({"type": "presence", "room": room}),
+                                   self._room_future(room))
+
+    def typing(self, room: str) -> bool:
+        """Say the user is typing in a joined room; sent at most once per TYPING_INTERVAL_S per room
+        (call it on every keystroke). True when a frame went out."""
+        state = self._rooms.get(room)
+        now = time.monotonic()
+        if state is None or not state.confirmed or now - state.typed < TYPING_INTERVAL_S:
+            return False
+        state.typed = now
+        self._write(self._encode({"type": "typing", "room": room}))
+        return True
+
+    async def read(self, room: str, cursor: str) -> Frame:
+        """Mark `room` read up to the message at `cursor`; the answer is the mark now held (never
+        moved back), once the server's durable log has it. Resent after a reconnect until answered."""
+        return await self._request(("read", room), self._encode({"type": "read", "room": room, "cursor": cursor}),
+                                   self._room_future(room))
+
+    async def unread(self) -> Frame:
+        """Unread counts of every room with read state: `{"rooms": [{room, count, more, read_cursor}]}`."""
+        return await self._request(("unread", ""), '{"type":"unread"}')
 
     async def ping(self) -> float:
         """Round-trip time in seconds."""
@@ -302,6 +349,7 @@ class RoomcastClient:
         """One connection's life: (its close code or None if it never opened, the close reason,
         whether frames came)."""
         token = self._token() if callable(self._token) else self._token
+        self.user = _subject(token)
         try:
             ws = await connect(f"{url.rstrip('/')}/ws?v={PROTOCOL_VERSION}&token={quote(token, safe='')}",
                                open_timeout=self._open_timeout, max_size=MAX_RECEIVED_BYTES)
@@ -372,10 +420,16 @@ class RoomcastClient:
                 pending.future.set_result(frame)
         elif kind == "joined":
             self._on_joined(frame)
-        elif kind in ("history", "pong"):
+        elif kind in ("history", "pong", "presence", "unread"):
             self._resolve_first(self._requests.get((kind, frame.get("room", "")), deque()), frame)
         elif kind == "error":
             self._on_error(frame)
+        elif kind in ("presence_event", "typing", "read"):
+            if kind == "read" and frame.get("user") == self.user:  # the answer to our read, or another device's
+                self._resolve_first(self._requests.get(("read", frame.get("room", "")), deque()), frame)
+            callback = self._on_signal[kind]
+            if callback is not None and inspect.isawaitable(result := callback(frame)):
+                await result
         # other types (e.g. `left`) need nothing from us
 
     async def _on_message_frame(self, frame: Frame) -> None:
@@ -460,9 +514,11 @@ class RoomcastClient:
 
     @staticmethod
     def _join_frame(room: str, state: _Room) -> str:
-        frame = {"type": "join", "room": room}
+        frame: Frame = {"type": "join", "room": room}
         if state.cursor:
             frame["cursor"] = state.cursor
+        if state.presence:
+            frame["presence"] = True
         return orjson.dumps(frame).decode()  # (its room's size was checked by the first join)
 
     @staticmethod
@@ -523,3 +579,15 @@ class RoomcastClient:
                 fut.exception()  # retrieved: nobody may be awaiting it any more
         with contextlib.suppress(asyncio.QueueFull):
             self._inbox.put_nowait(None)
+
+
+def _subject(token: str) -> str:
+    """The `sub` claim of a JWT, read without checking it (the server does): the user's own read
+    marks are told from other users' receipts by it."""
+    try:
+        payload = token.split(".")[1]
+        claims = orjson.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except (IndexError, ValueError, binascii.Error):
+        return ""
+    sub = claims.get("sub") if isinstance(claims, dict) else None
+    return sub if isinstance(sub, str) else ""

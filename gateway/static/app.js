@@ -2,7 +2,10 @@
 // with pending -> acknowledged state, and survive dropped connections: reconnect with jittered
 // exponential back-off, re-join with the last cursor (the server replays what was missed), resend
 // un-acked sends under the same client_msg_id. Messages are deduplicated by id. User text is only
-// ever set through textContent.
+// ever set through textContent. Presence, typing and read state: the room's online list (joined
+// with presence, then its presence events), "alice is typing…", unread badges per room (asked
+// every few seconds, cleared as the room is read: the page sends `read` for the newest message it
+// shows), and read receipts under the last message (the server sends them only in small rooms).
 
 const $ = (id) => document.getElementById(id);
 const scroller = $("scroller"), list = $("messages"), olderBtn = $("older"), input = $("text");
@@ -15,12 +18,16 @@ const CLOSES = {
   4008: "The connection fell behind the room; reconnecting",
 };
 const BACKOFF_BASE_MS = 500, BACKOFF_MAX_MS = 10000, PING_EVERY_MS = 25000, PONG_WITHIN_MS = 10000;
+const TYPING_EVERY_MS = 3000, TYPING_SHOWN_MS = 5000, UNREAD_EVERY_MS = 5000, READ_AFTER_MS = 300;
 
 const st = {
   user: "", token: "", room: "", ws: null, wantOpen: false, joined: false, joining: false,
   cursor: "", next: undefined, loading: "", attempt: 0, timer: 0, pingTimer: 0, pongDue: 0,
   authRetried: false, joinFailures: 0, refill: false,
   ids: new Map(), pending: new Map(), // message id -> <li>; client_msg_id -> {li, frame, retry}
+  rooms: new Map(), // room -> {count, more}: the unread badges
+  online: new Set(), typing: new Map(), receipts: new Map(), // this room: users; user -> timer; user -> offset
+  readSent: -1, readTimer: 0, typedAt: 0, unreadTimer: 0,
 };
 // Counters for tests and the curious (window.roomcast in the console).
 const stats = { reconnects: 0, duplicates: 0, resumeFallbacks: 0, errors: 0 };
@@ -113,6 +120,7 @@ function addMessage(m) {
   const mine = m.user === st.user && m.cmid ? st.pending.get(m.cmid) : undefined;
   const li = mine ? mine.li : render(m.user, m.body, m.ts);
   li.dataset.id = m.id;
+  li.dataset.cursor = m.cursor;
   st.ids.set(m.id, li);
   place(li, offsetOf(m.cursor));
   return true;
@@ -187,7 +195,7 @@ function ping() {
 
 function join() {
   if (!st.ws || st.ws.readyState !== WebSocket.OPEN || !st.room) return;
-  const frame = { type: "join", room: st.room };
+  const frame = { type: "join", room: st.room, presence: true };
   if (st.cursor) frame.cursor = st.cursor;
   st.joining = true;
   send(frame);
@@ -202,8 +210,113 @@ function onFrame(f) {
     case "history": return onHistory(f);
     case "error": return onError(f);
     case "pong": st.pongDue = 0; return ping();
+    case "presence": return onPresence(f);
+    case "presence_event": return onPresenceEvent(f);
+    case "typing": return onTyping(f);
+    case "read": return onRead(f);
+    case "unread": return onUnread(f);
   }
 }
+
+// --- presence, typing, read state
+function renderOnline(count) {
+  const users = [...st.online].sort();
+  $("online").replaceChildren(...users.map((u) => el("li", u === st.user ? "me" : "", u)));
+  $("online-count").textContent = `(${count ?? users.length})`;
+}
+function onPresence(f) {
+  if (f.room !== st.room) return;
+  st.online = new Set(f.users);
+  renderOnline(f.count);
+}
+function onPresenceEvent(f) {
+  if (f.room !== st.room) return;
+  if (f.state === "online") st.online.add(f.user); else st.online.delete(f.user);
+  renderOnline();
+}
+function renderTyping() {
+  const who = [...st.typing.keys()];
+  $("typing").textContent = who.length === 0 ? "" : who.length === 1 ? `${who[0]} is typing…`
+    : `${who.slice(0, -1).join(", ")} and ${who[who.length - 1]} are typing…`;
+}
+function stopTyping(user) {
+  clearTimeout(st.typing.get(user));
+  if (st.typing.delete(user)) renderTyping();
+}
+function onTyping(f) {
+  if (f.room !== st.room || f.user === st.user) return;
+  clearTimeout(st.typing.get(f.user));
+  st.typing.set(f.user, setTimeout(() => stopTyping(f.user), TYPING_SHOWN_MS));
+  renderTyping();
+}
+function lastShown() { // the newest message shown with a cursor: [offset, cursor]
+  for (let li = list.lastElementChild; li; li = li.previousElementSibling) {
+    if (li.dataset.cursor) return [Number(li.dataset.off), li.dataset.cursor];
+  }
+  return [-1, ""];
+}
+function renderReceipts() {
+  const [last] = lastShown();
+  const seen = [...st.receipts].filter(([u, off]) => u !== st.user && off >= last && last >= 0).map(([u]) => u).sort();
+  $("receipts").hidden = seen.length === 0;
+  $("receipts").textContent = seen.length ? `Seen by ${seen.join(", ")}` : "";
+}
+function onRead(f) {
+  if (f.user === st.user) { // our mark (the answer, or another device): the room is read up to it
+    const r = st.rooms.get(f.room);
+    if (r && f.room === st.room) { r.count = 0; r.more = false; }
+    if (f.room === st.room) st.readSent = Math.max(st.readSent, offsetOf(f.cursor));
+    renderRooms();
+    return askUnread(1000); // counts after the new mark
+  }
+  if (f.room !== st.room) return;
+  st.receipts.set(f.user, Math.max(st.receipts.get(f.user) ?? -1, offsetOf(f.cursor)));
+  renderReceipts();
+}
+function markRead() { // the room on screen is read up to its newest message (soon: one frame per burst)
+  clearTimeout(st.readTimer);
+  st.readTimer = setTimeout(flushRead, READ_AFTER_MS);
+}
+function flushRead() {
+  clearTimeout(st.readTimer);
+  const [off, cursor] = lastShown();
+  if (!st.joined || off <= st.readSent || document.visibilityState === "hidden") return;
+  st.readSent = off;
+  send({ type: "read", room: st.room, cursor });
+}
+function askUnread(after = 0) {
+  clearTimeout(st.unreadTimer);
+  st.unreadTimer = setTimeout(() => {
+    if (st.ws && st.ws.readyState === WebSocket.OPEN) send({ type: "unread" });
+    askUnread(UNREAD_EVERY_MS);
+  }, after);
+}
+function onUnread(f) {
+  for (const r of f.rooms) st.rooms.set(r.room, { count: r.room === st.room && st.joined ? 0 : r.count, more: r.more });
+  renderRooms();
+}
+function renderRooms() {
+  if (st.room && !st.rooms.has(st.room)) st.rooms.set(st.room, { count: 0, more: false });
+  const items = [...st.rooms.keys()].sort().map((room) => {
+    const { count, more } = st.rooms.get(room);
+    const li = el("li");
+    li.dataset.room = room;
+    li.setAttribute("aria-current", String(room === st.room));
+    const b = el("button", "", "");
+    b.type = "button";
+    b.append(el("span", "name", `#${room}`));
+    if (count > 0) {
+      const badge = el("span", "badge", more ? `${count}+` : String(count));
+      badge.setAttribute("aria-label", `${count}${more ? " or more" : ""} unread`);
+      b.append(badge);
+    }
+    b.onclick = () => { $("room").value = room; $("roomform").requestSubmit(); };
+    li.append(b);
+    return li;
+  });
+  $("rooms").replaceChildren(...items);
+}
+document.addEventListener("visibilitychange", () => { if (document.visibilityState === "visible") markRead(); });
 
 function onJoined(f) {
   if (f.room !== st.room) return send({ type: "leave", room: f.room }); // switched rooms meanwhile
@@ -221,6 +334,11 @@ function onJoined(f) {
   if (st.next === undefined || st.refill) requestHistory(null);
   for (const p of st.pending.values()) send(p.frame); // same client_msg_id: never stored twice
   composer();
+  send({ type: "presence", room: st.room }); // then its presence events keep the list
+  st.rooms.set(st.room, { count: 0, more: false }); // on screen: read as it shows
+  renderRooms();
+  askUnread(0);
+  markRead();
 }
 
 function onMessage(f) {
@@ -230,6 +348,9 @@ function onMessage(f) {
   if (addMessage(f)) {
     if (follow) toBottom();
     if (f.user !== st.user) announce(`${f.user}: ${f.body}`);
+    stopTyping(f.user);
+    renderReceipts();
+    markRead();
   }
 }
 
@@ -242,6 +363,7 @@ function onAck(f) {
   p.li.title = "Acknowledged by the server";
   if (!st.ids.has(f.id)) {
     p.li.dataset.id = f.id;
+    p.li.dataset.cursor = f.cursor;
     st.ids.set(f.id, p.li);
     place(p.li, offsetOf(f.cursor));
   }
@@ -268,6 +390,7 @@ function onHistory(f) {
     if (st.next === undefined) st.next = f.next;
     st.refill = false;
     toBottom();
+    markRead();
   }
   updateOlder();
 }
@@ -354,12 +477,22 @@ $("roomform").addEventListener("submit", (e) => {
   if (!ROOM_RE.test(room)) return banner("A room name is 1–64 characters of A–Z a–z 0–9 _ . -");
   hideBanner();
   if (room === st.room && (st.joined || st.joining)) return input.focus();
-  if (st.room && st.joined) send({ type: "leave", room: st.room });
+  if (st.room && st.joined) {
+    flushRead(); // what was on screen is read
+    send({ type: "leave", room: st.room });
+  }
   for (const p of st.pending.values()) clearTimeout(p.retry);
-  Object.assign(st, { room, joined: false, joining: false, cursor: "", next: undefined, loading: "", joinFailures: 0 });
+  Object.assign(st, { room, joined: false, joining: false, cursor: "", next: undefined, loading: "", joinFailures: 0,
+    readSent: -1 });
   st.ids.clear();
   st.pending.clear();
+  st.online.clear();
+  st.receipts.clear();
+  for (const u of [...st.typing.keys()]) stopTyping(u);
   list.replaceChildren();
+  renderOnline(0);
+  renderReceipts();
+  renderRooms();
   composer();
   updateOlder();
   document.title = `#${room} · roomcast`;
@@ -382,6 +515,12 @@ $("composer").addEventListener("submit", (e) => {
   if (st.joined) send(p.frame); // otherwise sent once the room is (re)joined
   input.value = "";
   input.focus();
+});
+
+input.addEventListener("input", () => { // "typing" at most every TYPING_EVERY_MS while keys come
+  if (!st.joined || !input.value.trim() || Date.now() - st.typedAt < TYPING_EVERY_MS) return;
+  st.typedAt = Date.now();
+  send({ type: "typing", room: st.room });
 });
 
 window.addEventListener("online", () => { if (st.wantOpen && !st.ws) connect(); });

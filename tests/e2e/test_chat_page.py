@@ -12,7 +12,11 @@ broker, Redis and MariaDB.
 4. Through HAProxy (the production config, deploy/haproxy): the page, its dev token and its
    WebSocket all come from the load balancer's one address; its gateway is killed and the page
    resumes on the other one behind the same address, missing nothing.
-5. Against a scripted fake gateway (frame-level control a real one does not give): an un-acked
+5. Presence, typing and read state, two users on two nodes: each page's online list shows both,
+   "bob is typing…" shows in alice's page while bob types, a read receipt "Seen by alice" shows
+   under bob's last message, and an unread badge counts alice's messages in a room bob is not in,
+   cleared when he opens it; bob leaving the room takes him off alice's online list.
+6. Against a scripted fake gateway (frame-level control a real one does not give): an un-acked
    send survives a 4008 close and is resent with the same client_msg_id after the re-join with the
    last cursor, shown once; an `error` frame and a 1008 close show a clear banner.
 Screenshots go to test-output/e2e/.
@@ -138,7 +142,9 @@ class ChatPage:
             "() => ({conn: document.getElementById('conn').textContent, "
             "banner: document.getElementById('banner').hidden ? null : document.getElementById('banner-text')"
             ".textContent, joined: window.roomcast?.st.joined, cursor: window.roomcast?.st.cursor, "
-            "stats: window.roomcast?.stats, bodies: [...document.querySelectorAll('#messages .body')]"
+            "stats: window.roomcast?.stats, visibility: document.visibilityState, "
+            "rooms: document.getElementById('rooms')?.textContent, readSent: window.roomcast?.st.readSent, "
+            "bodies: [...document.querySelectorAll('#messages .body')]"
             ".map(e => e.textContent).slice(-12)})"))
 
     async def stats(self) -> dict[str, int]:
@@ -242,6 +248,44 @@ async def test_through_the_load_balancer_the_page_knows_one_address_and_outlives
         lb.stop()
 
 
+async def test_online_list_typing_receipts_and_unread_badges(browser: Any, cluster: Cluster) -> None:
+    room, other = "e2e-signals", "e2e-elsewhere"
+    a = await ChatPage.open(browser, f"{cluster.http(0)}/", "alice's page")
+    b = await ChatPage.open(browser, f"{cluster.http(1)}/", "bob's page")
+    await a.sign_in_and_join("alice", room)
+    await b.sign_in_and_join("bob", room)
+    for page in (a, b):
+        await page.until("() => [...document.querySelectorAll('#online li')].map(e => e.textContent).join() "
+                         "=== 'alice,bob'", "the online list showing alice and bob")
+
+    await b.page.type("#text", "hel", delay=30)  # keystrokes: the page sends `typing`
+    await a.until("() => document.getElementById('typing').textContent === 'bob is typing…'", "bob typing")
+    await b.page.type("#text", "lo from bob")
+    await b.page.press("#text", "Enter")
+    await a.shows(["hello from bob"])
+    await a.until("() => document.getElementById('typing').textContent === ''", "the typing line cleared")
+    await b.until("() => !document.getElementById('receipts').hidden && "
+                  "document.getElementById('receipts').textContent === 'Seen by alice'", "alice's read receipt")
+    await b.page.screenshot(path=str(SHOTS / "chat-signals.png"))
+
+    await b.page.fill("#room", other)  # bob moves to another room; alice writes where he was
+    await b.page.click("#roomform button[type=submit]")
+    await b.until("window.roomcast.st.joined", "bob in the other room")
+    await a.until("() => [...document.querySelectorAll('#online li')].map(e => e.textContent).join() === 'alice'",
+                  "bob off alice's online list")
+    await a.say("one for bob")
+    await a.say("two for bob")
+    badge = f"#rooms li[data-room='{room}'] .badge"
+    await b.until("s => document.querySelector(s)?.textContent === '2'", "an unread badge of 2", badge,
+                  timeout_ms=25_000)
+    await b.page.screenshot(path=str(SHOTS / "chat-unread.png"))
+    await b.page.click(f"#rooms li[data-room='{room}'] button")
+    await b.shows(["one for bob", "two for bob"])
+    await b.until("s => document.querySelector(s) === null", "the badge cleared", badge)
+    await a.until("() => document.getElementById('receipts').textContent === 'Seen by bob'", "bob's receipt")
+    assert not a.errors + b.errors, f"JavaScript errors: {a.errors + b.errors}"
+
+
 @pytest.fixture
 def small_buffer(dev: Settings) -> Settings:
     """A small Redis list, so older pages come from MySQL (the history look-aside)."""
@@ -317,8 +361,11 @@ async def test_unacked_send_is_resent_after_a_4008_and_errors_show_a_banner(brow
         received.append(got)
 
         async def recv() -> dict[str, Any]:
-            got.append(json.loads(await ws.recv()))
-            return got[-1]
+            while True:  # (what the page asks about presence and read state gets no answer here)
+                frame = json.loads(await ws.recv())
+                if frame["type"] not in ("presence", "unread", "read", "typing"):
+                    got.append(frame)
+                    return frame
 
         if len(received) == 1:
             await recv()  # join, no cursor
@@ -376,9 +423,10 @@ async def test_unacked_send_is_resent_after_a_4008_and_errors_show_a_banner(brow
         assert await page.locator("#banner").is_visible()
         assert await p.bodies() == ["old 8", "old 9", "live 10", "replayed 11", "please resend me"]
         first, second = received[0], received[1]
-        assert first[0] == {"type": "join", "room": "r"}
+        assert first[0] == {"type": "join", "room": "r", "presence": True}
         assert first[1] == {"type": "history", "room": "r", "limit": 50}
-        assert second[0] == {"type": "join", "room": "r", "cursor": "0-10"}, "re-join must carry the last cursor"
+        assert second[0] == {"type": "join", "room": "r", "cursor": "0-10", "presence": True}, \
+            "re-join must carry the last cursor"
         assert first[2]["type"] == second[1]["type"] == "send"
         assert first[2]["client_msg_id"] == second[1]["client_msg_id"], "a resend must keep its client_msg_id"
         assert await p.state_of("please resend me") == "acked"

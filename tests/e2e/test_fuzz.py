@@ -56,13 +56,19 @@ MAX_EXAMPLES = 1800  # x ~5 frames each: ~9,000 frames, ~20 s here
 BG_ROOMS = ("bg-0", "bg-1")
 FUZZ_ROOMS = ("fz-a", "fz-b", "weird")  # the fuzzer's token allows fz-* and weird
 KNOWN_ROOMS = (*FUZZ_ROOMS, *BG_ROOMS, "", "x" * 65, "fz-" + "y" * 61, "two words", "..", "fz-é", "fz-a\n")
-REPLY = {"join": "joined", "leave": "left", "send": "ack", "history": "history", "ping": "pong"}
+REPLY = {"join": "joined", "leave": "left", "send": "ack", "history": "history", "ping": "pong",
+         "presence": "presence", "typing": None, "read": "read", "unread": "unread"}  # typing: no answer
+SIGNALS = ("presence_event", "typing")  # frames that come unasked (the fuzzer's read syncs: see _read)
 ERRORS_OF = {  # besides bad_frame, which any frame with a bad field gets
     "join": {"bad_cursor", "forbidden", "limit_exceeded", "rate_limited"},
     "leave": {"not_joined"},
     "send": {"forbidden", "too_large", "rate_limited"},
     "history": {"bad_cursor", "forbidden", "rate_limited"},
     "ping": set(),
+    "presence": {"forbidden", "rate_limited"},
+    "typing": {"forbidden", "not_joined", "rate_limited"},
+    "read": {"bad_cursor", "forbidden", "rate_limited", "limit_exceeded"},
+    "unread": {"rate_limited"},
 }
 # The errors a frame the AsyncAPI document allows can still get: what its schema cannot know.
 SEMANTIC_ERRORS_OF = {
@@ -71,6 +77,10 @@ SEMANTIC_ERRORS_OF = {
     "send": {"forbidden", "rate_limited"},
     "history": {"bad_cursor", "forbidden", "rate_limited"},  # (a cursor of another room)
     "ping": set(),
+    "presence": {"forbidden", "rate_limited"},
+    "typing": {"forbidden", "not_joined", "rate_limited"},
+    "read": {"bad_cursor", "forbidden", "rate_limited", "limit_exceeded"},  # (another room's, or past its end)
+    "unread": {"rate_limited"},
 }
 
 WEIRD_BODIES = [
@@ -126,12 +136,17 @@ cursors = st.one_of(st.just(""), st.from_regex(r"[0-9]{1,2}-(-1|[0-9]{1,6})", fu
 limits = st.one_of(st.integers(min_value=-3, max_value=2**64 + 5), st.floats(), st.text(max_size=4), st.booleans())
 
 protocol_frames = st.one_of(
-    st.fixed_dictionaries({"type": st.just("join"), "room": rooms}, optional={"cursor": cursors}),
+    st.fixed_dictionaries({"type": st.just("join"), "room": rooms}, optional={"cursor": cursors,
+                                                                              "presence": st.booleans()}),
     st.fixed_dictionaries({"type": st.just("leave"), "room": rooms}),
     st.fixed_dictionaries({"type": st.just("send"), "room": rooms, "client_msg_id": cmids, "body": bodies}),
     st.fixed_dictionaries({"type": st.just("history"), "room": rooms},
                           optional={"before": cursors, "limit": limits}),
     st.just({"type": "ping"}),
+    st.fixed_dictionaries({"type": st.just("presence"), "room": rooms}),
+    st.fixed_dictionaries({"type": st.just("typing"), "room": rooms}),
+    st.fixed_dictionaries({"type": st.just("read"), "room": rooms, "cursor": cursors}),
+    st.just({"type": "unread"}),
 )
 
 
@@ -214,6 +229,8 @@ class Fuzzer:
     frames: int = 0
     reconnects: int = 0
     seen: Counter[str] = field(default_factory=Counter)  # answers by type (and error code)
+    signals: list[dict[str, Any]] = field(default_factory=list)
+    expect_read: bool = False  # a `read` frame is the answer now (else: a sync of an earlier connection's mark)
     _reader: asyncio.Task[None] | None = None
 
     async def connect(self) -> None:
@@ -229,6 +246,8 @@ class Fuzzer:
                 frame = orjson.loads(raw)
                 if frame["type"] == "message":
                     self.messages.append(frame)
+                elif frame["type"] in SIGNALS or (frame["type"] == "read" and not self.expect_read):
+                    self.signals.append(frame)
                 else:
                     self.answers.put_nowait(frame)
 
@@ -252,8 +271,14 @@ class Fuzzer:
             self.reconnects += 1
             await self.connect()
             return
+        kind = _kind_of(shot.data) if shot.kind == "text" else None
+        self.expect_read = kind == "read"
         await self.ws.send(shot.data)
+        if kind == "typing":  # no answer when it is taken: a ping behind it says so
+            await self.ws.send('{"type":"ping"}')
         got = await self.answer(shot)
+        if kind == "typing" and got["type"] == "error":
+            assert await self.answer(shot) == {"type": "pong"}, shot
         assert frame_errors(got, "send") == [], (shot, got)
         self.seen[got["type"] if got["type"] != "error" else got["code"]] += 1
         if shot.kind == "binary":
@@ -285,9 +310,15 @@ class Fuzzer:
             assert not documented or got["code"] in SEMANTIC_ERRORS_OF[kind], f"refused, yet documented: {context}"
             return
         assert documented, f"accepted, yet not documented: {context}"
-        assert got["type"] == REPLY[kind], context
-        if kind in ("join", "send", "history"):
+        assert got["type"] == (REPLY[kind] or "pong"), context
+        if kind in ("join", "send", "history", "presence", "typing", "read"):
             assert valid_room(room) and (room.startswith("fz-") or room == "weird"), f"not refused: {context}"
+        if kind == "typing":
+            assert room in self.joined, f"typing taken in a room not joined: {context}"
+        if kind in ("presence", "read"):
+            assert got["room"] == room, context
+        if kind == "read":
+            assert got["user"] == "fuzzer" and got["cursor"].split("-")[0] == raw["cursor"].split("-")[0], context
         if kind == "leave":
             assert room in self.joined, f"left a room not joined: {context}"
             self.joined.discard(room)
@@ -305,6 +336,14 @@ class Fuzzer:
         await self.ws.send('{"type":"ping"}')
         got = await self.answer(Shot("text", '{"type":"ping"}'))
         assert got == {"type": "pong"}, f"stray answer {got}"
+
+
+def _kind_of(text: str) -> object:
+    try:
+        raw = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return None
+    return raw.get("type") if isinstance(raw, dict) else None
 
 
 def healthy(cluster: Cluster, i: int) -> bool:
@@ -369,6 +408,15 @@ EXPLICIT = [  # inputs that once broke something, or are classics
     [Shot("text", '{"type":"send","room":"bg-0","room":"fz-a","client_msg_id":"d","body":"last wins"}')],
     [Shot("binary", b"\xff\xfe\xfd"), Shot("bad_utf8", b'{"type":"ping","x":"\xc3\x28"}')],
     [Shot("too_big", "{" * (64 * 1024 + 1))],
+    [Shot("text", '{"type":"read","room":"fz-a","cursor":"0-99999999999999999999"}'),  # huge cursors
+     Shot("text", '{"type":"read","room":"fz-a","cursor":"' + "9" * 64 + '"}'),
+     Shot("text", '{"type":"read","room":"bg-0","cursor":"0-1"}'),  # a forbidden room
+     Shot("text", '{"type":"typing","room":"bg-0"}'), Shot("text", '{"type":"presence","room":"bg-0"}'),
+     Shot("text", '{"type":"typing","room":"fz-b"}'), Shot("text", '{"type":"presence","room":"x y"}')],
+    [Shot("text", f'{{"type":"read","room":"fz-a","cursor":"{p}-start"}}') for p in range(4)],  # one is fz-a's
+    [Shot("text", '{"type":"join","room":"fz-a","presence":true}'),
+     *[Shot("text", '{"type":"typing","room":"fz-a"}')] * 8, Shot("text", '{"type":"unread"}'),
+     Shot("text", '{"type":"presence","room":"fz-a"}')],
 ]
 
 

@@ -100,10 +100,20 @@ async def test_a_send_to_a_room_not_joined_is_acked_and_echoed_to_members_only(
 async def test_every_frame_the_gateway_sends_fits_the_asyncapi_document(gw: Cluster, spec_settings: Settings) -> None:
     alice, bob = await connect(gw, spec_settings, "sp-alice"), await connect(gw, spec_settings, "sp-bob")
     assert (await alice.request({"type": "ping"}, "pong"))["type"] == "pong"
-    assert (await alice.join("spec-a"))["type"] == "joined"
+    await alice.send({"type": "join", "room": "spec-a", "presence": True})
+    await alice.wait_for(lambda f: f["type"] == "joined")
     first = await bob.request({"type": "send", "room": "spec-a", "client_msg_id": "b1", "body": "from bob"}, "ack")
     await alice.request({"type": "send", "room": "spec-a", "client_msg_id": "a1", "body": "from alice"}, "ack")
     await alice.wait_for(lambda f: f["type"] == "message" and f["cmid"] == "a1")
+    # presence, typing, read and unread; bob's join comes to alice as a presence_event
+    await bob.join("spec-a")
+    await alice.wait_for(lambda f: f["type"] == "presence_event" and f["user"] == "sp-bob")
+    assert (await alice.request({"type": "presence", "room": "spec-a"}, "presence"))["count"] == 2
+    await bob.send({"type": "typing", "room": "spec-a"})
+    await alice.wait_for(lambda f: f["type"] == "typing")
+    assert (await bob.request({"type": "read", "room": "spec-a", "cursor": first["cursor"]}, "read"))["type"] == "read"
+    await alice.wait_for(lambda f: f["type"] == "read")  # a receipt
+    assert (await bob.request({"type": "unread"}, "unread"))["rooms"][0]["room"] == "spec-a"
 
     async def stored() -> bool:
         page = await alice.request({"type": "history", "room": "spec-a", "limit": 10}, "history")
@@ -165,6 +175,7 @@ async def test_every_http_answer_fits_the_openapi_document(gw: Cluster, spec_set
     bearer = {"Authorization": f"Bearer {tok}"}
     expired = token(spec_settings, "http-dan", ttl_s=-5)
     messages = "/rooms/{room}/messages"
+    presence = "/rooms/{room}/presence"
     cases: list[tuple[str, str, dict[str, str], int]] = [
         (messages, "/rooms/spec-h/messages?limit=5", bearer, 200),
         (messages, f"/rooms/spec-h/messages?token={tok}&before=", {}, 200),
@@ -174,6 +185,11 @@ async def test_every_http_answer_fits_the_openapi_document(gw: Cluster, spec_set
         (messages, "/rooms/spec-h/messages", {}, 401),
         (messages, "/rooms/spec-h/messages", {"Authorization": f"Bearer {expired}"}, 401),
         (messages, "/rooms/other/messages", bearer, 403),
+        (presence, "/rooms/spec-h/presence", bearer, 200),
+        (presence, f"/rooms/spec-h/presence?token={tok}", {}, 200),
+        (presence, "/rooms/bad%20room/presence", bearer, 400),
+        (presence, "/rooms/spec-h/presence", {}, 401),
+        (presence, "/rooms/other/presence", bearer, 403),
         ("/healthz", "/healthz", {}, 200),
         ("/readyz", "/readyz", {}, 200),
         ("/metrics", "/metrics", {}, 200),
@@ -193,7 +209,7 @@ async def test_every_http_answer_fits_the_openapi_document(gw: Cluster, spec_set
     documented_answers = {(path, status) for path, item in openapi()["paths"].items()
                           for status in item["get"]["responses"]}
     # Not here: 503s, which need a store down (tests/integration/test_history.py) or a draining node.
-    assert documented_answers - covered == {(messages, "503"), ("/readyz", "503")}
+    assert documented_answers - covered == {(messages, "503"), (presence, "503"), ("/readyz", "503")}
     page = orjson.loads(answers["/rooms/spec-h/messages?limit=5"])
     assert [m["id"] for m in page["messages"]] == [ack["id"]]
     assert answers["/openapi.json"] == bundled_json("openapi.yaml")

@@ -95,9 +95,15 @@ class FakeFanout:
         return 7
 
 
+class FakeReads:
+    async def room_state(self, user: str, room: str) -> dict[str, Any]:
+        return {}
+
+
 def make_node(**settings: Any) -> Node:
     s = Settings(**{"send_burst": 10_000, **settings})
-    return Node(s, Keys("t", 4), Hub(), FakeFanout(), None, FakePublisher(), None, None, None)  # type: ignore[arg-type]
+    return Node(s, Keys("t", 4), Hub(), FakeFanout(), None, FakePublisher(), None, None, None,  # type: ignore[arg-type]
+                None, None, FakeReads())  # type: ignore[arg-type]
 
 
 class Client:

@@ -100,3 +100,24 @@ async def test_many_sessions_share_one_ticker_and_churn_does_not_grow_it() -> No
     async with asyncio.timeout(3):  # it stops at its next tick: no token is waiting
         while hub._ticker is not None:
             await asyncio.sleep(0.05)
+
+
+def test_a_users_first_join_and_last_leave_of_a_room_are_told_once() -> None:
+    hub = Hub()
+    heard: list[tuple[str, str, bool]] = []
+    hub.on_member = lambda room, user, joined: heard.append((room, user, joined))
+    tab1, tab2, other = session("ann"), session("ann"), session("bob")
+    for s in (tab1, tab2, other):
+        hub.add(s)
+    hub.join("lobby", tab1, presence=True)
+    hub.join("lobby", tab2)
+    hub.join("lobby", tab1)  # again, now without presence events
+    hub.join("lobby", other)
+    assert heard == [("lobby", "ann", True), ("lobby", "bob", True)]
+    assert hub.watching("lobby") == set() and hub.user_sessions("ann") == {tab1, tab2}
+    hub.leave("lobby", tab1)
+    assert heard[2:] == []  # ann's other tab is still in
+    hub.drop(tab2)
+    hub.leave("lobby", tab2)  # (left already: nothing more)
+    assert heard[2:] == [("lobby", "ann", False)]
+    assert hub.members() == [("lobby", "bob")] and hub.user_sessions("ann") == {tab1}  # (still connected)
