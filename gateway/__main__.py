@@ -5,6 +5,7 @@ from __future__ import annotations
 import uvicorn
 
 from gateway.app import create_app
+from gateway.listener import http_protocol
 from gateway.wire import PreparedFramesProtocol
 from shared.logging import setup_logging
 from shared.settings import Settings
@@ -20,7 +21,7 @@ def main() -> None:
         host=settings.host,
         port=settings.port,
         loop="uvloop",
-        http="httptools",
+        http=http_protocol(settings),  # httptools, with a deadline on each request's head
         ws=PreparedFramesProtocol,  # websockets-sansio, plus writing a prepared frame at once
         ws_max_size=settings.max_frame_bytes,
         ws_ping_interval=settings.ping_interval_s,

@@ -8,19 +8,22 @@ import logging
 import time
 from collections import deque
 from collections.abc import Coroutine
+from dataclasses import dataclass
 from typing import Any
 
 from starlette.datastructures import Headers, QueryParams
 from starlette.types import Scope
-from starlette.websockets import WebSocket, WebSocketDisconnect
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from gateway import metrics
 from gateway.history import history_frame
 from gateway.limits import FRAMES_PER_TURN, MAX_PENDING_REQUESTS, MAX_QUEUED_SENDS, inbound_bucket
 from gateway.node import Node, UserState
 from gateway.protocol import (
+    BEARER_PREFIX,
     PONG,
     PROTOCOL_VERSION,
+    SUBPROTOCOL,
     Close,
     Err,
     FrameError,
@@ -31,6 +34,7 @@ from gateway.protocol import (
     Send,
     dumps,
     error,
+    parse_auth,
     parse_frame,
     ref_of,
 )
@@ -45,6 +49,7 @@ from shared.validation import ROOM_RULE, valid_room
 log = logging.getLogger("roomcast.gateway")
 
 CLOSE_WAIT_S = 1.0  # how long a closing connection's sender gets to say why (the close frame)
+TOO_MANY_CONNECTIONS = "too many connections for this user"
 
 
 def origin_allowed(allowed: list[str], origin: str | None) -> bool:
@@ -56,18 +61,73 @@ def origin_allowed(allowed: list[str], origin: str | None) -> bool:
 
 
 class Refused(Exception):
-    """The handshake is refused: closed 1008 with this reason."""
+    """The handshake is refused: closed with this code and reason."""
+
+    def __init__(self, reason: str, code: int = Close.BAD_TOKEN) -> None:
+        super().__init__(reason)
+        self.code = code
 
 
-def authenticate(settings: Settings, scope: Scope) -> Identity:
-    """The identity of a connecting client, from the query of its handshake, or Refused."""
+@dataclass(frozen=True, slots=True)
+class Handshake:
+    subprotocol: str | None  # to select (echoed in the answer), never the one carrying the token
+    token: str | None  # None: the token comes in the first frame
+
+
+def handshake_of(scope: Scope) -> Handshake:
+    """What a connecting client offered: the protocol version (`v` in the query, or the
+    subprotocol `roomcast.v1`) and where its token is (the subprotocol `bearer.<JWT>`, else the
+    query's `token`, else none: the first frame), or Refused."""
     query = QueryParams(scope["query_string"])  # (parsed here: the connection does not keep it)
+    offered = scope.get("subprotocols") or []
+    selected = SUBPROTOCOL if SUBPROTOCOL in offered else None
     if query.get("v", PROTOCOL_VERSION) != PROTOCOL_VERSION:
         raise Refused("unsupported protocol version")
+    bearer = [p.removeprefix(BEARER_PREFIX) for p in offered if p.startswith(BEARER_PREFIX)]
+    if bearer and selected is None:
+        raise Refused(f"a token in the subprotocols needs the subprotocol {SUBPROTOCOL} offered too")
+    return Handshake(selected, bearer[0] if bearer else query.get("token"))
+
+
+def identity_of(settings: Settings, token: str | None) -> Identity:
     try:
-        return verify_token(settings, query.get("token"))
+        return verify_token(settings, token)
     except AuthError as e:
         raise Refused(f"bad token: {e}"[:120]) from None
+
+
+async def authenticate(node: Node, websocket: WebSocket, offer: Handshake) -> Identity | None:
+    """The client's identity, from its handshake or else its first frame (within AUTH_TIMEOUT_S;
+    at most MAX_UNAUTHENTICATED connections wait for theirs at once), or Refused. None: it left."""
+    s = node.settings
+    if offer.token is not None:
+        return identity_of(s, offer.token)
+    if node.unauthenticated >= s.max_unauthenticated:
+        raise Refused("too many connections waiting to authenticate; try again later", Close.TRY_AGAIN_LATER)
+    node.unauthenticated += 1
+    metrics.UNAUTHENTICATED.inc()
+    try:
+        await websocket.accept(offer.subprotocol)
+        try:
+            msg = await asyncio.wait_for(websocket.receive(), s.auth_timeout_s)
+        except TimeoutError:
+            raise Refused(f"no auth frame within {s.auth_timeout_s:g} s") from None
+    finally:
+        node.unauthenticated -= 1
+        metrics.UNAUTHENTICATED.dec()
+    if msg["type"] == "websocket.disconnect":
+        return None
+    try:
+        return identity_of(s, parse_auth(msg.get("text")))
+    except FrameError as e:
+        raise Refused(e.reason) from None
+
+
+async def refuse(websocket: WebSocket, offer: Handshake | None, code: int, reason: str) -> None:
+    """Close with a code the client can read: after the handshake (before it, uvicorn answers 403)."""
+    if websocket.application_state is WebSocketState.CONNECTING:
+        await websocket.accept(offer.subprotocol if offer is not None else None)
+    await websocket.close(code, reason)
 
 
 async def ws_endpoint(websocket: WebSocket) -> None:
@@ -79,21 +139,24 @@ async def ws_endpoint(websocket: WebSocket) -> None:
         # Refused during the handshake: uvicorn answers HTTP 403 and the page never gets a socket.
         await websocket.close(Close.BAD_TOKEN, "origin not allowed")
         return
+    offer = None
     try:
-        identity = authenticate(s, websocket.scope)
+        offer = handshake_of(websocket.scope)
+        identity = await authenticate(node, websocket, offer)
     except Refused as e:
-        await websocket.accept()
-        await websocket.close(Close.BAD_TOKEN, str(e))
+        await refuse(websocket, offer, e.code, str(e))
+        return
+    if identity is None:
         return
     user = node.user(identity.user)
     if user.connections >= s.max_conns_per_user:
-        await websocket.accept()
-        await websocket.close(Close.TRY_AGAIN_LATER, "too many connections for this user")
+        await refuse(websocket, offer, Close.TRY_AGAIN_LATER, TOO_MANY_CONNECTIONS)
         return
     user.connections += 1  # before any await: concurrent handshakes cannot all pass the check
     metrics.CONNECTIONS.inc()
     try:
-        await websocket.accept()
+        if websocket.application_state is WebSocketState.CONNECTING:
+            await websocket.accept(offer.subprotocol)
         await Connection(node, websocket, identity).serve()
     finally:
         user.connections -= 1

@@ -5,6 +5,8 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge, Histogram
 
 CONNECTIONS = Gauge("roomcast_gateway_connections", "Open WebSocket connections")
+UNAUTHENTICATED = Gauge("roomcast_gateway_unauthenticated_connections",
+                        "WebSocket connections waiting for their auth frame")
 JOINS = Counter("roomcast_gateway_joins_total", "Room joins")
 MESSAGES_IN = Counter("roomcast_gateway_messages_in_total", "Sends acknowledged by Kafka")
 DELIVERED = Counter("roomcast_gateway_messages_out_total", "Message frames queued to clients")

@@ -35,6 +35,7 @@ class Node:
     mysql: aiomysql.Pool
     history: HistoryReader
     users: dict[str, UserState] = field(default_factory=dict)
+    unauthenticated: int = 0  # connections waiting for their auth frame
     draining: bool = False
 
     def user(self, user: str) -> UserState:

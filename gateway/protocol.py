@@ -9,6 +9,11 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, TypeAdapter, ValidationError
 
 PROTOCOL_VERSION = "1"
+# A client may carry its token in the Sec-WebSocket-Protocol header instead of the URL (which
+# proxies write to their access logs): it offers SUBPROTOCOL, which the server selects and echoes,
+# and BEARER_PREFIX + the JWT, which is never echoed (the pattern Kubernetes' API server uses).
+SUBPROTOCOL = "roomcast.v1"
+BEARER_PREFIX = "bearer."
 
 
 class Close(IntEnum):
@@ -65,6 +70,13 @@ class Ping(_Frame):
     type: Literal["ping"]
 
 
+class Auth(_Frame):
+    """The first frame of a connection whose handshake carried no token."""
+
+    type: Literal["auth"]
+    token: StrictStr
+
+
 Inbound = Join | Leave | Send | History | Ping
 _INBOUND: TypeAdapter[Inbound] = TypeAdapter(Annotated[Inbound, Field(discriminator="type")])
 KNOWN_TYPES = frozenset({"join", "leave", "send", "history", "ping"})
@@ -114,6 +126,14 @@ def parse_frame(text: str) -> Inbound:
     if cursor and (len(cursor) > CURSOR_MAX or not cursor.isascii()):
         raise FrameError(Err.BAD_CURSOR, "bad cursor: cursors are short ASCII strings from the server", ref)
     return frame
+
+
+def parse_auth(text: str | None) -> str:
+    """The token of an auth frame, or FrameError."""
+    try:
+        return Auth.model_validate_json(text or "").token
+    except ValidationError:
+        raise FrameError(Err.BAD_FRAME, 'the first frame must be {"type":"auth","token":"<JWT>"}') from None
 
 
 def dumps(frame: dict[str, object]) -> str:

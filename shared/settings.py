@@ -87,6 +87,12 @@ class Settings(BaseSettings):
     max_conns_per_user: int = Field(50, ge=1)
     send_rate_per_s: float = Field(50.0, gt=0)
     send_burst: int = Field(100, ge=1)
+    auth_timeout_s: float = Field(
+        5.0, gt=0, description="Time to send the HTTP request, and the auth frame when no token came with it"
+    )
+    max_unauthenticated: int = Field(
+        500, ge=0, description="Connections of a gateway waiting for their auth frame; more are closed 1013"
+    )
     history_limit_default: int = Field(50, ge=1)
     history_limit_max: int = Field(200, ge=1)
     recovery_wait_s: float = Field(5.0, gt=0, description="How long a resume waits for the persister")

@@ -1,0 +1,272 @@
+"""Issue 18, security tests a reviewer would still try, against real gateway processes, Kafka,
+Redis and MariaDB: tokens out of URLs (the Sec-WebSocket-Protocol header, a first frame), and floods
+of connections that never authenticate.
+
+The module's two gateways have every limit set small; each test uses its own user names.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import redis.asyncio as aioredis
+import websockets
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.typing import Subprotocol
+
+from shared.migrate import migrate
+from shared.services import scrape
+from shared.settings import Settings
+from tests.support import Cluster, delete_keys, drop_database, isolated_settings, token
+
+pytestmark = pytest.mark.timeout(90)
+
+AUTH_TIMEOUT_S, UNAUTH_MAX = 1.0, 20
+V1 = Subprotocol("roomcast.v1")
+
+
+@pytest.fixture(scope="module")
+async def sec(kafka_bootstrap: str, redis_url: str, mysql_server_dsn: str) -> AsyncIterator[Settings]:
+    s = isolated_settings(
+        kafka_bootstrap, redis_url, mysql_server_dsn,
+        auth_timeout_s=AUTH_TIMEOUT_S, max_unauthenticated=UNAUTH_MAX,
+    )
+    await migrate(s.mysql_dsn)
+    yield s
+    await drop_database(s.mysql_dsn)
+    r = aioredis.from_url(s.redis_url)
+    await delete_keys(r, s.redis_prefix)
+    await r.aclose()
+
+
+@pytest.fixture(scope="module")
+def gws(sec: Settings, log_dir: Path) -> Iterator[tuple[Cluster, list[str]]]:
+    """Two gateways (and their /metrics URLs) and the persister."""
+    c = Cluster(sec, log_dir).start()
+    yield c, [f"{c.http(i)}/metrics" for i in range(2)]
+    c.stop()
+
+
+async def ws(url: str, tok: str | None = None, *, header: bool = True, **kw: Any) -> ClientConnection:
+    """A connection with the token in the Sec-WebSocket-Protocol header (or the query)."""
+    if tok is not None and not header:
+        return await connect(f"{url}/ws?v=1&token={tok}", **kw)
+    offered = [V1, Subprotocol(f"bearer.{tok}")] if tok is not None else [V1]
+    return await connect(f"{url}/ws?v=1", subprotocols=kw.pop("subprotocols", offered), **kw)
+
+
+async def answer(conn: ClientConnection, frame: dict[str, Any], timeout: float = 5) -> dict[str, Any]:
+    """Send a frame, return the next one that is not a message."""
+    await conn.send(orjson.dumps(frame).decode())
+    async with asyncio.timeout(timeout):
+        while (f := orjson.loads(await conn.recv()))["type"] == "message":
+            pass
+    return f  # type: ignore[no-any-return]
+
+
+async def closed_by_server(conn: ClientConnection, timeout: float = 5) -> tuple[int | None, str | None]:
+    with pytest.raises(websockets.ConnectionClosed):
+        async with asyncio.timeout(timeout):
+            while True:
+                await conn.recv()
+    return conn.close_code, conn.close_reason
+
+
+async def refused(url: str, tok: str | None, **kw: Any) -> tuple[int | None, str | None]:
+    async with await ws(url, tok, **kw) as conn:
+        return await closed_by_server(conn)
+
+
+# --- tokens: where they travel
+
+async def test_a_token_in_the_subprotocol_header_and_the_selected_subprotocol_echoed(
+        gws: tuple[Cluster, list[str]], sec: Settings) -> None:
+    url = gws[0].url(0)
+    tok = token(sec, "hd-ann")
+    async with await ws(url, tok) as conn:
+        # RFC 6455: the server selects one offered subprotocol and echoes it, never the token.
+        assert conn.subprotocol == "roomcast.v1"
+        assert conn.response is not None and conn.response.headers.get_all("Sec-WebSocket-Protocol") == ["roomcast.v1"]
+        assert await answer(conn, {"type": "ping"}) == {"type": "pong"}
+        assert (await answer(conn, {"type": "send", "room": "hd", "client_msg_id": "h1", "body": "x"}))["type"] == "ack"
+    offered = [Subprotocol(f"bearer.{tok}"), Subprotocol("chat.other"), V1]  # any order, with others
+    async with await ws(url, subprotocols=offered) as conn:
+        assert conn.subprotocol == "roomcast.v1"
+        assert await answer(conn, {"type": "ping"}) == {"type": "pong"}
+    code, reason = await refused(url, tok + "x")  # refused after the handshake, so the client reads why
+    assert code == 1008 and reason and reason.startswith("bad token"), reason
+    code, reason = await refused(url, None, subprotocols=[Subprotocol(f"bearer.{tok}")])
+    assert (code, reason) == (1008, "a token in the subprotocols needs the subprotocol roomcast.v1 offered too")
+    # The query string still works, with or without the subprotocol.
+    async with await ws(url, tok, header=False) as conn:
+        assert conn.subprotocol is None
+        assert await answer(conn, {"type": "ping"}) == {"type": "pong"}
+    async with await ws(url, tok, header=False, subprotocols=[V1]) as conn:
+        assert conn.subprotocol == "roomcast.v1"
+        assert await answer(conn, {"type": "ping"}) == {"type": "pong"}
+
+
+async def test_a_token_in_the_first_frame(gws: tuple[Cluster, list[str]], sec: Settings) -> None:
+    url = gws[0].url(0)
+    tok = token(sec, "ff-bo")
+    for offered in ([V1], None):
+        async with await ws(url, subprotocols=offered) as conn:
+            assert conn.subprotocol == (offered[0] if offered else None)
+            await conn.send(orjson.dumps({"type": "auth", "token": tok}).decode())
+            assert await answer(conn, {"type": "ping"}) == {"type": "pong"}
+            assert (await answer(conn, {"type": "join", "room": "ff"}))["type"] == "joined"
+            # once authenticated, another auth frame is just a frame this protocol does not know
+            assert (await answer(conn, {"type": "auth", "token": tok}))["code"] == "unknown_type"
+    async with await ws(url) as conn:
+        await conn.send('{"type":"ping"}')
+        assert await closed_by_server(conn) == (1008, 'the first frame must be {"type":"auth","token":"<JWT>"}')
+    async with await ws(url) as conn:
+        await conn.send(orjson.dumps({"type": "auth", "token": tok + "x"}).decode())
+        code, reason = await closed_by_server(conn)
+        assert code == 1008 and reason and reason.startswith("bad token"), reason
+    async with await ws(url) as conn:
+        t0 = time.monotonic()
+        assert await closed_by_server(conn) == (1008, f"no auth frame within {AUTH_TIMEOUT_S:g} s")
+        assert AUTH_TIMEOUT_S - 0.1 <= time.monotonic() - t0 <= AUTH_TIMEOUT_S + 1.5
+
+
+# --- floods
+
+# Runs in its own process (its CPU does not disturb the measuring client): holds connections that
+# never authenticate, for --seconds, at a bounded concurrency: WebSockets that send no auth frame,
+# TCP connections that send half an HTTP request (slowloris) or nothing, and handshakes with bad
+# tokens. Prints "flooding" once every kind is in flight, then one JSON line of what the server did.
+UNAUTHENTICATED_FLOOD = r"""
+import asyncio, socket, sys, time
+import orjson
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+async def main(host, port, seconds):
+    url = f"ws://{host}:{port}/ws?v=1"
+    c = {"ws": {}, "ws_open_s": [], "tcp_closed_s": [], "tcp_open_at_end": 0, "bad": {}, "errors": []}
+    stop = time.monotonic() + seconds
+    started = asyncio.Event()
+
+    def count(d, key):
+        d[key] = d.get(key, 0) + 1
+
+    async def no_auth():
+        while time.monotonic() < stop:
+            try:
+                conn = await connect(url, open_timeout=5)
+            except Exception as e:
+                c["errors"].append(repr(e)[:100]); await asyncio.sleep(0.1); continue
+            t0 = time.monotonic()
+            try:
+                await conn.recv()
+            except ConnectionClosed:
+                pass
+            c["ws_open_s"].append(time.monotonic() - t0)
+            count(c["ws"], f"{conn.close_code} {conn.close_reason}")
+            started.set()
+            await asyncio.sleep(0.1)
+
+    async def tcp(half):
+        while time.monotonic() < stop:
+            r, w = await asyncio.open_connection(host, port)
+            if half:
+                w.write(b"GET /ws?v=1 HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n")
+            t0 = time.monotonic()
+            try:
+                await asyncio.wait_for(r.read(), stop + 5 - t0)
+                c["tcp_closed_s"].append(time.monotonic() - t0)
+            except TimeoutError:
+                c["tcp_open_at_end"] += 1
+            w.close()
+
+    async def bad_token():
+        while time.monotonic() < stop:
+            async with connect(url, subprotocols=["roomcast.v1", "bearer.not.a.jwt"], open_timeout=5) as conn:
+                try:
+                    await conn.recv()
+                except ConnectionClosed:
+                    pass
+                count(c["bad"], f"{conn.close_code} {conn.close_reason}")
+            await asyncio.sleep(0.05)
+
+    tasks = [no_auth() for _ in range(30)] + [tcp(True) for _ in range(60)] + [tcp(False) for _ in range(60)]
+    tasks += [bad_token() for _ in range(5)]
+    running = [asyncio.ensure_future(t) for t in tasks]
+    await started.wait()
+    print("flooding", flush=True)
+    await asyncio.gather(*running)
+    print(orjson.dumps(c).decode(), flush=True)
+
+asyncio.run(main(sys.argv[1], int(sys.argv[2]), float(sys.argv[3])))
+"""
+
+
+async def legit_round(url: str, tok: str, k: int, tag: str) -> tuple[list[float], list[float]]:
+    """Connect k times (time to the first pong each), then 30 paced sends (time to each ack: fewer
+    than the user's burst, so none is rate limited)."""
+    connects, acks = [], []
+    for _ in range(k):
+        t0 = time.monotonic()
+        conn = await ws(url, tok, open_timeout=5)
+        assert await answer(conn, {"type": "ping"}) == {"type": "pong"}
+        connects.append(time.monotonic() - t0)
+        await conn.close()
+    async with await ws(url, tok) as conn:
+        for i in range(30):
+            t0 = time.monotonic()
+            f = await answer(conn, {"type": "send", "room": "legit", "client_msg_id": f"{tag}{i}", "body": "x"})
+            assert f["type"] == "ack", f
+            acks.append(time.monotonic() - t0)
+            await asyncio.sleep(0.02)
+    return connects, acks
+
+
+async def test_connections_that_never_authenticate_do_not_hold_the_gateway(
+        gws: tuple[Cluster, list[str]], sec: Settings) -> None:
+    cluster, metrics = gws
+    url, port = cluster.url(1), cluster.gateways[1].ports[0]
+    await legit_round(url, token(sec, "fl-warm"), 3, "warm")
+    base_connects, base_acks = await legit_round(url, token(sec, "fl-base"), 5, "base")
+    flood_s = 4.0
+    flooder = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", UNAUTHENTICATED_FLOOD, "127.0.0.1", str(port), str(flood_s),
+        stdout=asyncio.subprocess.PIPE)
+    assert flooder.stdout is not None
+    try:
+        assert (await asyncio.wait_for(flooder.stdout.readline(), 20)).strip() == b"flooding"
+        waiting = scrape(metrics[1])["roomcast_gateway_unauthenticated_connections"]
+        flood_connects, flood_acks = await legit_round(url, token(sec, "fl-during"), 5, "flood")
+        counts: dict[str, Any] = orjson.loads(await asyncio.wait_for(flooder.stdout.readline(), flood_s + 30))
+    finally:
+        if flooder.returncode is None:
+            flooder.kill()
+        await flooder.wait()
+
+    print(f"\nflood: websockets without auth {counts['ws']}, bad tokens {counts['bad']}, "
+          f"half or silent TCP closed after max {max(counts['tcp_closed_s']):.2f}s "
+          f"({len(counts['tcp_closed_s'])} of them), {waiting:.0f} waiting for an auth frame when sampled")
+    print(f"legit connect median {statistics.median(base_connects) * 1000:.1f} -> "
+          f"{statistics.median(flood_connects) * 1000:.1f} ms, ack median {statistics.median(base_acks) * 1000:.1f} "
+          f"-> {statistics.median(flood_acks) * 1000:.1f} ms")
+    assert not counts["errors"], counts["errors"][:3]
+    timed_out = f"1008 no auth frame within {AUTH_TIMEOUT_S:g} s"
+    too_many = "1013 too many connections waiting to authenticate; try again later"
+    assert set(counts["ws"]) == {timed_out, too_many} and counts["ws"][too_many] > 0, counts["ws"]
+    assert max(counts["ws_open_s"]) <= AUTH_TIMEOUT_S + 1, "a connection without auth is closed at its deadline"
+    assert 0 < waiting <= UNAUTH_MAX
+    assert counts["bad"] and all(k.startswith("1008 bad token") for k in counts["bad"]), counts["bad"]
+    # Half a request or none: closed at the deadline of the request's head, none left at the end.
+    assert counts["tcp_open_at_end"] == 0 and len(counts["tcp_closed_s"]) >= 120
+    assert max(counts["tcp_closed_s"]) <= AUTH_TIMEOUT_S + 1
+    # Legitimate users meanwhile: every connect and send went through, at about the usual speed.
+    assert statistics.median(flood_connects) <= 3 * statistics.median(base_connects) + 0.1
+    assert statistics.median(flood_acks) <= 3 * statistics.median(base_acks) + 0.05
