@@ -75,6 +75,9 @@ class Settings(BaseSettings):
     port: int = 8001
     jwt_secret: SecretStr = SecretStr(DEV_JWT_SECRET)
     jwt_algorithm: Literal["HS256", "HS384", "HS512"] = "HS256"
+    jwt_audience: str = Field("", description="Required `aud` of every token (minted with it); empty: not checked")
+    jwt_issuer: str = Field("", description="Required `iss` of every token (minted with it); empty: not checked")
+    token_max_rooms: int = Field(1000, ge=1, description="A token whose rooms claim has more entries is refused")
     token_ttl_s: int = Field(24 * 3600, ge=1, description="Lifetime of tokens minted by `roomcast token`")
     dev_mode: bool = Field(False, description="Serves /dev/token for the chat page; never in production")
     allowed_origins: Annotated[list[str], NoDecode] = Field(

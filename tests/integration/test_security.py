@@ -1,6 +1,7 @@
 """Issue 18, security tests a reviewer would still try, against real gateway processes, Kafka,
-Redis and MariaDB: tokens out of URLs (the Sec-WebSocket-Protocol header, a first frame), and floods
-of connections that never authenticate.
+Redis and MariaDB: tokens out of URLs (the Sec-WebSocket-Protocol header, a first frame); floods of
+connections that never authenticate; tokens bound to an audience and an issuer, and held to a
+number of rooms.
 
 The module's two gateways have every limit set small; each test uses its own user names.
 """
@@ -8,13 +9,18 @@ The module's two gateways have every limit set small; each test uses its own use
 from __future__ import annotations
 
 import asyncio
+import os
 import statistics
+import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import jwt
 import orjson
 import pytest
 import redis.asyncio as aioredis
@@ -25,10 +31,13 @@ from websockets.typing import Subprotocol
 from shared.migrate import migrate
 from shared.services import scrape
 from shared.settings import Settings
+from tests.conftest import ROOT
 from tests.support import Cluster, delete_keys, drop_database, isolated_settings, token
 
 pytestmark = pytest.mark.timeout(90)
 
+AUD, ISS = "roomcast-test", "https://issuer.test"
+ROOMS_MAX = 20
 AUTH_TIMEOUT_S, UNAUTH_MAX = 1.0, 20
 V1 = Subprotocol("roomcast.v1")
 
@@ -37,6 +46,7 @@ V1 = Subprotocol("roomcast.v1")
 async def sec(kafka_bootstrap: str, redis_url: str, mysql_server_dsn: str) -> AsyncIterator[Settings]:
     s = isolated_settings(
         kafka_bootstrap, redis_url, mysql_server_dsn,
+        jwt_audience=AUD, jwt_issuer=ISS, token_max_rooms=ROOMS_MAX,
         auth_timeout_s=AUTH_TIMEOUT_S, max_unauthenticated=UNAUTH_MAX,
     )
     await migrate(s.mysql_dsn)
@@ -270,3 +280,60 @@ async def test_connections_that_never_authenticate_do_not_hold_the_gateway(
     # Legitimate users meanwhile: every connect and send went through, at about the usual speed.
     assert statistics.median(flood_connects) <= 3 * statistics.median(base_connects) + 0.1
     assert statistics.median(flood_acks) <= 3 * statistics.median(base_acks) + 0.05
+
+
+# --- tokens: what they must say
+
+def http_status(url: str, headers: dict[str, str] | None = None) -> int:
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=5) as r:
+            return int(r.status)
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def claims(sec: Settings, user: str, **extra: Any) -> str:
+    now = int(time.time())
+    return jwt.encode({"sub": user, "exp": now + 600, "rooms": ["*"], **extra}, sec.jwt_secret.get_secret_value(),
+                      algorithm="HS256")
+
+
+async def test_tokens_must_name_the_audience_and_issuer(gws: tuple[Cluster, list[str]], sec: Settings) -> None:
+    url, http = gws[0].url(0), gws[0].http(0)
+    wrong = {
+        "no aud": {"iss": ISS},
+        "another aud": {"aud": "another-service", "iss": ISS},
+        "aud list without ours": {"aud": ["a", "b"], "iss": ISS},
+        "no iss": {"aud": AUD},
+        "another iss": {"aud": AUD, "iss": "https://evil.test"},
+        "neither": {},
+    }
+    for what, extra in wrong.items():
+        tok = claims(sec, "au-cy", **extra)
+        code, reason = await refused(url, tok)
+        assert code == 1008 and reason and reason.startswith("bad token"), (what, reason)
+        assert http_status(f"{http}/rooms/au/messages", {"Authorization": f"Bearer {tok}"}) == 401, what
+    for tok in (claims(sec, "au-cy", aud=[AUD, "another"], iss=ISS), token(sec, "au-cy")):
+        async with await ws(url, tok) as conn:
+            assert await answer(conn, {"type": "ping"}) == {"type": "pong"}
+    # `roomcast token` mints what the gateways accept when JWT_AUDIENCE / JWT_ISSUER are set.
+    cli = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "shared.cli", "token", "au-cli"], cwd=ROOT,
+                                  capture_output=True, text=True, timeout=60, env={**os.environ, **sec.to_env()})
+    minted = cli.stdout.strip()
+    decoded = jwt.decode(minted, sec.jwt_secret.get_secret_value(), algorithms=["HS256"], audience=AUD, issuer=ISS)
+    assert (decoded["aud"], decoded["iss"], decoded["sub"]) == (AUD, ISS, "au-cli")
+    async with await ws(url, minted) as conn:
+        assert await answer(conn, {"type": "ping"}) == {"type": "pong"}
+
+
+async def test_a_rooms_claim_over_the_limit_is_refused(gws: tuple[Cluster, list[str]], sec: Settings) -> None:
+    url, http = gws[0].url(0), gws[0].http(0)
+    at_limit = token(sec, "rc-di", rooms=[f"r{i}" for i in range(ROOMS_MAX)])
+    async with await ws(url, at_limit) as conn:
+        assert (await answer(conn, {"type": "join", "room": f"r{ROOMS_MAX - 1}"}))["type"] == "joined"
+    over = token(sec, "rc-di", rooms=[f"r{i}" for i in range(ROOMS_MAX + 1)])
+    assert await refused(url, over) == (1008, f"bad token: rooms claim has more than {ROOMS_MAX} entries")
+    async with await ws(url) as conn:  # the same through the first frame
+        await conn.send(orjson.dumps({"type": "auth", "token": over}).decode())
+        assert await closed_by_server(conn) == (1008, f"bad token: rooms claim has more than {ROOMS_MAX} entries")
+    assert http_status(f"{http}/rooms/r0/messages", {"Authorization": f"Bearer {over}"}) == 401
