@@ -24,6 +24,7 @@ from gateway.history import HistoryReader
 from gateway.hub import Hub
 from gateway.node import Node
 from gateway.publisher import Publisher
+from gateway.quota import Quota
 from gateway.rest import room_messages
 from shared.kafka import new_consumer, new_producer, wait_for_topic
 from shared.keys import Keys
@@ -47,17 +48,23 @@ def create_app(settings: Settings) -> Starlette:
         await fanout.start()
         keys = Keys(settings.redis_prefix, settings.kafka_partitions)
         node = Node(settings, keys, hub, fanout, producer, Publisher(settings, producer, redis), redis, mysql,
-                    HistoryReader(settings, keys, redis, mysql))
+                    HistoryReader(settings, keys, redis, mysql), Quota(settings, keys, redis))
         fan_task = asyncio.create_task(fanout.run(), name="fanout")
         fan_task.add_done_callback(lambda t: _fanout_died(t, fanout))
+        renew_task = asyncio.create_task(node.quota.renew_forever(node.users), name="quota-renewal")
+        renew_task.add_done_callback(_renewal_died)
         log.info("gateway ready", extra={"port": settings.port})
         try:
             yield {"node": node}
         finally:
             node.draining = True
             fan_task.cancel()
+            renew_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await fan_task
+            with contextlib.suppress(asyncio.CancelledError):
+                await renew_task
+            await node.quota.retire()
             await producer.stop()  # flushes what is still buffered
             await node.publisher.close()  # acks gathered for Redis, before its client closes
             await fanout.stop()
@@ -77,6 +84,11 @@ def create_app(settings: Settings) -> Starlette:
     if (STATIC / "index.html").exists():
         routes.append(Mount("/", StaticFiles(directory=STATIC, html=True), name="static"))
     return Starlette(routes=routes, lifespan=lifespan)
+
+
+def _renewal_died(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.critical("the renewal of this node's connection counts crashed", exc_info=task.exception())
 
 
 def _fanout_died(task: asyncio.Task[None], fanout: Fanout) -> None:

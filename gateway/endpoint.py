@@ -18,7 +18,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 from gateway import metrics
 from gateway.history import history_frame
 from gateway.limits import FRAMES_PER_TURN, MAX_PENDING_REQUESTS, MAX_QUEUED_SENDS, inbound_bucket
-from gateway.node import Node, UserState
+from gateway.node import Node
 from gateway.protocol import (
     BEARER_PREFIX,
     PONG,
@@ -39,6 +39,7 @@ from gateway.protocol import (
     ref_of,
 )
 from gateway.publisher import Unavailable
+from gateway.quota import Count, UserState
 from gateway.recovery import resume
 from gateway.session import Session
 from gateway.wire import write_frame_of
@@ -153,31 +154,24 @@ async def ws_endpoint(websocket: WebSocket) -> None:
         await refuse(websocket, offer, Close.TRY_AGAIN_LATER, TOO_MANY_CONNECTIONS)
         return
     user.connections += 1  # before any await: concurrent handshakes cannot all pass the check
+    user.until = max(user.until, identity.expires_at or 0.0)
     metrics.CONNECTIONS.inc()
+    count = None
     try:
+        count = await node.quota.connect(identity.user, identity.expires_at)
+        if count is Count.REFUSED:
+            await refuse(websocket, offer, Close.TRY_AGAIN_LATER, TOO_MANY_CONNECTIONS)
+            return
         if websocket.application_state is WebSocketState.CONNECTING:
             await websocket.accept(offer.subprotocol)
-        await Connection(node, websocket, identity).serve()
+        await Connection(node, websocket, identity, user).serve()
     finally:
         user.connections -= 1
         metrics.CONNECTIONS.dec()
-        if user.connections == 0:
-            forget_user_later(node, identity.user, user)
-
-
-def forget_user_later(node: Node, user_id: str, state: UserState) -> None:
-    """Drop a user's state once nothing distinguishes it from a fresh one: no connection left and
-    a full bucket. Until then it is kept, so reconnecting does not refill the bucket."""
-    wait = state.bucket.full_in() if state.bucket is not None else 0.0
-
-    def forget() -> None:
-        if state.connections == 0 and node.users.get(user_id) is state:
-            del node.users[user_id]
-
-    if wait <= 0:
-        forget()
-    else:
-        asyncio.get_running_loop().call_later(wait, forget)
+        if count is not None and count is not Count.REFUSED:
+            node.quota.disconnected(identity.user, count)
+        if user.connections == 0 and node.users.get(identity.user) is user:
+            del node.users[identity.user]  # (its send budget lives in Redis)
 
 
 class Connection:
@@ -189,18 +183,20 @@ class Connection:
     (join/history requests, the send worker, acks not received yet) and the queue of sends waiting
     for the producer, with the worker that hands them over in order."""
 
-    __slots__ = ("_joining", "_sends", "_tasks", "identity", "inbound", "node", "requests", "s", "session", "ws")
+    __slots__ = ("_joining", "_sends", "_tasks", "identity", "inbound", "node", "requests", "s", "session", "user",
+                 "ws")
 
-    def __init__(self, node: Node, websocket: WebSocket, identity: Identity) -> None:
+    def __init__(self, node: Node, websocket: WebSocket, identity: Identity, user: UserState) -> None:
         self.node = node
         self.s = node.settings
         self.session = Session(identity, websocket, node.settings.send_queue_max, write_frame_of(websocket.scope))
         self.identity = identity
+        self.user = user
         self.ws = websocket
         self.inbound = inbound_bucket(self.s)
         self.requests = 0  # join/history tasks running
         self._tasks: set[asyncio.Future[Any]] | None = None
-        self._sends: deque[Send] | None = None  # while the send worker runs
+        self._sends: deque[tuple[Send, bool]] | None = None  # while the send worker runs
         self._joining: set[str] | None = None  # rooms with a join in progress
 
     async def serve(self) -> None:
@@ -330,27 +326,30 @@ class Connection:
         if len(f.body) > self.s.max_body_chars:
             self.fail(Err.TOO_LARGE, f"body longer than {self.s.max_body_chars} characters", f.client_msg_id)
             return
-        bucket = self.node.user(self.identity.user).bucket
-        wait = bucket.take() if bucket is not None else 0.0
-        if wait > 0:
-            self.fail(Err.RATE_LIMITED, "sending too fast", f.client_msg_id, retry_after_ms=int(wait * 1000) + 1)
-            return
         sends = self._sends
+        if sends is not None and len(sends) >= MAX_QUEUED_SENDS:
+            self.fail(Err.RATE_LIMITED, "too many sends awaiting their ack", f.client_msg_id, retry_after_ms=100)
+            return
+        wait = self.node.quota.admit(self.identity.user, self.user)
+        if wait:  # (None: not known here; the send worker asks Redis)
+            self.rate_limited(f.client_msg_id, wait)
+            return
         if sends is None:  # no worker running: start one
             sends = self._sends = deque()
             self.spawn(self._send_in_order(sends), None)
-        elif len(sends) >= MAX_QUEUED_SENDS:
-            self.fail(Err.RATE_LIMITED, "too many sends awaiting their ack", f.client_msg_id, retry_after_ms=100)
-            return
-        sends.append(f)
+        sends.append((f, wait is not None))
 
-    async def _send_in_order(self, sends: deque[Send]) -> None:
+    async def _send_in_order(self, sends: deque[tuple[Send, bool]]) -> None:
         """Sends reach Kafka in the order the client sent them; acks are awaited concurrently (each
-        is answered by a callback). Runs while sends are queued; the next send starts a new worker."""
+        is answered by a callback). Runs while sends are queued; the next send starts a new worker.
+        A send not admitted on arrival (bool False) waits here for the user's budget."""
         try:
             while sends:
-                f = sends.popleft()
+                f, admitted = sends.popleft()
                 try:
+                    if not admitted and (wait := await self.node.quota.take_send(self.identity.user, self.user)):
+                        self.rate_limited(f.client_msg_id, wait)
+                        continue
                     ack = await self.node.publisher.send(self.identity.user, f.room, f.client_msg_id, f.body)
                 except Unavailable as e:
                     self.fail(Err.UNAVAILABLE, str(e), f.client_msg_id)
@@ -364,6 +363,11 @@ class Connection:
                 pending.add_done_callback(functools.partial(self._reply_ack, f.client_msg_id))
         finally:
             self._sends = None
+            if waiting := sum(not admitted for _, admitted in sends):  # (the connection ended)
+                self.node.quota.forgo(self.user, waiting)
+
+    def rate_limited(self, client_msg_id: str, wait: float) -> None:
+        self.fail(Err.RATE_LIMITED, "sending too fast", client_msg_id, retry_after_ms=int(wait * 1000) + 1)
 
     def _reply_ack(self, client_msg_id: str, ack: asyncio.Future[bytes]) -> None:
         self._untrack(ack)

@@ -11,16 +11,10 @@ from aiokafka import AIOKafkaProducer
 from gateway.fanout import Fanout
 from gateway.history import HistoryReader
 from gateway.hub import Hub
-from gateway.limits import TokenBucket
 from gateway.publisher import Publisher
+from gateway.quota import Quota, UserState
 from shared.keys import Keys
 from shared.settings import Settings
-
-
-@dataclass(slots=True)
-class UserState:
-    connections: int = 0
-    bucket: TokenBucket | None = None
 
 
 @dataclass
@@ -34,13 +28,13 @@ class Node:
     redis: aioredis.Redis
     mysql: aiomysql.Pool
     history: HistoryReader
-    users: dict[str, UserState] = field(default_factory=dict)
+    quota: Quota
+    users: dict[str, UserState] = field(default_factory=dict)  # users with connections here
     unauthenticated: int = 0  # connections waiting for their auth frame
     draining: bool = False
 
     def user(self, user: str) -> UserState:
         state = self.users.get(user)
         if state is None:
-            state = self.users[user] = UserState(
-                bucket=TokenBucket(self.settings.send_rate_per_s, self.settings.send_burst))
+            state = self.users[user] = UserState()
         return state

@@ -87,9 +87,15 @@ class Settings(BaseSettings):
     max_frame_bytes: int = Field(64 * 1024, ge=256)
     max_body_chars: int = Field(4000, ge=1)
     max_rooms_per_conn: int = Field(100, ge=1)
-    max_conns_per_user: int = Field(50, ge=1)
-    send_rate_per_s: float = Field(50.0, gt=0)
+    max_conns_per_user: int = Field(50, ge=1, description="Connections per user, all gateways together")
+    send_rate_per_s: float = Field(50.0, gt=0, description="Per-user send rate, all gateways together")
     send_burst: int = Field(100, ge=1)
+    send_lease: int = Field(
+        5, ge=1, description="Sends a gateway takes from a user's shared budget per Redis round trip"
+    )
+    gateway_lease_s: float = Field(
+        15.0, gt=0, description="A gateway that stopped renewing this long ago: its connections no longer count"
+    )
     auth_timeout_s: float = Field(
         5.0, gt=0, description="Time to send the HTTP request, and the auth frame when no token came with it"
     )

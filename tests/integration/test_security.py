@@ -1,7 +1,8 @@
-"""Issue 18, security tests a reviewer would still try, against real gateway processes, Kafka,
-Redis and MariaDB: tokens out of URLs (the Sec-WebSocket-Protocol header, a first frame); floods of
-connections that never authenticate; tokens bound to an audience and an issuer, and held to a
-number of rooms.
+"""Issue 18, security tests a reviewer would still try, against real gateway processes (two,
+plus a third to kill), the persister, Kafka, Redis and MariaDB: tokens out of URLs (the
+Sec-WebSocket-Protocol header, a first frame); floods of connections that never authenticate;
+tokens bound to an audience and an issuer, and held to a number of rooms; a user's limits hold
+across gateways and outlive a killed one only briefly.
 
 The module's two gateways have every limit set small; each test uses its own user names.
 """
@@ -9,6 +10,7 @@ The module's two gateways have every limit set small; each test uses its own use
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import statistics
 import subprocess
@@ -32,12 +34,12 @@ from shared.migrate import migrate
 from shared.services import scrape
 from shared.settings import Settings
 from tests.conftest import ROOT
-from tests.support import Cluster, delete_keys, drop_database, isolated_settings, token
+from tests.support import Cluster, delete_keys, drop_database, eventually, isolated_settings, token
 
 pytestmark = pytest.mark.timeout(90)
 
 AUD, ISS = "roomcast-test", "https://issuer.test"
-ROOMS_MAX = 20
+ROOMS_MAX, CONNS_MAX, RATE, BURST, LEASE, GATEWAY_LEASE_S = 20, 3, 5.0, 40, 5, 3.0
 AUTH_TIMEOUT_S, UNAUTH_MAX = 1.0, 20
 V1 = Subprotocol("roomcast.v1")
 
@@ -46,7 +48,8 @@ V1 = Subprotocol("roomcast.v1")
 async def sec(kafka_bootstrap: str, redis_url: str, mysql_server_dsn: str) -> AsyncIterator[Settings]:
     s = isolated_settings(
         kafka_bootstrap, redis_url, mysql_server_dsn,
-        jwt_audience=AUD, jwt_issuer=ISS, token_max_rooms=ROOMS_MAX,
+        jwt_audience=AUD, jwt_issuer=ISS, token_max_rooms=ROOMS_MAX, max_conns_per_user=CONNS_MAX,
+        send_rate_per_s=RATE, send_burst=BURST, send_lease=LEASE, gateway_lease_s=GATEWAY_LEASE_S,
         auth_timeout_s=AUTH_TIMEOUT_S, max_unauthenticated=UNAUTH_MAX,
     )
     await migrate(s.mysql_dsn)
@@ -337,3 +340,100 @@ async def test_a_rooms_claim_over_the_limit_is_refused(gws: tuple[Cluster, list[
         await conn.send(orjson.dumps({"type": "auth", "token": over}).decode())
         assert await closed_by_server(conn) == (1008, f"bad token: rooms claim has more than {ROOMS_MAX} entries")
     assert http_status(f"{http}/rooms/r0/messages", {"Authorization": f"Bearer {over}"}) == 401
+
+
+# --- limits across gateways
+
+async def test_a_users_connections_and_send_rate_are_limited_across_gateways(
+        gws: tuple[Cluster, list[str]], sec: Settings) -> None:
+    cluster = gws[0]
+    a, b = cluster.url(0), cluster.url(1)
+    tok = token(sec, "xg-eve")
+    conns = [await ws(a, tok), await ws(a, tok), await ws(b, tok)]
+    for conn in conns:
+        assert await answer(conn, {"type": "ping"}) == {"type": "pong"}
+    for url in (a, b):  # the fourth, on either gateway
+        assert await refused(url, tok) == (1013, "too many connections for this user")
+    other = await ws(b, token(sec, "xg-fay"))  # another user is not affected
+    assert await answer(other, {"type": "ping"}) == {"type": "pong"}
+    await other.close()
+    await conns.pop(0).close()
+
+    async def one_more_on_b() -> bool:
+        conn = await ws(b, tok)
+        try:
+            ok = await answer(conn, {"type": "ping"}) == {"type": "pong"}
+        except websockets.ConnectionClosed:
+            return False
+        conns.append(conn)
+        return ok
+
+    await eventually(one_more_on_b, 5, what="the slot freed on the other gateway")
+
+    # Sends from all three connections (one on A, two on B) as fast as they go: one budget.
+    n = BURST + 40
+    t0 = time.monotonic()
+    for i in range(n):
+        await conns[i % 3].send(orjson.dumps({"type": "send", "room": "xg", "client_msg_id": f"s{i}",
+                                              "body": "x"}).decode())
+    answers: list[dict[str, Any]] = []
+
+    async def read(conn: ClientConnection) -> None:
+        with contextlib.suppress(websockets.ConnectionClosed):
+            async for raw in conn:
+                if (f := orjson.loads(raw))["type"] in ("ack", "error"):
+                    answers.append(f)
+
+    readers = [asyncio.create_task(read(conn)) for conn in conns]
+
+    async def all_answered() -> bool:
+        return len(answers) >= n
+
+    await eventually(all_answered, 10, what="every send answered")
+    elapsed = time.monotonic() - t0
+    acks = [f for f in answers if f["type"] == "ack"]
+    limited = [f for f in answers if f["type"] == "error"]
+    assert {f["code"] for f in limited} == {"rate_limited"}
+    assert all(1 <= f["retry_after_ms"] <= 1000 / RATE + 1 for f in limited)
+    # The bound (gateway/quota.py): the burst, the refill, and what each gateway took unspent. One
+    # bucket per gateway would have let both bursts through (2 x 40).
+    assert len(acks) <= BURST + RATE * elapsed + 2 * LEASE, (len(acks), elapsed)
+    assert len(acks) >= BURST - 2 * LEASE, "no more refused than what the gateways hold unspent"
+    print(f"\n{len(acks)} of {n} sends acknowledged across two gateways in {elapsed:.2f}s "
+          f"(bound {BURST + RATE * elapsed + 2 * LEASE:.0f}; one bucket per gateway: ~{2 * BURST})")
+    for task in readers:
+        task.cancel()
+    for conn in conns:
+        await conn.close()
+
+
+async def test_a_killed_gateways_connections_stop_counting_within_its_lease(
+        gws: tuple[Cluster, list[str]], sec: Settings) -> None:
+    cluster = gws[0]
+    doomed = cluster.add_gateway()
+    tok = token(sec, "kg-gus")
+    held = [await ws(f"ws://127.0.0.1:{doomed.ports[0]}", tok) for _ in range(CONNS_MAX)]
+    for conn in held:
+        assert await answer(conn, {"type": "ping"}) == {"type": "pong"}
+    doomed.kill()  # SIGKILL: no shutdown, nothing released
+    killed = time.monotonic()
+    cluster.gateways.remove(doomed)
+    # Its counts outlive it (it renewed them within the last third of its lease)...
+    assert await refused(cluster.url(0), tok) == (1013, "too many connections for this user")
+
+    async def admitted() -> bool:
+        conn = await ws(cluster.url(0), tok)
+        try:
+            return await answer(conn, {"type": "ping"}) == {"type": "pong"}
+        except websockets.ConnectionClosed:
+            return False
+        finally:
+            await conn.close()
+
+    # ...until the lease runs out, without anyone cleaning up.
+    await eventually(admitted, GATEWAY_LEASE_S + 5, every=0.1, what="the killed gateway's connections released")
+    gone = time.monotonic() - killed
+    print(f"\nthe killed gateway's connections stopped counting after {gone:.1f}s (lease {GATEWAY_LEASE_S:g}s)")
+    assert GATEWAY_LEASE_S * 2 / 3 - 0.5 <= gone <= GATEWAY_LEASE_S + 1.5
+    for conn in held:
+        await conn.close()  # (the peer is gone: the connection is closed already)
