@@ -17,7 +17,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from gateway import metrics
 from gateway.history import history_frame
-from gateway.limits import FRAMES_PER_TURN, MAX_PENDING_REQUESTS, MAX_QUEUED_SENDS, inbound_bucket
+from gateway.limits import FRAMES_PER_TURN, MAX_PENDING_REQUESTS, MAX_QUEUED_SENDS, TokenBucket, inbound_bucket
 from gateway.node import Node
 from gateway.protocol import (
     BEARER_PREFIX,
@@ -183,8 +183,8 @@ class Connection:
     (join/history requests, the send worker, acks not received yet) and the queue of sends waiting
     for the producer, with the worker that hands them over in order."""
 
-    __slots__ = ("_joining", "_sends", "_tasks", "identity", "inbound", "node", "requests", "s", "session", "user",
-                 "ws")
+    __slots__ = ("_joining", "_replay_budget", "_resume_turn", "_resumes", "_sends", "_tasks", "identity", "inbound",
+                 "node", "requests", "s", "session", "user", "ws")
 
     def __init__(self, node: Node, websocket: WebSocket, identity: Identity, user: UserState) -> None:
         self.node = node
@@ -198,6 +198,10 @@ class Connection:
         self._tasks: set[asyncio.Future[Any]] | None = None
         self._sends: deque[tuple[Send, bool]] | None = None  # while the send worker runs
         self._joining: set[str] | None = None  # rooms with a join in progress
+        # Resumes run one at a time, each charged the entries it read (see on_join).
+        self._resumes = 0  # waiting or running
+        self._resume_turn: asyncio.Lock | None = None  # while any
+        self._replay_budget: TokenBucket | None = None  # from the first resume on
 
     async def serve(self) -> None:
         """Until either side closes the connection. (The receive loop is here, not in a task or a
@@ -398,7 +402,7 @@ class Connection:
                 return
             self._joining = (self._joining or set()) | {room}
             try:
-                await resume(self.node, self.session, room, f.cursor, self.fail)
+                await self._resume(room, f.cursor)
             finally:
                 self._joining.discard(room)
                 if not self._joining:
@@ -408,6 +412,33 @@ class Connection:
         metrics.JOINS.inc()
         position = self.node.fanout.position(partition)
         self.reply(dumps({"type": "joined", "room": room, "cursor": f"{partition}-{position - 1}"}))
+
+    async def _resume(self, room: str, cursor: str) -> None:
+        """One resume at a time (a connection joining many rooms from cursor 0-0 reads one room's
+        history at a time), and all of them held to a budget of entries read (RESUME_BUDGET, refilled
+        at RESUME_BUDGET_PER_S): a resume starts only while the budget is not overdrawn, else it is
+        answered `rate_limited` with the wait. So what one connection makes the node read is at most
+        the budget, its refill, and one resume's worth (RESUME_MAX_MESSAGES, or the log's range)."""
+        self._resumes += 1
+        turn = self._resume_turn = self._resume_turn or asyncio.Lock()
+        try:
+            async with turn:
+                budget = self._replay_budget
+                if budget is None:
+                    budget = self._replay_budget = TokenBucket(self.s.resume_budget_per_s, self.s.resume_budget)
+                if (wait := budget.debit(0)) > 0:
+                    self.fail(Err.RATE_LIMITED, "resuming too much history; join again later", room,
+                              retry_after_ms=int(wait * 1000) + 1)
+                    return
+                metrics.RESUMES_RUNNING.inc()
+                try:
+                    budget.debit(await resume(self.node, self.session, room, cursor, self.fail))
+                finally:
+                    metrics.RESUMES_RUNNING.dec()
+        finally:
+            self._resumes -= 1
+            if not self._resumes:
+                self._resume_turn = None
 
     def on_leave(self, f: Leave) -> None:
         if f.room not in self.session.rooms:

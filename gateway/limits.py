@@ -36,11 +36,11 @@ class TokenBucket:
         self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
 
-    def debit(self) -> float:
-        """Take a token even when there is none (the balance goes below zero); the seconds to wait
-        until the balance is back at zero."""
+    def debit(self, amount: float = 1) -> float:
+        """Take `amount` tokens even when there are not as many (the balance may go below zero);
+        the seconds to wait until the balance is back at zero."""
         self._refill()
-        self.tokens -= 1
+        self.tokens -= amount
         return -self.tokens / self.rate if self.tokens < 0 else 0.0
 
 

@@ -26,3 +26,6 @@ HISTORY_MYSQL_QUERIES = Counter("roomcast_gateway_history_mysql_queries_total",
 HISTORY_PARTIAL_PAGES = Counter("roomcast_gateway_history_partial_pages_total",
                                 "History pages served from Redis alone, short, because MySQL did not answer")
 RESUMED = Counter("roomcast_gateway_resumed_messages_total", "Missed messages replayed on a resume")
+RESUME_READS = Counter("roomcast_gateway_resume_read_entries_total",
+                       "Stored entries and log records read by resumes (what the resume budgets are charged)")
+RESUMES_RUNNING = Gauge("roomcast_gateway_resumes_running", "Resumes reading or replaying now, all connections")

@@ -111,6 +111,10 @@ class Settings(BaseSettings):
     resume_max_messages: int = Field(
         5000, ge=1, description="A resume that missed more replays nothing (recovered=false; page history)"
     )
+    resume_budget: int = Field(
+        50_000, ge=1, description="Stored entries a connection's resumes may read in a burst (then at the refill)"
+    )
+    resume_budget_per_s: float = Field(5000.0, gt=0, description="Refill of a connection's resume budget")
     ready_max_lag: int = Field(10_000, ge=0, description="Fan-out lag (records) past which /readyz fails")
     ready_stall_s: float = Field(30.0, gt=0, description="Fan-out silent this long while lagging: not ready")
     drain_grace_s: float = Field(10.0, ge=0)

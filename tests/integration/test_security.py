@@ -2,7 +2,7 @@
 plus a third to kill), the persister, Kafka, Redis and MariaDB: tokens out of URLs (the
 Sec-WebSocket-Protocol header, a first frame); floods of connections that never authenticate;
 tokens bound to an audience and an issuer, and held to a number of rooms; a user's limits hold
-across gateways and outlive a killed one only briefly.
+across gateways and outlive a killed one only briefly; resumes from the start of many rooms at once.
 
 The module's two gateways have every limit set small; each test uses its own user names.
 """
@@ -27,20 +27,24 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 import websockets
+from aiokafka import AIOKafkaProducer
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.typing import Subprotocol
 
+from shared.keys import Keys
+from shared.message import Message, new_message_id
 from shared.migrate import migrate
 from shared.services import scrape
 from shared.settings import Settings
 from tests.conftest import ROOT
-from tests.support import Cluster, delete_keys, drop_database, eventually, isolated_settings, token
+from tests.support import Cluster, delete_keys, drop_database, eventually, isolated_settings, partition_of, token
 
 pytestmark = pytest.mark.timeout(90)
 
 AUD, ISS = "roomcast-test", "https://issuer.test"
 ROOMS_MAX, CONNS_MAX, RATE, BURST, LEASE, GATEWAY_LEASE_S = 20, 3, 5.0, 40, 5, 3.0
 AUTH_TIMEOUT_S, UNAUTH_MAX = 1.0, 20
+RESUME_BUDGET, RESUME_PER_S = 600, 200.0
 V1 = Subprotocol("roomcast.v1")
 
 
@@ -50,7 +54,8 @@ async def sec(kafka_bootstrap: str, redis_url: str, mysql_server_dsn: str) -> As
         kafka_bootstrap, redis_url, mysql_server_dsn,
         jwt_audience=AUD, jwt_issuer=ISS, token_max_rooms=ROOMS_MAX, max_conns_per_user=CONNS_MAX,
         send_rate_per_s=RATE, send_burst=BURST, send_lease=LEASE, gateway_lease_s=GATEWAY_LEASE_S,
-        auth_timeout_s=AUTH_TIMEOUT_S, max_unauthenticated=UNAUTH_MAX,
+        auth_timeout_s=AUTH_TIMEOUT_S, max_unauthenticated=UNAUTH_MAX, resume_budget=RESUME_BUDGET,
+        resume_budget_per_s=RESUME_PER_S,
     )
     await migrate(s.mysql_dsn)
     yield s
@@ -437,3 +442,102 @@ async def test_a_killed_gateways_connections_stop_counting_within_its_lease(
     assert GATEWAY_LEASE_S * 2 / 3 - 0.5 <= gone <= GATEWAY_LEASE_S + 1.5
     for conn in held:
         await conn.close()  # (the peer is gone: the connection is closed already)
+
+
+# --- resumes
+
+async def produce(settings: Settings, messages: list[Message]) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
+    await producer.start()
+    try:
+        sent = [await producer.send(settings.kafka_topic, m.kafka_value(), key=m.room.encode(),
+                                    partition=partition_of(settings, m.room).partition) for m in messages]
+        await asyncio.gather(*sent)
+    finally:
+        await producer.stop()
+
+
+async def test_resuming_many_rooms_from_the_start_is_bounded_per_connection(
+        gws: tuple[Cluster, list[str]], sec: Settings) -> None:
+    cluster, metrics_urls = gws
+    url, metrics = cluster.url(0), metrics_urls[0]
+    rooms, per_room = [f"amp-{i}" for i in range(15)], 100
+    await produce(sec, [Message(new_message_id(), room, "seed", f"{room}:{i}", 1_764_000_000_000 + i, f"c{i}")
+                        for i in range(per_room) for room in rooms])
+    redis, keys = aioredis.from_url(sec.redis_url), Keys(sec.redis_prefix, sec.kafka_partitions)
+    try:
+        async def stored() -> bool:
+            lengths = [await redis.llen(keys.msgs(room)) for room in rooms]  # type: ignore[misc]
+            return all(n == per_room for n in lengths)
+
+        await eventually(stored, 30, what="the seeded rooms stored")
+    finally:
+        await redis.aclose()
+    start = {room: f"{partition_of(sec, room).partition}--1" for room in rooms}  # before the first record
+
+    # Another user's latency, before and while one connection asks for every room from the start.
+    other = await ws(url, token(sec, "am-ida"))
+
+    async def acks_ms(tag: str) -> list[float]:
+        out = []
+        for i in range(15):
+            t0 = time.monotonic()
+            assert (await answer(other, {"type": "send", "room": "am", "client_msg_id": f"{tag}{i}",
+                                         "body": "x"}))["type"] == "ack"
+            out.append(time.monotonic() - t0)
+            await asyncio.sleep(0.02)
+        return out
+
+    base = await acks_ms("base")
+    read0 = scrape(metrics)["roomcast_gateway_resume_read_entries_total"]
+    # (max_queue=None: replays left unread must not hold up the closing handshake)
+    flooder = await ws(url, token(sec, "am-jo"), max_size=2**24, max_queue=None)
+    running: list[float] = []
+    sampling = True
+
+    async def sample() -> None:
+        while sampling:
+            running.append((await asyncio.to_thread(scrape, metrics))["roomcast_gateway_resumes_running"])
+            await asyncio.sleep(0.01)
+
+    sampler = asyncio.create_task(sample())
+    t0 = time.monotonic()
+    for room in rooms:
+        await flooder.send(orjson.dumps({"type": "join", "room": room, "cursor": start[room]}).decode())
+    answered: dict[str, dict[str, Any]] = {}
+    replayed = 0
+    loaded = asyncio.create_task(acks_ms("load"))
+    async with asyncio.timeout(20):
+        while len(answered) < len(rooms):
+            f = orjson.loads(await flooder.recv())
+            if f["type"] == "message":
+                replayed += 1
+            elif f["type"] in ("joined", "error"):
+                answered[f.get("room") or f["ref"]] = f
+    elapsed = time.monotonic() - t0
+    during = await loaded
+    sampling = False
+    await sampler
+    read = scrape(metrics)["roomcast_gateway_resume_read_entries_total"] - read0
+
+    joined = [r for r, f in answered.items() if f["type"] == "joined"]
+    limited = [f for f in answered.values() if f["type"] == "error"]
+    print(f"\n{len(joined)} of {len(rooms)} rooms resumed ({replayed} messages replayed, {read:.0f} entries read) "
+          f"in {elapsed:.2f}s, {len(limited)} answered rate_limited; resumes running at once: max {max(running):.0f} "
+          f"of {len(running)} samples; another user's ack median {statistics.median(base) * 1000:.1f} -> "
+          f"{statistics.median(during) * 1000:.1f} ms")
+    # What one connection made the node read: the budget, its refill, and one resume's worth.
+    assert read <= RESUME_BUDGET + RESUME_PER_S * elapsed + per_room, read
+    assert replayed == per_room * len(joined) and all(answered[r]["recovered"] for r in joined)
+    assert limited and all(f["code"] == "rate_limited" and f["retry_after_ms"] >= 1 for f in limited)
+    assert max(running) <= 1, "one resume at a time on that connection (and no other resumed)"
+    assert statistics.median(during) <= 3 * statistics.median(base) + 0.05
+    # The budget refills: a refused room resumes after the hint; another connection has its own.
+    retry = limited[0]
+    await asyncio.sleep(retry["retry_after_ms"] / 1000)
+    again = await answer(flooder, {"type": "join", "room": retry["ref"], "cursor": start[retry["ref"]]}, 10)
+    assert again["type"] == "joined" and again["recovered"], again
+    fresh = await ws(url, token(sec, "am-jo"), max_size=2**24, max_queue=None)
+    assert (await answer(fresh, {"type": "join", "room": rooms[0], "cursor": start[rooms[0]]}))["type"] == "joined"
+    for conn in (other, flooder, fresh):
+        await conn.close()
