@@ -5,7 +5,7 @@ from __future__ import annotations
 import uvicorn
 
 from gateway.app import create_app
-from gateway.listener import http_protocol
+from gateway.listener import http_protocol, listening_sockets
 from gateway.wire import PreparedFramesProtocol
 from shared.logging import setup_logging
 from shared.settings import Settings
@@ -16,10 +16,8 @@ def main() -> None:
     setup_logging("gateway", settings.name, settings.log_level, settings.log_json)
     if problem := settings.unsafe_secret():
         raise SystemExit(f"roomcast-gateway: refusing to start: {problem}")
-    uvicorn.run(
+    config = uvicorn.Config(
         create_app(settings),
-        host=settings.host,
-        port=settings.port,
         loop="uvloop",
         http=http_protocol(settings),  # httptools, with a deadline on each request's head
         ws=PreparedFramesProtocol,  # websockets-sansio, plus writing a prepared frame at once
@@ -33,6 +31,7 @@ def main() -> None:
         access_log=False,
         server_header=False,
     )
+    uvicorn.Server(config).run(sockets=listening_sockets(settings))
 
 
 if __name__ == "__main__":

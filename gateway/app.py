@@ -11,10 +11,12 @@ from pathlib import Path
 import redis.asyncio as aioredis
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway import metrics
 from gateway.devtoken import dev_token
@@ -77,13 +79,33 @@ def create_app(settings: Settings) -> Starlette:
         WebSocketRoute("/ws", ws_endpoint),
         Route("/healthz", healthz),
         Route("/readyz", readyz),
-        Route("/metrics", metrics_endpoint),
+        *([Route("/metrics", metrics_endpoint)] if settings.metrics_public else []),
         Route("/rooms/{room}/messages", room_messages),
         *([Route("/dev/token", dev_token(settings))] if settings.dev_mode else []),
     ]
     if (STATIC / "index.html").exists():
         routes.append(Mount("/", StaticFiles(directory=STATIC, html=True), name="static"))
-    return Starlette(routes=routes, lifespan=lifespan)
+    middleware = []
+    if settings.metrics_port:
+        middleware.append(Middleware(MetricsPort, port=settings.metrics_port))
+    return Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
+
+
+class MetricsPort:
+    """What comes in on the metrics port (METRICS_PORT, beside the public one) sees /metrics and
+    nothing else; the public port serves /metrics only when METRICS_PUBLIC is true."""
+
+    def __init__(self, app: ASGIApp, port: int) -> None:
+        self.app = app
+        self.port = port
+        self.metrics = Starlette(routes=[Route("/metrics", metrics_endpoint)])
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        server = scope.get("server")
+        if scope["type"] != "lifespan" and server is not None and server[1] == self.port:
+            await self.metrics(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
 
 
 def _renewal_died(task: asyncio.Task[None]) -> None:

@@ -1,4 +1,5 @@
-"""How the gateway listens: uvicorn's HTTP protocol with a deadline on each request's head.
+"""How the gateway listens: uvicorn's HTTP protocol with a deadline on each request's head, and
+the metrics port beside the public one (one server, one event loop).
 
 uvicorn has no deadline for a request that never completes: a connection that sends nothing, or
 a header line now and then (slowloris), would hold its socket and memory for ever. Here the head
@@ -12,6 +13,7 @@ never refused.)
 from __future__ import annotations
 
 import asyncio
+import socket
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -57,3 +59,16 @@ class HeadDeadlineProtocol(HttpToolsProtocol):
 def http_protocol(settings: Settings) -> type[HeadDeadlineProtocol]:
     return type("HeadDeadlineProtocol", (HeadDeadlineProtocol,), {"head_timeout_s": settings.auth_timeout_s})
 
+
+def listening_sockets(settings: Settings) -> list[socket.socket]:
+    """The public port, and the metrics port when there is one (the app tells them apart by the
+    port a request came in on). Bound, not listening: uvicorn listens once the lifespan is up, so
+    until then a connection is refused, not left waiting."""
+    out = []
+    for port in (settings.port, settings.metrics_port):
+        if port:
+            sock = socket.socket(socket.AF_INET6 if ":" in settings.host else socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((settings.host, port))
+            out.append(sock)
+    return out

@@ -119,7 +119,8 @@ class Settings(BaseSettings):
     ready_stall_s: float = Field(30.0, gt=0, description="Fan-out silent this long while lagging: not ready")
     drain_grace_s: float = Field(10.0, ge=0)
     ping_interval_s: float = Field(20.0, gt=0)
-    metrics_port: int = Field(0, ge=0, description="Persister/sweeper Prometheus port; 0: none")
+    metrics_port: int = Field(0, ge=0, description="Prometheus port of a persister, sweeper or gateway; 0: none")
+    metrics_public: bool = Field(True, description="The gateway also serves /metrics on its public port")
 
     @field_validator("allowed_origins", mode="before")
     @classmethod

@@ -1,8 +1,9 @@
-"""Issue 18, security tests a reviewer would still try, against real gateway processes (two,
-plus a third to kill), the persister, Kafka, Redis and MariaDB: tokens out of URLs (the
-Sec-WebSocket-Protocol header, a first frame); floods of connections that never authenticate;
-tokens bound to an audience and an issuer, and held to a number of rooms; a user's limits hold
-across gateways and outlive a killed one only briefly; resumes from the start of many rooms at once.
+"""Issue 18, the security tests a reviewer would still try, against real gateway processes (two,
+plus a third to kill), the persister, Kafka, Redis and MariaDB: a user's limits hold across
+gateways and outlive a killed one only briefly; tokens bound to an audience and an issuer, and
+held to a number of rooms; tokens out of URLs (the subprotocol header, a first frame); floods of
+connections that never authenticate; resumes from the start of many rooms at once; and /metrics
+only on the port the operator chose.
 
 The module's two gateways have every limit set small; each test uses its own user names.
 """
@@ -31,10 +32,11 @@ from aiokafka import AIOKafkaProducer
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.typing import Subprotocol
 
+from shared import localstack
 from shared.keys import Keys
 from shared.message import Message, new_message_id
 from shared.migrate import migrate
-from shared.services import scrape
+from shared.services import scrape, start_gateway
 from shared.settings import Settings
 from tests.conftest import ROOT
 from tests.support import Cluster, delete_keys, drop_database, eventually, isolated_settings, partition_of, token
@@ -55,7 +57,7 @@ async def sec(kafka_bootstrap: str, redis_url: str, mysql_server_dsn: str) -> As
         jwt_audience=AUD, jwt_issuer=ISS, token_max_rooms=ROOMS_MAX, max_conns_per_user=CONNS_MAX,
         send_rate_per_s=RATE, send_burst=BURST, send_lease=LEASE, gateway_lease_s=GATEWAY_LEASE_S,
         auth_timeout_s=AUTH_TIMEOUT_S, max_unauthenticated=UNAUTH_MAX, resume_budget=RESUME_BUDGET,
-        resume_budget_per_s=RESUME_PER_S,
+        resume_budget_per_s=RESUME_PER_S, metrics_public=False,
     )
     await migrate(s.mysql_dsn)
     yield s
@@ -67,10 +69,19 @@ async def sec(kafka_bootstrap: str, redis_url: str, mysql_server_dsn: str) -> As
 
 @pytest.fixture(scope="module")
 def gws(sec: Settings, log_dir: Path) -> Iterator[tuple[Cluster, list[str]]]:
-    """Two gateways (and their /metrics URLs) and the persister."""
-    c = Cluster(sec, log_dir).start()
-    yield c, [f"{c.http(i)}/metrics" for i in range(2)]
-    c.stop()
+    """Two gateways, each with a metrics port of its own (their /metrics URLs), and the persister."""
+    c = Cluster(sec, log_dir)
+    metrics = []
+    try:
+        for _ in range(2):
+            port, metrics_port = localstack.free_ports(2)
+            c.gateways.append(start_gateway(sec, port, log_dir, name=f"{sec.redis_prefix}-gw{port}",
+                                            METRICS_PORT=str(metrics_port)))
+            metrics.append(f"http://127.0.0.1:{metrics_port}/metrics")
+        c.start_persister()
+        yield c, metrics
+    finally:
+        c.stop()
 
 
 async def ws(url: str, tok: str | None = None, *, header: bool = True, **kw: Any) -> ClientConnection:
@@ -541,3 +552,18 @@ async def test_resuming_many_rooms_from_the_start_is_bounded_per_connection(
     assert (await answer(fresh, {"type": "join", "room": rooms[0], "cursor": start[rooms[0]]}))["type"] == "joined"
     for conn in (other, flooder, fresh):
         await conn.close()
+
+
+# --- metrics
+
+async def test_metrics_are_served_only_on_the_metrics_port(gws: tuple[Cluster, list[str]]) -> None:
+    cluster, metrics = gws
+    public, private = cluster.http(0), metrics[0].removesuffix("/metrics")
+    assert http_status(f"{public}/metrics") == 404  # METRICS_PUBLIC=false
+    assert http_status(f"{public}/healthz") == 200
+    assert "roomcast_gateway_connections" in scrape(f"{private}/metrics")
+    for path in ("/healthz", "/readyz", "/", "/rooms/x/messages"):  # the metrics port serves nothing else
+        assert http_status(f"{private}{path}") == 404, path
+    with pytest.raises(websockets.InvalidStatus) as refused_ws:
+        await connect(f"{private.replace('http', 'ws', 1)}/ws?v=1")
+    assert refused_ws.value.response.status_code == 403
