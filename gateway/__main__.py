@@ -9,6 +9,7 @@ from uvicorn.main import STARTUP_FAILURE
 
 from gateway.app import create_app
 from gateway.drain import Drain, DrainingServer
+from gateway.listener import http_protocol, listening_sockets
 from gateway.wire import PreparedFramesProtocol
 from shared.logging import setup_logging
 from shared.settings import Settings
@@ -22,10 +23,8 @@ def main() -> None:
     drain = Drain()
     config = uvicorn.Config(
         create_app(settings, drain),
-        host=settings.host,
-        port=settings.port,
         loop="uvloop",
-        http="httptools",
+        http=http_protocol(settings),  # httptools, with a deadline on each request's head
         ws=PreparedFramesProtocol,  # websockets-sansio, plus writing a prepared frame at once
         ws_max_size=settings.max_frame_bytes,
         ws_ping_interval=settings.ping_interval_s,
@@ -38,7 +37,7 @@ def main() -> None:
         server_header=False,
     )
     server = DrainingServer(config, drain, settings.drain_delay_s)
-    server.run()
+    server.run(sockets=listening_sockets(settings))
     if not server.started:
         sys.exit(STARTUP_FAILURE)  # as uvicorn.run does when the lifespan's startup failed
 

@@ -10,10 +10,12 @@ from pathlib import Path
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway import metrics
 from gateway.apidocs import bundled_json
@@ -26,6 +28,7 @@ from gateway.hub import Hub
 from gateway.node import Node, TypingThrottle
 from gateway.presence import Presence
 from gateway.publisher import Publisher
+from gateway.quota import Quota
 from gateway.readstate import ReadState
 from gateway.rest import room_messages, room_presence
 from gateway.signals import Signals, new_signal_producer
@@ -61,22 +64,25 @@ def create_app(settings: Settings, drain: Drain | None = None) -> Starlette:
         node = Node(settings, keys, hub, fanout, producer, Publisher(settings, producer, redis), redis, mysql,
                     HistoryReader(settings, keys, redis, mysql), signals, presence,
                     ReadState(settings, keys, redis, mysql, producer, signals, presence),
-                    TypingThrottle(settings.typing_interval_s), drain=drain)
+                    Quota(settings, keys, redis), TypingThrottle(settings.typing_interval_s), drain=drain)
         fan_task = asyncio.create_task(fanout.run(), name="fanout")
         fan_task.add_done_callback(lambda t: _fanout_died(t, fanout))
         sig_task = asyncio.create_task(signals.run(), name="signals")
         sig_task.add_done_callback(_signals_died)
+        renew_task = asyncio.create_task(node.quota.renew_forever(node.users), name="quota-renewal")
+        renew_task.add_done_callback(_renewal_died)
         log.info("gateway ready", extra={"port": settings.port})
         try:
             yield {"node": node}
         finally:
             drain.start()
             await presence.close()  # this node's users leave the rooms (before Redis closes)
-            for task in (fan_task, sig_task):
+            for task in (fan_task, sig_task, renew_task):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             await signals.stop()
+            await node.quota.retire()
             await producer.stop()  # flushes what is still buffered
             await node.publisher.close()  # acks gathered for Redis, before its client closes
             await fanout.stop()
@@ -89,7 +95,7 @@ def create_app(settings: Settings, drain: Drain | None = None) -> Starlette:
         WebSocketRoute("/ws", ws_endpoint),
         Route("/healthz", healthz),
         Route("/readyz", readyz),
-        Route("/metrics", metrics_endpoint),
+        *([Route("/metrics", metrics_endpoint)] if settings.metrics_public else []),
         Route("/rooms/{room}/messages", room_messages),
         Route("/rooms/{room}/presence", room_presence),
         Route("/openapi.json", json_document(bundled_json("openapi.yaml"))),
@@ -98,7 +104,32 @@ def create_app(settings: Settings, drain: Drain | None = None) -> Starlette:
     ]
     if (STATIC / "index.html").exists():
         routes.append(Mount("/", StaticFiles(directory=STATIC, html=True), name="static"))
-    return Starlette(routes=routes, lifespan=lifespan)
+    middleware = []
+    if settings.metrics_port:
+        middleware.append(Middleware(MetricsPort, port=settings.metrics_port))
+    return Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
+
+
+class MetricsPort:
+    """What comes in on the metrics port (METRICS_PORT, beside the public one) sees /metrics and
+    nothing else; the public port serves /metrics only when METRICS_PUBLIC is true."""
+
+    def __init__(self, app: ASGIApp, port: int) -> None:
+        self.app = app
+        self.port = port
+        self.metrics = Starlette(routes=[Route("/metrics", metrics_endpoint)])
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        server = scope.get("server")
+        if scope["type"] != "lifespan" and server is not None and server[1] == self.port:
+            await self.metrics(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+
+def _renewal_died(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.critical("the renewal of this node's connection counts crashed", exc_info=task.exception())
 
 
 def _fanout_died(task: asyncio.Task[None], fanout: Fanout) -> None:

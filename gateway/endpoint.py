@@ -8,21 +8,24 @@ import logging
 import time
 from collections import deque
 from collections.abc import Coroutine
+from dataclasses import dataclass
 from typing import Any
 
 from aiokafka.errors import KafkaError
 from redis.exceptions import RedisError
 from starlette.datastructures import Headers, QueryParams
 from starlette.types import Scope
-from starlette.websockets import WebSocket, WebSocketDisconnect
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from gateway import metrics
 from gateway.history import history_frame
-from gateway.limits import FRAMES_PER_TURN, MAX_PENDING_REQUESTS, MAX_QUEUED_SENDS, inbound_bucket
-from gateway.node import Node, UserState
+from gateway.limits import FRAMES_PER_TURN, MAX_PENDING_REQUESTS, MAX_QUEUED_SENDS, TokenBucket, inbound_bucket
+from gateway.node import Node
 from gateway.protocol import (
+    BEARER_PREFIX,
     PONG,
     PROTOCOL_VERSION,
+    SUBPROTOCOL,
     Close,
     Err,
     FrameError,
@@ -37,10 +40,12 @@ from gateway.protocol import (
     Unread,
     dumps,
     error,
+    parse_auth,
     parse_frame,
     ref_of,
 )
 from gateway.publisher import Unavailable
+from gateway.quota import Count, UserState
 from gateway.readstate import STORE_ERRORS, MarkUnavailable, RoomsFull
 from gateway.recovery import resume
 from gateway.session import Session
@@ -54,6 +59,7 @@ from shared.validation import ROOM_RULE, valid_room
 log = logging.getLogger("roomcast.gateway")
 
 CLOSE_WAIT_S = 1.0  # how long a closing connection's sender gets to say why (the close frame)
+TOO_MANY_CONNECTIONS = "too many connections for this user"
 
 
 def origin_allowed(allowed: list[str], origin: str | None) -> bool:
@@ -65,21 +71,76 @@ def origin_allowed(allowed: list[str], origin: str | None) -> bool:
 
 
 class Refused(Exception):
-    """The handshake is refused: closed 1008 with this reason."""
+    """The handshake is refused: closed with this code and reason."""
+
+    def __init__(self, reason: str, code: int = Close.BAD_TOKEN) -> None:
+        super().__init__(reason)
+        self.code = code
 
 
-def authenticate(settings: Settings, scope: Scope) -> Identity:
-    """The identity of a connecting client, from the query of its handshake, or Refused."""
+@dataclass(frozen=True, slots=True)
+class Handshake:
+    subprotocol: str | None  # to select (echoed in the answer), never the one carrying the token
+    token: str | None  # None: the token comes in the first frame
+
+
+def handshake_of(scope: Scope) -> Handshake:
+    """What a connecting client offered: the protocol version (`v` in the query, or the
+    subprotocol `roomcast.v1`) and where its token is (the subprotocol `bearer.<JWT>`, else the
+    query's `token`, else none: the first frame), or Refused."""
     query = QueryParams(scope["query_string"])  # (parsed here: the connection does not keep it)
+    offered = scope.get("subprotocols") or []
+    selected = SUBPROTOCOL if SUBPROTOCOL in offered else None
     version = query.get("v")
-    if version is None:  # required: a later version must never be mistaken for this one
-        raise Refused(f"protocol version missing: connect with ?v={PROTOCOL_VERSION}")
-    if version != PROTOCOL_VERSION:
+    if version is None and selected is None:  # required: a later version must never be mistaken for this one
+        raise Refused(f"protocol version missing: connect with ?v={PROTOCOL_VERSION} or the subprotocol {SUBPROTOCOL}")
+    if version not in (None, PROTOCOL_VERSION):
         raise Refused(f"unsupported protocol version: this server speaks v={PROTOCOL_VERSION}")
+    bearer = [p.removeprefix(BEARER_PREFIX) for p in offered if p.startswith(BEARER_PREFIX)]
+    if bearer and selected is None:
+        raise Refused(f"a token in the subprotocols needs the subprotocol {SUBPROTOCOL} offered too")
+    return Handshake(selected, bearer[0] if bearer else query.get("token"))
+
+
+def identity_of(settings: Settings, token: str | None) -> Identity:
     try:
-        return verify_token(settings, query.get("token"))
+        return verify_token(settings, token)
     except AuthError as e:
         raise Refused(f"bad token: {e}"[:120]) from None
+
+
+async def authenticate(node: Node, websocket: WebSocket, offer: Handshake) -> Identity | None:
+    """The client's identity, from its handshake or else its first frame (within AUTH_TIMEOUT_S;
+    at most MAX_UNAUTHENTICATED connections wait for theirs at once), or Refused. None: it left."""
+    s = node.settings
+    if offer.token is not None:
+        return identity_of(s, offer.token)
+    if node.unauthenticated >= s.max_unauthenticated:
+        raise Refused("too many connections waiting to authenticate; try again later", Close.TRY_AGAIN_LATER)
+    node.unauthenticated += 1
+    metrics.UNAUTHENTICATED.inc()
+    try:
+        await websocket.accept(offer.subprotocol)
+        try:
+            msg = await asyncio.wait_for(websocket.receive(), s.auth_timeout_s)
+        except TimeoutError:
+            raise Refused(f"no auth frame within {s.auth_timeout_s:g} s") from None
+    finally:
+        node.unauthenticated -= 1
+        metrics.UNAUTHENTICATED.dec()
+    if msg["type"] == "websocket.disconnect":
+        return None
+    try:
+        return identity_of(s, parse_auth(msg.get("text")))
+    except FrameError as e:
+        raise Refused(e.reason) from None
+
+
+async def refuse(websocket: WebSocket, offer: Handshake | None, code: int, reason: str) -> None:
+    """Close with a code the client can read: after the handshake (before it, uvicorn answers 403)."""
+    if websocket.application_state is WebSocketState.CONNECTING:
+        await websocket.accept(offer.subprotocol if offer is not None else None)
+    await websocket.close(code, reason)
 
 
 async def ws_endpoint(websocket: WebSocket) -> None:
@@ -91,42 +152,38 @@ async def ws_endpoint(websocket: WebSocket) -> None:
         # Refused during the handshake: uvicorn answers HTTP 403 and the page never gets a socket.
         await websocket.close(Close.BAD_TOKEN, "origin not allowed")
         return
+    offer = None
     try:
-        identity = authenticate(s, websocket.scope)
+        offer = handshake_of(websocket.scope)
+        identity = await authenticate(node, websocket, offer)
     except Refused as e:
-        await websocket.accept()
-        await websocket.close(Close.BAD_TOKEN, str(e))
+        await refuse(websocket, offer, e.code, str(e))
+        return
+    if identity is None:
         return
     user = node.user(identity.user)
     if user.connections >= s.max_conns_per_user:
-        await websocket.accept()
-        await websocket.close(Close.TRY_AGAIN_LATER, "too many connections for this user")
+        await refuse(websocket, offer, Close.TRY_AGAIN_LATER, TOO_MANY_CONNECTIONS)
         return
     user.connections += 1  # before any await: concurrent handshakes cannot all pass the check
+    user.until = max(user.until, identity.expires_at or 0.0)
     metrics.CONNECTIONS.inc()
+    count = None
     try:
-        await websocket.accept()
-        await Connection(node, websocket, identity).serve()
+        count = await node.quota.connect(identity.user, identity.expires_at)
+        if count is Count.REFUSED:
+            await refuse(websocket, offer, Close.TRY_AGAIN_LATER, TOO_MANY_CONNECTIONS)
+            return
+        if websocket.application_state is WebSocketState.CONNECTING:
+            await websocket.accept(offer.subprotocol)
+        await Connection(node, websocket, identity, user).serve()
     finally:
         user.connections -= 1
         metrics.CONNECTIONS.dec()
-        if user.connections == 0:
-            forget_user_later(node, identity.user, user)
-
-
-def forget_user_later(node: Node, user_id: str, state: UserState) -> None:
-    """Drop a user's state once nothing distinguishes it from a fresh one: no connection left and
-    a full bucket. Until then it is kept, so reconnecting does not refill the bucket."""
-    wait = state.bucket.full_in() if state.bucket is not None else 0.0
-
-    def forget() -> None:
-        if state.connections == 0 and node.users.get(user_id) is state:
-            del node.users[user_id]
-
-    if wait <= 0:
-        forget()
-    else:
-        asyncio.get_running_loop().call_later(wait, forget)
+        if count is not None and count is not Count.REFUSED:
+            node.quota.disconnected(identity.user, count)
+        if user.connections == 0 and node.users.get(identity.user) is user:
+            del node.users[identity.user]  # (its send budget lives in Redis)
 
 
 class Connection:
@@ -138,19 +195,25 @@ class Connection:
     (join/history requests, the send worker, acks not received yet) and the queue of sends waiting
     for the producer, with the worker that hands them over in order."""
 
-    __slots__ = ("_joining", "_sends", "_tasks", "identity", "inbound", "node", "requests", "s", "session", "ws")
+    __slots__ = ("_joining", "_replay_budget", "_resume_turn", "_resumes", "_sends", "_tasks", "identity", "inbound",
+                 "node", "requests", "s", "session", "user", "ws")
 
-    def __init__(self, node: Node, websocket: WebSocket, identity: Identity) -> None:
+    def __init__(self, node: Node, websocket: WebSocket, identity: Identity, user: UserState) -> None:
         self.node = node
         self.s = node.settings
         self.session = Session(identity, websocket, node.settings.send_queue_max, write_frame_of(websocket.scope))
         self.identity = identity
+        self.user = user
         self.ws = websocket
         self.inbound = inbound_bucket(self.s)
         self.requests = 0  # join/history tasks running
         self._tasks: set[asyncio.Future[Any]] | None = None
-        self._sends: deque[Send] | None = None  # while the send worker runs
+        self._sends: deque[tuple[Send, bool]] | None = None  # while the send worker runs
         self._joining: set[str] | None = None  # rooms with a join in progress
+        # Resumes run one at a time, each charged the entries it read (see on_join).
+        self._resumes = 0  # waiting or running
+        self._resume_turn: asyncio.Lock | None = None  # while any
+        self._replay_budget: TokenBucket | None = None  # from the first resume on
 
     async def serve(self) -> None:
         """Until either side closes the connection. (The receive loop is here, not in a task or a
@@ -223,7 +286,7 @@ class Connection:
         elif isinstance(frame, Typing):
             self.on_typing(frame)
         elif isinstance(frame, Read):
-            if self.check_room(frame.room, frame.room) and self.take_token(frame.room):
+            if self.check_room(frame.room, frame.room):
                 self.request(self.on_read(frame), ref_of(frame.room))
         elif isinstance(frame, Presence):
             if self.check_room(frame.room, frame.room):
@@ -282,10 +345,15 @@ class Connection:
             return False
         return True
 
-    def take_token(self, ref: str | None) -> bool:
-        """Sends, typing and read frames share the user's rate (gateway/limits.py)."""
-        bucket = self.node.user(self.identity.user).bucket
-        wait = bucket.take() if bucket is not None else 0.0
+    async def charge(self, ref: str | None) -> bool:
+        """Typing and read frames take from the user's send budget, held across gateways (gateway/quota.py)."""
+        wait = self.node.quota.admit(self.identity.user, self.user)
+        if wait is None:  # (not known here: Redis is asked)
+            try:
+                wait = await self.node.quota.take_send(self.identity.user, self.user)
+            except Unavailable as e:
+                self.fail(Err.UNAVAILABLE, str(e), ref)
+                return False
         if wait > 0:
             self.fail(Err.RATE_LIMITED, "sending too fast", ref, retry_after_ms=int(wait * 1000) + 1)
             return False
@@ -298,24 +366,30 @@ class Connection:
         if len(f.body) > self.s.max_body_chars:
             self.fail(Err.TOO_LARGE, f"body longer than {self.s.max_body_chars} characters", f.client_msg_id)
             return
-        if not self.take_token(f.client_msg_id):
-            return
         sends = self._sends
+        if sends is not None and len(sends) >= MAX_QUEUED_SENDS:
+            self.fail(Err.RATE_LIMITED, "too many sends awaiting their ack", f.client_msg_id, retry_after_ms=100)
+            return
+        wait = self.node.quota.admit(self.identity.user, self.user)
+        if wait:  # (None: not known here; the send worker asks Redis)
+            self.rate_limited(f.client_msg_id, wait)
+            return
         if sends is None:  # no worker running: start one
             sends = self._sends = deque()
             self.spawn(self._send_in_order(sends), None)
-        elif len(sends) >= MAX_QUEUED_SENDS:
-            self.fail(Err.RATE_LIMITED, "too many sends awaiting their ack", f.client_msg_id, retry_after_ms=100)
-            return
-        sends.append(f)
+        sends.append((f, wait is not None))
 
-    async def _send_in_order(self, sends: deque[Send]) -> None:
+    async def _send_in_order(self, sends: deque[tuple[Send, bool]]) -> None:
         """Sends reach Kafka in the order the client sent them; acks are awaited concurrently (each
-        is answered by a callback). Runs while sends are queued; the next send starts a new worker."""
+        is answered by a callback). Runs while sends are queued; the next send starts a new worker.
+        A send not admitted on arrival (bool False) waits here for the user's budget."""
         try:
             while sends:
-                f = sends.popleft()
+                f, admitted = sends.popleft()
                 try:
+                    if not admitted and (wait := await self.node.quota.take_send(self.identity.user, self.user)):
+                        self.rate_limited(f.client_msg_id, wait)
+                        continue
                     ack = await self.node.publisher.send(self.identity.user, f.room, f.client_msg_id, f.body)
                 except Unavailable as e:
                     self.fail(Err.UNAVAILABLE, str(e), f.client_msg_id)
@@ -329,6 +403,11 @@ class Connection:
                 pending.add_done_callback(functools.partial(self._reply_ack, f.client_msg_id))
         finally:
             self._sends = None
+            if waiting := sum(not admitted for _, admitted in sends):  # (the connection ended)
+                self.node.quota.forgo(self.user, waiting)
+
+    def rate_limited(self, client_msg_id: str, wait: float) -> None:
+        self.fail(Err.RATE_LIMITED, "sending too fast", client_msg_id, retry_after_ms=int(wait * 1000) + 1)
 
     def _reply_ack(self, client_msg_id: str, ack: asyncio.Future[bytes]) -> None:
         self._untrack(ack)
@@ -360,7 +439,7 @@ class Connection:
                 return
             self._joining = (self._joining or set()) | {room}
             try:
-                await resume(self.node, self.session, room, f.cursor, self.fail, f.presence, read_state)
+                await self._resume(room, f.cursor, f.presence, read_state)
             finally:
                 self._joining.discard(room)
                 if not self._joining:
@@ -370,6 +449,33 @@ class Connection:
         metrics.JOINS.inc()
         cursor = join_point(partition, self.node.fanout.position(partition))
         self.reply(dumps({"type": "joined", "room": room, "cursor": cursor, **read_state}))
+
+    async def _resume(self, room: str, cursor: str, presence: bool, read_state: dict[str, Any]) -> None:
+        """One resume at a time (a connection joining many rooms from cursor 0-0 reads one room's
+        history at a time), and all of them held to a budget of entries read (RESUME_BUDGET, refilled
+        at RESUME_BUDGET_PER_S): a resume starts only while the budget is not overdrawn, else it is
+        answered `rate_limited` with the wait. So what one connection makes the node read is at most
+        the budget, its refill, and one resume's worth (RESUME_MAX_MESSAGES, or the log's range)."""
+        self._resumes += 1
+        turn = self._resume_turn = self._resume_turn or asyncio.Lock()
+        try:
+            async with turn:
+                budget = self._replay_budget
+                if budget is None:
+                    budget = self._replay_budget = TokenBucket(self.s.resume_budget_per_s, self.s.resume_budget)
+                if (wait := budget.debit(0)) > 0:
+                    self.fail(Err.RATE_LIMITED, "resuming too much history; join again later", room,
+                              retry_after_ms=int(wait * 1000) + 1)
+                    return
+                metrics.RESUMES_RUNNING.inc()
+                try:
+                    budget.debit(await resume(self.node, self.session, room, cursor, self.fail, presence, read_state))
+                finally:
+                    metrics.RESUMES_RUNNING.dec()
+        finally:
+            self._resumes -= 1
+            if not self._resumes:
+                self._resume_turn = None
 
     def on_leave(self, f: Leave) -> None:
         if f.room not in self.session.rooms:
@@ -396,15 +502,15 @@ class Connection:
         if f.room not in self.session.rooms:
             self.fail(Err.NOT_JOINED, f"not in room {f.room}: join it before typing", ref_of(f.room))
             return
-        if not self.take_token(f.room):
-            return
-        if not self.node.typing.allow(self.identity.user, f.room):
-            metrics.TYPING_DROPPED.inc()
-            return
         self.spawn(self._typing(f.room), f.room)
 
     async def _typing(self, room: str) -> None:
-        """Forward unless another gateway forwarded this user's typing in the room within the interval."""
+        """Forward unless this or another gateway forwarded this user's typing in the room within the interval."""
+        if not await self.charge(room):
+            return
+        if not self.node.typing.allow(self.identity.user, room):
+            metrics.TYPING_DROPPED.inc()
+            return
         key = self.node.keys.typing(room, self.identity.user)
         try:
             first = await self.node.redis.set(key, 1, nx=True, px=int(self.s.typing_interval_s * 1000))
@@ -417,6 +523,8 @@ class Connection:
 
     async def on_read(self, f: Read) -> None:
         room = f.room
+        if not await self.charge(room):
+            return
         offset = await self._offset_in(room, f.cursor)
         if offset is None:
             self.fail(Err.BAD_CURSOR, f"bad cursor for room {room}: use the cursor of a message of the room"[:120],

@@ -1,4 +1,5 @@
-"""Per-user send rate on this node (a token bucket), and the bounds a connection is held to."""
+"""The bounds a connection is held to, and the token bucket that meters some of them (the per-user
+limits shared by every gateway are in gateway/quota.py)."""
 
 from __future__ import annotations
 
@@ -35,26 +36,12 @@ class TokenBucket:
         self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
 
-    def take(self) -> float:
-        """0 when a token was taken, else the seconds until one will be available."""
+    def debit(self, amount: float = 1) -> float:
+        """Take `amount` tokens even when there are not as many (the balance may go below zero);
+        the seconds to wait until the balance is back at zero."""
         self._refill()
-        if self.tokens >= 1:
-            self.tokens -= 1
-            return 0.0
-        return (1 - self.tokens) / self.rate
-
-    def debit(self) -> float:
-        """Take a token even when there is none (the balance goes below zero); the seconds to wait
-        until the balance is back at zero."""
-        self._refill()
-        self.tokens -= 1
+        self.tokens -= amount
         return -self.tokens / self.rate if self.tokens < 0 else 0.0
-
-    def full_in(self) -> float:
-        """Seconds until the bucket is full again (0 when it is): from then on, a new bucket
-        would be indistinguishable from this one, so it can be forgotten."""
-        self._refill()
-        return (self.burst - self.tokens) / self.rate
 
 
 def inbound_bucket(settings: Settings) -> TokenBucket:

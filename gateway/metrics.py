@@ -5,6 +5,8 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge, Histogram
 
 CONNECTIONS = Gauge("roomcast_gateway_connections", "Open WebSocket connections")
+UNAUTHENTICATED = Gauge("roomcast_gateway_unauthenticated_connections",
+                        "WebSocket connections waiting for their auth frame")
 JOINS = Counter("roomcast_gateway_joins_total", "Room joins")
 MESSAGES_IN = Counter("roomcast_gateway_messages_in_total", "Sends acknowledged by Kafka")
 DELIVERED = Counter("roomcast_gateway_messages_out_total", "Message frames queued to clients")
@@ -30,3 +32,6 @@ SIGNALS_FAILED = Counter("roomcast_gateway_signals_failed_total", "Signals the b
 SIGNAL_FRAMES = Counter("roomcast_gateway_signal_frames_total", "Presence, typing and read frames queued to clients")
 TYPING_DROPPED = Counter("roomcast_gateway_typing_dropped_total", "Typing frames within the interval (dropped)")
 PRESENCE_ERRORS = Counter("roomcast_gateway_presence_errors_total", "Presence writes Redis did not take")
+RESUME_READS = Counter("roomcast_gateway_resume_read_entries_total",
+                       "Stored entries and log records read by resumes (what the resume budgets are charged)")
+RESUMES_RUNNING = Gauge("roomcast_gateway_resumes_running", "Resumes reading or replaying now, all connections")

@@ -14,9 +14,9 @@ from gateway.drain import Drain
 from gateway.fanout import Fanout
 from gateway.history import HistoryReader
 from gateway.hub import Hub
-from gateway.limits import TokenBucket
 from gateway.presence import Presence
 from gateway.publisher import Publisher
+from gateway.quota import Quota, UserState
 from gateway.readstate import ReadState
 from gateway.signals import Signals
 from shared.keys import Keys
@@ -45,12 +45,6 @@ class TypingThrottle:
         return True
 
 
-@dataclass(slots=True)
-class UserState:
-    connections: int = 0
-    bucket: TokenBucket | None = None
-
-
 @dataclass
 class Node:
     settings: Settings
@@ -65,13 +59,14 @@ class Node:
     signals: Signals
     presence: Presence
     reads: ReadState
+    quota: Quota
     typing: TypingThrottle = field(default_factory=lambda: TypingThrottle(3.0))
-    users: dict[str, UserState] = field(default_factory=dict)
+    users: dict[str, UserState] = field(default_factory=dict)  # users with connections here
+    unauthenticated: int = 0  # connections waiting for their auth frame
     drain: Drain = field(default_factory=Drain)
 
     def user(self, user: str) -> UserState:
         state = self.users.get(user)
         if state is None:
-            state = self.users[user] = UserState(
-                bucket=TokenBucket(self.settings.send_rate_per_s, self.settings.send_burst))
+            state = self.users[user] = UserState()
         return state

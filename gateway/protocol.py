@@ -10,6 +10,11 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, S
 from pydantic_core import PydanticCustomError
 
 PROTOCOL_VERSION = "1"
+# A client may carry its token in the Sec-WebSocket-Protocol header instead of the URL (which
+# proxies write to their access logs): it offers SUBPROTOCOL, which the server selects and echoes,
+# and BEARER_PREFIX + the JWT, which is never echoed (the pattern Kubernetes' API server uses).
+SUBPROTOCOL = "roomcast.v1"
+BEARER_PREFIX = "bearer."
 
 
 class Close(IntEnum):
@@ -94,6 +99,13 @@ class Unread(_Frame):
     type: Literal["unread"]
 
 
+class Auth(_Frame):
+    """The first frame of a connection whose handshake carried no token."""
+
+    type: Literal["auth"]
+    token: StrictStr
+
+
 Inbound = Join | Leave | Send | History | Ping | Presence | Typing | Read | Unread
 _INBOUND: TypeAdapter[Inbound] = TypeAdapter(Annotated[Inbound, Field(discriminator="type")])
 KNOWN_TYPES = frozenset({"join", "leave", "send", "history", "ping", "presence", "typing", "read", "unread"})
@@ -144,6 +156,14 @@ def parse_frame(text: str) -> Inbound:
     if cursor and (len(cursor) > CURSOR_MAX or not cursor.isascii()):
         raise FrameError(Err.BAD_CURSOR, "bad cursor: cursors are short ASCII strings from the server", ref)
     return frame
+
+
+def parse_auth(text: str | None) -> str:
+    """The token of an auth frame, or FrameError."""
+    try:
+        return Auth.model_validate_json(text or "").token
+    except ValidationError:
+        raise FrameError(Err.BAD_FRAME, "the first frame must be an auth frame with the token") from None
 
 
 def dumps(frame: dict[str, object]) -> str:

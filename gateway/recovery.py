@@ -12,6 +12,9 @@ The order matters (the resume rule of docs/protocol.md: no gap, no repeat):
    between the two reads), or the log for that part while MySQL is away;
 5. send `joined`, the replay (paced by the client's reading), then the held live frames, and
    switch the room to live without an await in between, so no live frame overtakes the replay.
+
+A resume counts the stored entries and log records it read (its connection's budget is charged
+with them: gateway/endpoint.py).
 """
 
 from __future__ import annotations
@@ -49,6 +52,15 @@ class LogTruncated(ResumeUnavailable):
         self.log_start = log_start
 
 
+class Reads:
+    """Stored entries and log records a resume read, wherever they came from."""
+
+    __slots__ = ("n",)
+
+    def __init__(self) -> None:
+        self.n = 0
+
+
 class PersisterBehind(Exception):
     """The persister has not applied the partition up to the join point (yet: `mark` None when it
     never applied any), or its mark cannot be read (Redis away: the whole missed range comes from
@@ -61,8 +73,19 @@ class PersisterBehind(Exception):
 
 
 async def resume(node: Node, session: Session, room: str, cursor: str, fail: Callable[..., None],
-                 presence: bool = False, read_state: dict[str, Any] | None = None) -> None:
-    """`read_state`: the fields of `joined` about what the user has read (gateway/readstate.py)."""
+                 presence: bool = False, read_state: dict[str, Any] | None = None) -> int:
+    """Join `room` after `cursor` (see the module doc); the entries read to do it. `read_state`: the
+    fields of `joined` about what the user has read (gateway/readstate.py)."""
+    reads = Reads()
+    try:
+        await _resume(node, session, room, cursor, fail, reads, presence, read_state)
+    finally:
+        metrics.RESUME_READS.inc(reads.n)
+    return reads.n
+
+
+async def _resume(node: Node, session: Session, room: str, cursor: str, fail: Callable[..., None],
+                  reads: Reads, presence: bool, read_state: dict[str, Any] | None) -> None:
     partition = node.keys.partition(room)
     try:
         after = parse_cursor(cursor)
@@ -80,9 +103,9 @@ async def resume(node: Node, session: Session, room: str, cursor: str, fail: Cal
         try:
             try:
                 await wait_applied(node, partition, position - 1)
-                replay, recovered = await missed(node, room, after.offset, position)
+                replay, recovered = await missed(node, room, after.offset, position, reads)
             except PersisterBehind as behind:
-                replay, recovered = await missed_with_kafka(node, room, after.offset, position, behind)
+                replay, recovered = await missed_with_kafka(node, room, after.offset, position, behind, reads)
         except ResumeUnavailable as e:
             node.hub.leave(room, session)
             fail(Err.UNAVAILABLE, f"cannot resume {room} now: {e}; join again", room)
@@ -117,7 +140,7 @@ async def wait_applied(node: Node, partition: int, offset: int) -> None:
         await asyncio.sleep(0.02)
 
 
-async def missed(node: Node, room: str, after: int, before: int) -> tuple[list[bytes], bool]:
+async def missed(node: Node, room: str, after: int, before: int, reads: Reads) -> tuple[list[bytes], bool]:
     """Stored entries of `room` with after < offset < before, oldest first, and whether that is
     all of them (False when more than `resume_max_messages` were missed)."""
     limit = node.settings.resume_max_messages
@@ -129,6 +152,7 @@ async def missed(node: Node, room: str, after: int, before: int) -> tuple[list[b
     try:
         while not reached:
             window: list[Any] = await node.redis.lrange(node.keys.msgs(room), start, start + WINDOW - 1)
+            reads.n += len(window)
             keep = []
             for entry in window:
                 off = _offset(entry)
@@ -152,10 +176,11 @@ async def missed(node: Node, room: str, after: int, before: int) -> tuple[list[b
         upper = before if oldest_in_redis is None else oldest_in_redis
         try:
             older = await from_mysql(node, room, after, upper, limit - count + 1)
+            reads.n += len(older)
         except ResumeUnavailable:  # MySQL away: the log holds the range too, unless it is too long
             if upper - after - 1 > node.settings.resume_kafka_max_records:
                 raise
-            older = await from_kafka(node, room, after + 1, upper)
+            older = await from_kafka(node, room, after + 1, upper, reads)
         if count + len(older) > limit:
             return [], False
     entries = older + [e for window in reversed(newer) for e in window]
@@ -169,8 +194,8 @@ async def missed(node: Node, room: str, after: int, before: int) -> tuple[list[b
     return out, True
 
 
-async def missed_with_kafka(node: Node, room: str, after: int, before: int, behind: PersisterBehind
-                            ) -> tuple[list[bytes], bool]:
+async def missed_with_kafka(node: Node, room: str, after: int, before: int, behind: PersisterBehind,
+                            reads: Reads) -> tuple[list[bytes], bool]:
     """The persister is behind (or down): what it applied comes from storage as usual, the rest
     (mark, before) straight from Kafka, so a resume never depends on the persister being up."""
     mark = behind.mark
@@ -179,24 +204,24 @@ async def missed_with_kafka(node: Node, room: str, after: int, before: int, behi
         raise ResumeUnavailable("too many records to read from the log (the persister is behind or Redis away)")
     stored: list[bytes] = []
     if mark is not None and mark > after:
-        stored, complete = await missed(node, room, after, mark + 1)
+        stored, complete = await missed(node, room, after, mark + 1, reads)
         if not complete:
             return [], False
     complete = True
     try:
-        recent = await from_kafka(node, room, start, before)
+        recent = await from_kafka(node, room, start, before, reads)
     except LogTruncated as gone:
         if behind.redis_away:  # what the log no longer holds is stored, but unreadable now
             raise
         # The persister never applied what retention deleted: it is gone. Replay what is left, honestly.
-        recent, complete = await from_kafka(node, room, gone.log_start, before), False
+        recent, complete = await from_kafka(node, room, gone.log_start, before, reads), False
     if len(stored) + len(recent) > node.settings.resume_max_messages:
         return [], False
     known = {orjson.loads(e)["id"] for e in stored}
     return stored + [e for e in recent if orjson.loads(e)["id"] not in known], complete
 
 
-async def from_kafka(node: Node, room: str, start: int, end: int) -> list[bytes]:
+async def from_kafka(node: Node, room: str, start: int, end: int, reads: Reads) -> list[bytes]:
     """The room's records at offsets [start, end) of its partition: a short-lived assign + seek.
     Raises LogTruncated when retention has deleted `start` already (never skips silently)."""
     if start >= end:
@@ -219,6 +244,7 @@ async def from_kafka(node: Node, room: str, start: int, end: int) -> list[bytes]
                 raise ResumeUnavailable(f"reading the log took too long (offset {position} of [{start}, {end}))")
             for fetched in await fetch(consumer, tp, timeout_ms=500, max_records=5000):
                 position = fetched.next_offset
+                reads.n += len(fetched.messages)
                 for msg in fetched.messages:
                     assert msg.position is not None
                     if msg.position.offset < end and msg.room == room and msg.id not in seen:

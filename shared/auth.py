@@ -28,9 +28,14 @@ class Identity:
 
 
 def mint_token(settings: Settings, user: str, rooms: list[str] | None = None, ttl_s: int | None = None) -> str:
+    """A token the gateways accept: with the configured audience and issuer, when there are."""
     now = int(time.time())
     claims: dict[str, object] = {"sub": user, "iat": now, "exp": now + (ttl_s or settings.token_ttl_s),
                                  "rooms": rooms if rooms is not None else ["*"]}
+    if settings.jwt_audience:
+        claims["aud"] = settings.jwt_audience
+    if settings.jwt_issuer:
+        claims["iss"] = settings.jwt_issuer
     return jwt.encode(claims, settings.jwt_secret.get_secret_value(), algorithm=settings.jwt_algorithm)
 
 
@@ -49,17 +54,24 @@ def _text(value: object, max_chars: int) -> bool:
 def verify_token(settings: Settings, token: str | None) -> Identity:
     """The identity of a valid token. Only the configured algorithm is accepted (never `none`, nor
     another HMAC size), `sub`, `exp` and `rooms` are required: a token without a `rooms` claim
-    (e.g. one minted for another service with the same secret) is refused, never read as "all rooms"."""
+    (e.g. one minted for another service with the same secret) is refused, never read as "all rooms".
+    With JWT_AUDIENCE / JWT_ISSUER set, `aud` / `iss` are required and must match (PyJWT's checks;
+    without an audience set, a token that names one is refused: it was minted for another service)."""
     if not token:
         raise AuthError("no token")
     try:
         claims = jwt.decode(token, settings.jwt_secret.get_secret_value(), algorithms=[settings.jwt_algorithm],
+                            audience=settings.jwt_audience or None, issuer=settings.jwt_issuer or None,
                             options={"require": ["sub", "exp", "rooms"]})
     except jwt.PyJWTError as e:
         raise AuthError(str(e)) from e
     user, rooms = claims["sub"], claims["rooms"]
     if not _text(user, 255):
         raise AuthError("bad sub claim")
-    if not isinstance(rooms, list) or len(rooms) > 1000 or not all(_text(r, 128) for r in rooms):
+    if not isinstance(rooms, list):
+        raise AuthError("bad rooms claim: not a list")
+    if len(rooms) > settings.token_max_rooms:
+        raise AuthError(f"rooms claim has more than {settings.token_max_rooms} entries")
+    if not all(_text(r, 128) for r in rooms):
         raise AuthError("bad rooms claim")
     return Identity(user, tuple(rooms), float(claims["exp"]))

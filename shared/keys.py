@@ -52,7 +52,7 @@ class Keys:
 
     def sent(self, room: str, user: str, client_msg_id: str) -> str:
         """The ack of a send, so a resend of the same client_msg_id is acknowledged, not re-sent."""
-        digest = hashlib.blake2b(f"{user}\0{client_msg_id}".encode(), digest_size=16).hexdigest()
+        digest = _digest(f"{user}\0{client_msg_id}")
         return f"{self.tag(self.partition(room))}:sent:{room}:{digest}"
 
     # presence (gateway/presence.py) and read state (shared/reads.py)
@@ -82,6 +82,22 @@ class Keys:
         return f"{self.tag(partition)}:readsapplied"
 
 
-def _digest(user: str) -> str:
-    """A user id in a key: any text up to 255 characters, so hashed to a fixed safe form."""
-    return hashlib.blake2b(user.encode(), digest_size=16).hexdigest()
+    # per user: the limits every gateway shares (gateway/quota.py)
+    def gateways(self) -> str:
+        """Sorted set: gateway id -> until when (Redis time, ms) the connections it counts hold."""
+        return f"{self.prefix}:{{conns}}:gateways"
+
+    def conns(self, user: str) -> str:
+        """Hash: gateway id -> the user's connections there. In the slot of `gateways` (same hash
+        tag), so one script reads both."""
+        return f"{self.prefix}:{{conns}}:user:{_digest(user)}"
+
+    def send_budget(self, user: str) -> str:
+        """The user's send budget: when (Redis time, us) the bucket would next be empty (GCRA)."""
+        return f"{self.prefix}:rate:{_digest(user)}"
+
+
+
+def _digest(text: str) -> str:
+    """User ids are any text up to 255 characters: keys carry a fixed-size digest of them."""
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()

@@ -83,6 +83,9 @@ class Settings(BaseSettings):
     port: int = 8001
     jwt_secret: SecretStr = SecretStr(DEV_JWT_SECRET)
     jwt_algorithm: Literal["HS256", "HS384", "HS512"] = "HS256"
+    jwt_audience: str = Field("", description="Required `aud` of every token (minted with it); empty: not checked")
+    jwt_issuer: str = Field("", description="Required `iss` of every token (minted with it); empty: not checked")
+    token_max_rooms: int = Field(1000, ge=1, description="A token whose rooms claim has more entries is refused")
     token_ttl_s: int = Field(24 * 3600, ge=1, description="Lifetime of tokens minted by `roomcast token`")
     dev_mode: bool = Field(False, description="Serves /dev/token for the chat page; never in production")
     allowed_origins: Annotated[list[str], NoDecode] = Field(
@@ -92,9 +95,21 @@ class Settings(BaseSettings):
     max_frame_bytes: int = Field(64 * 1024, ge=256)
     max_body_chars: int = Field(4000, ge=1)
     max_rooms_per_conn: int = Field(100, ge=1)
-    max_conns_per_user: int = Field(50, ge=1)
-    send_rate_per_s: float = Field(50.0, gt=0)
+    max_conns_per_user: int = Field(50, ge=1, description="Connections per user, all gateways together")
+    send_rate_per_s: float = Field(50.0, gt=0, description="Per-user send rate, all gateways together")
     send_burst: int = Field(100, ge=1)
+    send_lease: int = Field(
+        5, ge=1, description="Sends a gateway takes from a user's shared budget per Redis round trip"
+    )
+    gateway_lease_s: float = Field(
+        15.0, gt=0, description="A gateway that stopped renewing this long ago: its connections no longer count"
+    )
+    auth_timeout_s: float = Field(
+        5.0, gt=0, description="Time to send the HTTP request, and the auth frame when no token came with it"
+    )
+    max_unauthenticated: int = Field(
+        500, ge=0, description="Connections of a gateway waiting for their auth frame; more are closed 1013"
+    )
     history_limit_default: int = Field(50, ge=1)
     history_limit_max: int = Field(200, ge=1)
     recovery_wait_s: float = Field(5.0, gt=0, description="How long a resume waits for the persister")
@@ -104,6 +119,10 @@ class Settings(BaseSettings):
     resume_max_messages: int = Field(
         5000, ge=1, description="A resume that missed more replays nothing (recovered=false; page history)"
     )
+    resume_budget: int = Field(
+        50_000, ge=1, description="Stored entries a connection's resumes may read in a burst (then at the refill)"
+    )
+    resume_budget_per_s: float = Field(5000.0, gt=0, description="Refill of a connection's resume budget")
     ready_max_lag: int = Field(10_000, ge=0, description="Fan-out lag (records) past which /readyz fails")
     ready_stall_s: float = Field(
         30.0, gt=0, description="Fan-out silent this long while lagging, or without a fetch answered: not ready"
@@ -113,7 +132,8 @@ class Settings(BaseSettings):
     )
     drain_grace_s: float = Field(10.0, ge=0)
     ping_interval_s: float = Field(20.0, gt=0)
-    metrics_port: int = Field(0, ge=0, description="Persister/sweeper Prometheus port; 0: none")
+    metrics_port: int = Field(0, ge=0, description="Prometheus port of a persister, sweeper or gateway; 0: none")
+    metrics_public: bool = Field(True, description="The gateway also serves /metrics on its public port")
 
     # --- presence, typing, read state
     presence_ttl_s: float = Field(30.0, gt=0, description="A dead gateway's users go offline within this")

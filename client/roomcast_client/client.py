@@ -16,18 +16,20 @@ import contextlib
 import inspect
 import logging
 import random
+import re
 import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import quote
 
 import orjson
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from websockets.typing import Subprotocol
 
 log = logging.getLogger("roomcast.client")
 
@@ -55,6 +57,11 @@ class Close(IntEnum):
 
 
 RESUME_SOON = frozenset({Close.DRAINING, Close.TOO_SLOW})  # the server asks us to come back: no growing back-off
+# The token travels in the Sec-WebSocket-Protocol header by default (out of the URL, which proxies
+# log): the subprotocol the server selects, and the token as `bearer.<JWT>` (never echoed).
+SUBPROTOCOL, BEARER_PREFIX = "roomcast.v1", "bearer."
+TokenIn = Literal["header", "frame", "query"]
+HEADER_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,4096}")  # an HTTP token (a JWT is one) of a header's size
 RETRIABLE = frozenset({"unavailable", "rate_limited", "connection_lost"})
 
 
@@ -160,11 +167,17 @@ class RoomcastClient:
         on_presence: OnSignal | None = None,
         on_typing: OnSignal | None = None,
         on_read: OnSignal | None = None,
+        token_in: TokenIn = "header",
     ) -> None:
+        """`token_in`: where the token goes on each connect: the `Sec-WebSocket-Protocol` header
+        (default; a token that does not fit there, over 4 KB or not an HTTP token, goes in the first
+        frame instead), the first frame (`{"type":"auth"}`: any size up to the server's frame
+        limit), or the URL's query (as before the header was known; proxies may log it)."""
         self._urls = [urls] if isinstance(urls, str) else list(urls)
         if not self._urls:
             raise ValueError("at least one URL is needed")
         self._token = token
+        self._token_in = token_in
         self._reconnect, self._base, self._max = reconnect, backoff_base, backoff_max
         self._on_message = on_message
         self._on_signal: dict[str, OnSignal | None] = {"presence_event": on_presence, "typing": on_typing,
@@ -350,9 +363,18 @@ class RoomcastClient:
         whether frames came)."""
         token = self._token() if callable(self._token) else self._token
         self.user = _subject(token)
+        url = f"{url.rstrip('/')}/ws?v={PROTOCOL_VERSION}"
+        subprotocols = [Subprotocol(SUBPROTOCOL)]
+        token_in = self._token_in
+        if token_in == "header" and not HEADER_TOKEN.fullmatch(token):
+            token_in = "frame"
+        if token_in == "header":
+            subprotocols.append(Subprotocol(BEARER_PREFIX + token))
+        elif token_in == "query":
+            url += f"&token={quote(token, safe='')}"
         try:
-            ws = await connect(f"{url.rstrip('/')}/ws?v={PROTOCOL_VERSION}&token={quote(token, safe='')}",
-                               open_timeout=self._open_timeout, max_size=MAX_RECEIVED_BYTES)
+            ws = await connect(url, subprotocols=subprotocols, open_timeout=self._open_timeout,
+                               max_size=MAX_RECEIVED_BYTES)
         except InvalidStatus as e:
             if e.response.status_code in (401, 403):
                 return Close.BAD_TOKEN, f"HTTP {e.response.status_code}", False
@@ -362,7 +384,8 @@ class RoomcastClient:
             log.warning("connect %s: %s", url, e)
             return None, "", False
         healthy = False
-        writer = asyncio.create_task(self._writer(ws, self._resume()), name="roomcast-writer")
+        auth = orjson.dumps({"type": "auth", "token": token}).decode() if token_in == "frame" else None
+        writer = asyncio.create_task(self._writer(ws, self._resume(auth)), name="roomcast-writer")
         try:
             async for raw in ws:
                 healthy = True
@@ -376,12 +399,15 @@ class RoomcastClient:
             await ws.close()
         return ws.close_code, ws.close_reason or "", healthy
 
-    def _resume(self) -> asyncio.Queue[str]:
-        """A new connection: re-join every room at its cursor, then repeat what is unanswered."""
+    def _resume(self, auth: str | None) -> asyncio.Queue[str]:
+        """A new connection: authenticate when the token goes in a frame, re-join every room at its
+        cursor, then repeat what is unanswered."""
         self._gen += 1
         if self._gen > 1:
             self.reconnects += 1
         self._out = asyncio.Queue()
+        if auth is not None:
+            self._out.put_nowait(auth)
         self._rejoin_unconfirmed(self._gen)
         for key, waiting in self._requests.items():
             self._requests[key] = deque((t, f) for t, f in waiting if not f.done())

@@ -131,7 +131,9 @@ function connect() {
   clearTimeout(st.timer);
   if (!st.wantOpen || st.ws) return;
   setConn("connecting", st.attempt ? "reconnecting…" : "connecting…");
-  const ws = new WebSocket(`${NODE}/ws?v=1&token=${encodeURIComponent(st.token)}`);
+  // The token rides in Sec-WebSocket-Protocol (the server selects roomcast.v1 and never echoes
+  // the bearer value), not in the URL, which proxies write to their access logs.
+  const ws = new WebSocket(`${NODE}/ws?v=1`, ["roomcast.v1", `bearer.${st.token}`]);
   st.ws = ws;
   ws.onopen = () => {
     if (ws !== st.ws) return;

@@ -37,6 +37,7 @@ from roomcast_client import RoomcastClient
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
+from websockets.typing import Subprotocol
 
 from shared.auth import mint_token
 from shared.services import start_gateway
@@ -356,9 +357,13 @@ async def test_unacked_send_is_resent_after_a_4008_and_errors_show_a_banner(brow
     received: list[list[dict[str, Any]]] = []  # frames from the page, per connection
     release = asyncio.Event()
 
+    offers: list[tuple[str, str | None, str | None]] = []  # per connection: path, offered, selected
+
     async def gateway(ws: ServerConnection) -> None:
         got: list[dict[str, Any]] = []
         received.append(got)
+        assert ws.request is not None
+        offers.append((ws.request.path, ws.request.headers.get("Sec-WebSocket-Protocol"), ws.subprotocol))
 
         async def recv() -> dict[str, Any]:
             while True:  # (what the page asks about presence and read state gets no answer here)
@@ -409,7 +414,8 @@ async def test_unacked_send_is_resent_after_a_4008_and_errors_show_a_banner(brow
         headers = Headers([("Content-Type", ctype), ("Content-Length", str(len(body))), ("Cache-Control", "no-store")])
         return Response(status, "OK" if status == 200 else "Not Found", headers, body)
 
-    async with serve(gateway, "127.0.0.1", 0, process_request=http) as server:
+    async with serve(gateway, "127.0.0.1", 0, process_request=http,
+                     subprotocols=[Subprotocol("roomcast.v1")]) as server:
         port = server.sockets[0].getsockname()[1]
         page = await browser.new_page()
         await page.goto(f"http://127.0.0.1:{port}/")
@@ -436,6 +442,10 @@ async def test_unacked_send_is_resent_after_a_4008_and_errors_show_a_banner(brow
         assert "refused the sign-in" in (await page.text_content("#banner-text") or "")
         assert await page.locator("#signin").is_visible(), "the page must offer to sign in again"
         assert len(tokens) == 2
+        # Each token went in the Sec-WebSocket-Protocol header (a fresh one after the first 1008),
+        # never in the URL; the page accepted the subprotocol the server selected.
+        assert offers[:2] == [("/ws?v=1", "roomcast.v1, bearer.token-1", "roomcast.v1")] * 2
+        assert offers[-1] == ("/ws?v=1", "roomcast.v1, bearer.token-2", "roomcast.v1")
         await page.screenshot(path=str(SHOTS / "chat-errors.png"))
         assert not p.errors, f"JavaScript errors: {p.errors}"
         await page.close()

@@ -11,8 +11,7 @@ import base64
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any, cast
+from typing import Any
 
 import jwt
 import orjson
@@ -23,9 +22,7 @@ from pydantic import SecretStr
 from websockets.asyncio.client import connect
 from websockets.typing import Origin
 
-from gateway.endpoint import forget_user_later
-from gateway.limits import MAX_PENDING_REQUESTS, TokenBucket
-from gateway.node import Node, UserState
+from gateway.limits import MAX_PENDING_REQUESTS
 from shared.migrate import migrate
 from shared.settings import Settings
 from tests.support import Cluster, Peer, delete_keys, drop_database, eventually, isolated_settings, token
@@ -150,7 +147,8 @@ async def test_the_protocol_version_is_required(gw: str, hard: Settings) -> None
     tok = token(hard, "pv-ike")
     for query, reason in [(f"v=2&token={tok}", "unsupported protocol version: this server speaks v=1"),
                           (f"v=&token={tok}", "unsupported protocol version: this server speaks v=1"),
-                          (f"token={tok}", "protocol version missing: connect with ?v=1")]:
+                          (f"token={tok}",
+                           "protocol version missing: connect with ?v=1 or the subprotocol roomcast.v1")]:
         async with connect(f"{gw}/ws?{query}") as ws:
             with pytest.raises(websockets.ConnectionClosed):
                 await asyncio.wait_for(ws.recv(), 5)
@@ -444,21 +442,3 @@ async def test_room_names(gw: str, hard: Settings, room: str, ok: bool) -> None:
             ("bad_frame", "n")
         assert await error_of(p, {"type": "history", "room": room}) == ("bad_frame", room)
     await p.close()
-
-
-# --- per-user state is forgotten once it is indistinguishable from a fresh one
-
-async def test_user_state_is_dropped_once_disconnected_and_the_bucket_is_full() -> None:
-    node = cast(Node, SimpleNamespace(users={}))
-    idle = node.users["idle"] = UserState(0, TokenBucket(100.0, 5))
-    forget_user_later(node, "idle", idle)
-    assert "idle" not in node.users  # full bucket: nothing to remember
-    for name in ("drained", "back"):
-        state = node.users[name] = UserState(0, TokenBucket(100.0, 5))
-        for _ in range(5):
-            state.bucket.take()  # type: ignore[union-attr]
-        forget_user_later(node, name, state)
-        assert name in node.users  # still empty: kept, so a reconnect does not refill it
-    node.users["back"].connections = 1  # reconnected meanwhile
-    await asyncio.sleep(0.1)  # 5 tokens at 100/s
-    assert "drained" not in node.users and "back" in node.users

@@ -15,6 +15,7 @@ import pytest
 import redis.asyncio as aioredis
 from roomcast_client import RoomcastClient
 
+from shared.services import scrape
 from shared.settings import Settings
 from tests.support import Cluster, Peer, delete_keys, eventually, partition_of, produce_messages, token
 
@@ -247,6 +248,15 @@ async def test_the_client_library_speaks_presence_typing_and_read_state(pcluster
                          what="alice offline")
 
 
+def typing_outcomes(url: str) -> float:
+    """Typing frames a gateway has decided on: forwarded (a signal out), dropped by the throttle, or
+    refused rate_limited (every rate_limited so far: the test sends nothing else meanwhile)."""
+    m = scrape(url)
+    return (m.get('roomcast_gateway_signals_out_total{kind="typing"}', 0)
+            + m.get("roomcast_gateway_typing_dropped_total", 0)
+            + m.get('roomcast_gateway_error_frames_total{code="rate_limited"}', 0))
+
+
 async def _async(value: bool) -> bool:
     return value
 
@@ -265,10 +275,15 @@ async def test_floods_of_typing_and_read_frames_are_rate_limited_like_sends(
     ack = await send(bob, "lobby", "target")
     started = time.monotonic()
     typings, reads = s.send_burst + 200, 300
+    metrics = f"{pcluster.http(0)}/metrics"
+    before = typing_outcomes(metrics)
     for _ in range(typings):
         await flooder.send({"type": "typing", "room": "lobby"})
-    await flooder.send({"type": "ping"})
-    await flooder.wait_for(lambda f: f["type"] == "pong")  # typing is answered (or not) in order: all done
+
+    async def every_typing_decided() -> bool:  # forwarded, throttled or refused: each is counted
+        return typing_outcomes(metrics) - before == typings
+
+    await eventually(every_typing_decided, timeout=20, what="every typing frame decided")
     at = len(flooder.frames)
     for _ in range(reads):
         await flooder.send({"type": "read", "room": "lobby", "cursor": ack["cursor"]})

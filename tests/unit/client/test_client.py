@@ -5,17 +5,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from http import HTTPStatus
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import orjson
 import pytest
 from roomcast_client import AuthError, Close, ConnectionLost, RoomcastClient, RoomcastError
+from roomcast_client.client import BEARER_PREFIX, SUBPROTOCOL, TokenIn
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
+from websockets.typing import Subprotocol
 
+from gateway import protocol as gateway_protocol
 from gateway.protocol import Close as ServerClose
 
 Frame = dict[str, Any]
@@ -28,6 +32,7 @@ class FakeServer:
     def __init__(self) -> None:
         self.frames: list[Frame] = []  # every frame any client sent, in order
         self.paths: list[str] = []
+        self.tokens: list[str] = []  # as each connection presented its token: "header:T", "query:T", "frame:T"
         self.log: dict[str, list[Frame]] = {}
         self.acks: dict[str, Frame] = {}
         self.members: dict[ServerConnection, set[str]] = {}
@@ -60,9 +65,18 @@ class FakeServer:
     def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
         return conn.respond(HTTPStatus.FORBIDDEN, "bad token\n") if self.forbid_http else None
 
+    @staticmethod
+    def _select_subprotocol(conn: ServerConnection, offered: Sequence[Subprotocol]) -> Subprotocol | None:
+        return Subprotocol(SUBPROTOCOL) if SUBPROTOCOL in offered else None
+
     async def handler(self, ws: ServerConnection) -> None:
         assert ws.request is not None
         self.paths.append(ws.request.path)
+        offered = ws.request.headers.get("Sec-WebSocket-Protocol", "").split(", ")
+        bearer = [p.removeprefix(BEARER_PREFIX) for p in offered if p.startswith(BEARER_PREFIX)]
+        query = parse_qs(urlsplit(ws.request.path).query).get("token")
+        if bearer or query:
+            self.tokens.append(f"header:{bearer[0]}" if bearer else f"query:{query[0]}")
         if self.refuse is not None:
             await ws.close(self.refuse, "refused")
             return
@@ -70,7 +84,11 @@ class FakeServer:
         self.members[ws] = set()
         try:
             async for raw in ws:
-                await self.handle(ws, orjson.loads(raw))
+                frame = orjson.loads(raw)
+                if frame["type"] == "auth":
+                    self.tokens.append(f"frame:{frame['token']}")
+                    continue
+                await self.handle(ws, frame)
         except ConnectionClosed:
             pass
         finally:
@@ -159,7 +177,8 @@ class FakeServer:
 @pytest.fixture
 async def server() -> AsyncIterator[FakeServer]:
     fake = FakeServer()
-    async with serve(fake.handler, "127.0.0.1", 0, process_request=fake._process_request) as srv:
+    async with serve(fake.handler, "127.0.0.1", 0, process_request=fake._process_request,
+                     select_subprotocol=fake._select_subprotocol) as srv:
         fake.server = srv
         yield fake
 
@@ -195,7 +214,23 @@ async def test_join_send_and_receive(server: FakeServer) -> None:
     assert joined == {"type": "joined", "room": "r", "cursor": "0-0"}
     assert ack["client_msg_id"] == "k1" and ack["cursor"] == "0-1"
     assert (msg["body"], msg["cursor"], msg["id"]) == ("hello", "0-1", ack["id"])
-    assert server.paths == ["/ws?v=1&token=t0k%3Dn"]
+    assert server.paths == ["/ws?v=1"]
+    assert server.tokens == ["frame:t0k=n"], "not an HTTP token: it goes in the first frame"
+
+
+@pytest.mark.parametrize("token_in,token,presented,path", [
+    ("header", "eyJh.eyJz_-.c2ln", "header:eyJh.eyJz_-.c2ln", "/ws?v=1"),
+    ("header", "x" * 4097, "frame:" + "x" * 4097, "/ws?v=1"),  # too long for a header line
+    ("frame", "eyJh.eyJz_-.c2ln", "frame:eyJh.eyJz_-.c2ln", "/ws?v=1"),
+    ("query", "t0k=n", "query:t0k=n", "/ws?v=1&token=t0k%3Dn"),
+])
+async def test_where_the_token_goes(server: FakeServer, token_in: TokenIn, token: str, presented: str,
+                                    path: str) -> None:
+    async with fast(server.url, token, token_in=token_in) as c:
+        await c.join("r")
+        await c.close()
+    assert server.tokens == [presented] and server.paths == [path]
+    assert (SUBPROTOCOL, BEARER_PREFIX) == (gateway_protocol.SUBPROTOCOL, gateway_protocol.BEARER_PREFIX)
 
 
 async def test_generates_client_msg_ids_and_pipelines_sends(server: FakeServer) -> None:
@@ -334,7 +369,7 @@ async def test_token_callable_gets_one_more_try(server: FakeServer) -> None:
     with pytest.raises(AuthError):
         async with fast(server.url, lambda: next(tokens)):
             pass
-    assert [p.rsplit("=", 1)[1] for p in server.paths] == ["old", "new"]
+    assert server.tokens == ["header:old", "header:new"]
 
 
 async def test_http_403_is_an_auth_error(server: FakeServer) -> None:

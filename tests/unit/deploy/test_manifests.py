@@ -28,7 +28,9 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
+from starlette.routing import Route
 
+from gateway.app import create_app
 from shared.settings import Settings
 from tests.manifests import K8S, OVERLAYS, ROOT, find, gateway_routes, kubectl_binary, render
 
@@ -286,7 +288,6 @@ def test_gateway_probes_hit_real_endpoints_on_port(rendered: dict[str, list[dict
                                                    gateway_routes: set[str]) -> None:
     docs = rendered[overlay]
     port = int(config(docs)["PORT"])
-    deployment = find(docs, "Deployment", "gateway")
     _, c = gateway_container(docs)
     assert c["command"] == ["roomcast-gateway"]
     probes = {kind: c[kind]["httpGet"] for kind in ("startupProbe", "readinessProbe", "livenessProbe")}
@@ -295,10 +296,6 @@ def test_gateway_probes_hit_real_endpoints_on_port(rendered: dict[str, list[dict
     for kind, probe in probes.items():
         assert probe["path"] in gateway_routes, f"{kind} {probe['path']} is not a gateway route"
         assert port_number(c, probe["port"]) == port, f"{kind} port is not PORT={port}"
-    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
-    assert annotations["prometheus.io/scrape"] == "true"
-    assert annotations["prometheus.io/path"] in gateway_routes
-    assert int(annotations["prometheus.io/port"]) == port
     service = find(docs, "Service", "gateway")
     assert all(port_number(c, p["targetPort"]) == port for p in service["spec"]["ports"])
     ingress = find(docs, "Ingress", "gateway")
@@ -308,6 +305,58 @@ def test_gateway_probes_hit_real_endpoints_on_port(rendered: dict[str, list[dict
     ann = ingress["metadata"]["annotations"]
     for key in ("proxy-read-timeout", "proxy-send-timeout"):  # the gateway's pings keep a socket alive
         assert int(ann[f"nginx.ingress.kubernetes.io/{key}"]) >= 2 * Settings().ping_interval_s, key
+
+
+PROMETHEUS = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+               "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}]
+
+
+def ingress_rules(docs: list[dict[str, Any]], pod_labels: dict[str, str], port: int) -> list[dict[str, Any]]:
+    """Every NetworkPolicy ingress rule that admits traffic to `port` of pods with these labels."""
+    def selects(selector: dict[str, Any]) -> bool:
+        if any(pod_labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+            return False
+        for e in selector.get("matchExpressions", []):
+            assert e["operator"] == "In", e
+            if pod_labels.get(e["key"]) not in e["values"]:
+                return False
+        return True
+
+    rules = []
+    for policy in (d for d in docs if d["kind"] == "NetworkPolicy" and selects(d["spec"]["podSelector"])):
+        for rule in policy["spec"].get("ingress", []):
+            if not rule.get("ports") or any(p.get("port") == port for p in rule["ports"]):
+                rules.append(rule)
+    return rules
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_gateway_metrics_only_on_the_metrics_port_and_only_to_prometheus(
+        rendered: dict[str, list[dict[str, Any]]], overlay: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    docs = rendered[overlay]
+    deployment = find(docs, "Deployment", "gateway")
+    _, c = gateway_container(docs)
+    metrics_port = int(env_value(c, "METRICS_PORT") or 0)
+    s = settings_from(docs, monkeypatch, METRICS_PORT=str(metrics_port))
+    assert not s.metrics_public, "METRICS_PUBLIC must be false: the public port is what the Ingress reaches"
+    assert metrics_port and metrics_port != s.port and port_number(c, "metrics") == metrics_port
+    app = create_app(s)  # the routes of the public port; the metrics port is routed before them
+    assert "/metrics" not in {r.path for r in app.routes if isinstance(r, Route)}
+    assert [(m.cls.__name__, m.kwargs) for m in app.user_middleware] == [("MetricsPort", {"port": metrics_port})]
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert (annotations["prometheus.io/path"], int(annotations["prometheus.io/port"])) == ("/metrics", metrics_port)
+    service = find(docs, "Service", "gateway")
+    assert all(port_number(c, p["targetPort"]) == s.port for p in service["spec"]["ports"]), "metrics not exposed"
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    public = ingress_rules(docs, labels, s.port)
+    assert public and all("from" not in r for r in public), "the public port is open to the ingress controller"
+    to_metrics = ingress_rules(docs, labels, metrics_port)
+    assert to_metrics and all(r.get("from") == PROMETHEUS for r in to_metrics), to_metrics
+    for name in ("persister",) + (("sweeper",) if overlay == "dev" else ()):  # (the CronJob has no port)
+        pod = find(docs, "Deployment", name)["spec"]["template"]["metadata"]["labels"]
+        rules = ingress_rules(docs, pod, 9100)
+        assert rules and all(r.get("from") == PROMETHEUS for r in rules), (name, rules)
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

@@ -17,7 +17,7 @@ from starlette.routing import Mount, Route, WebSocketRoute
 
 from gateway.apidocs import SCHEMAS_FILE, SPEC, bundle, load
 from gateway.app import create_app
-from gateway.protocol import KNOWN_TYPES, Close, Err, Inbound
+from gateway.protocol import KNOWN_TYPES, Auth, Close, Err, Inbound
 from shared.settings import Settings
 from tests.support_spec import (
     asyncapi,
@@ -91,6 +91,7 @@ def test_every_example_fits_its_schema() -> None:
 def test_every_frame_type_the_gateway_handles_is_documented() -> None:
     handled = {typing.get_args(model.model_fields["type"].annotation)[0] for model in typing.get_args(Inbound)}
     assert handled == KNOWN_TYPES
+    handled.add(typing.get_args(Auth.model_fields["type"].annotation)[0])  # (a connection's first frame)
     assert set(frame_types("receive")) == handled
 
 

@@ -18,6 +18,7 @@ from gateway.limits import MAX_PENDING_REQUESTS, MAX_QUEUED_SENDS
 from gateway.node import Node
 from gateway.protocol import Close
 from gateway.publisher import Unavailable
+from gateway.quota import UserState
 from shared.auth import Identity
 from shared.keys import Keys
 from shared.settings import Settings
@@ -100,17 +101,30 @@ class FakeReads:
         return {}
 
 
+class UnlimitedQuota:
+    """Every send may go (the shared limits are tested against Redis: tests/integration)."""
+
+    def admit(self, user: str, state: UserState) -> float | None:
+        return 0.0
+
+    async def take_send(self, user: str, state: UserState) -> float:
+        return 0.0
+
+    def forgo(self, state: UserState, waiting: int) -> None:
+        pass
+
+
 def make_node(**settings: Any) -> Node:
-    s = Settings(**{"send_burst": 10_000, **settings})
+    s = Settings(**settings)
     return Node(s, Keys("t", 4), Hub(), FakeFanout(), None, FakePublisher(), None, None, None,  # type: ignore[arg-type]
-                None, None, FakeReads())  # type: ignore[arg-type]
+                None, None, FakeReads(), UnlimitedQuota())  # type: ignore[arg-type]
 
 
 class Client:
     def __init__(self, node: Node, expires_at: float | None = None) -> None:
         self.node = node
         self.ws = FakeWebSocket()
-        self.conn = Connection(node, self.ws, Identity("ann", ("*",), expires_at))  # type: ignore[arg-type]
+        self.conn = Connection(node, self.ws, Identity("ann", ("*",), expires_at), UserState())  # type: ignore[arg-type]
         self.task = asyncio.create_task(self.conn.serve())
 
     @property
