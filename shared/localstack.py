@@ -423,7 +423,8 @@ def start_redis_cluster(ports: Sequence[tuple[int, int]], data_dir: Path, log_di
                         node_timeout_ms: int = 2000, timeout: float = 60.0) -> list[Proc]:
     """A Redis Cluster of our own: one redis-server per (port, cluster bus port) (AOF on, as
     `start_redis`), then `redis-cli --cluster create` with ``replicas`` replicas per primary;
-    returns once every node says the cluster is ok. A node started again with
+    returns once every node says the cluster is ok and every replica has its primary's data (a
+    replica that never synced refuses to fail over). A node started again with
     ``start_redis_cluster_node`` on its folder rejoins it."""
     procs = [start_redis_cluster_node(port, bus, data_dir, log_dir, node_timeout_ms) for port, bus in ports]
     addresses = [port for port, _ in ports]
@@ -435,6 +436,8 @@ def start_redis_cluster(ports: Sequence[tuple[int, int]], data_dir: Path, log_di
             raise LocalStackError(f"{shlex.join(argv)} failed:\n{out.stdout[-2000:]}{out.stderr[-2000:]}")
         for port in addresses:
             wait_until(lambda port=port: redis_cluster_ok(port), f"redis cluster ok on {port}", timeout)  # type: ignore[misc]
+        for port in addresses:
+            wait_until(lambda port=port: redis_replica_synced(port), f"redis replica synced on {port}", timeout)  # type: ignore[misc]
     except BaseException:
         for proc in procs:
             proc.stop(5)
@@ -446,16 +449,26 @@ def start_redis_cluster_node(port: int, bus_port: int, data_dir: Path, log_dir: 
                              node_timeout_ms: int = 2000) -> Proc:
     return start_redis(port, data_dir / str(port), log_dir, name=f"redis-{port}", extra_args=[
         "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-port", str(bus_port),
-        "--cluster-node-timeout", str(node_timeout_ms)])
+        "--cluster-node-timeout", str(node_timeout_ms), "--repl-diskless-sync-delay", "0"])
+
+
+def _redis_info(port: int, command: bytes, host: str = LOCALHOST) -> bytes:
+    try:
+        with socket.create_connection((host, port), timeout=1) as s:
+            s.sendall(command + b"\r\n")
+            return s.recv(4096)
+    except OSError:
+        return b""
 
 
 def redis_cluster_ok(port: int, host: str = LOCALHOST) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=1) as s:
-            s.sendall(b"CLUSTER INFO\r\n")
-            return b"cluster_state:ok" in s.recv(4096)
-    except OSError:
-        return False
+    return b"cluster_state:ok" in _redis_info(port, b"CLUSTER INFO", host)
+
+
+def redis_replica_synced(port: int, host: str = LOCALHOST) -> bool:
+    """A primary, or a replica whose link to its primary is up (its first sync done)."""
+    info = _redis_info(port, b"INFO replication", host)
+    return b"role:master" in info or b"master_link_status:up" in info
 
 
 # --------------------------------------------------------------------------- MariaDB
