@@ -6,6 +6,7 @@ end to end and reports complete pages from both stores."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,11 +14,17 @@ from pathlib import Path
 import pytest
 
 
+@pytest.fixture
+def bench_env(mysql_server_dsn: str) -> dict[str, str]:
+    """The throwaway cluster starts its own Kafka and Redis; MySQL is the test session's."""
+    return {**os.environ, "MYSQL_DSN": f"{mysql_server_dsn}/roomcast_bench"}
+
+
 @pytest.mark.timeout(180)
-def test_bench_history_runs_against_a_throwaway_cluster(tmp_path: Path) -> None:
+def test_bench_history_runs_against_a_throwaway_cluster(tmp_path: Path, bench_env: dict[str, str]) -> None:
     out = tmp_path / "history.json"
     subprocess.run([sys.executable, "-m", "shared.cli", "bench", "history", "--cluster", "--requests", "20",
-                    "--seed", "250", "--out", str(out)], check=True, capture_output=True, timeout=170)
+                    "--seed", "250", "--out", str(out)], check=True, capture_output=True, timeout=170, env=bench_env)
     result = json.loads(out.read_text())
     assert result["workload"] == "history" and result["requests"] == 20
     for source in ("redis", "mysql"):
@@ -27,11 +34,12 @@ def test_bench_history_runs_against_a_throwaway_cluster(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("mode", [[], ["--direct"]], ids=["sent-by-clients", "produced-directly"])
-def test_bench_fanout_delivers_every_message_to_every_subscriber(tmp_path: Path, mode: list[str]) -> None:
+def test_bench_fanout_delivers_every_message_to_every_subscriber(tmp_path: Path, mode: list[str],
+                                                                   bench_env: dict[str, str]) -> None:
     out = tmp_path / "fanout.json"
     subprocess.run([sys.executable, "-m", "shared.cli", "bench", "fanout", "--cluster", "--rooms", "3", "--subs", "2",
                     "--rate", "30", "--duration", "2", *mode, "--out", str(out)],
-                   check=True, capture_output=True, timeout=170)
+                   check=True, capture_output=True, timeout=170, env=bench_env)
     (run,) = json.loads(out.read_text())["runs"]
     assert run["sent"] == 60 and run["acked"] == 60
     assert run["expected"] == 120 and run["delivered"] == 120 and run["lost"] == 0 and run["duplicated"] == 0
