@@ -50,13 +50,14 @@ SERVICES = {"gateway": {"gateway"}, "kafka": {"kafka"}, "kafka-headless": {"kafk
             "redis": {"redis"}}
 BUDGETS = {"gateway": {"gateway"}, "persister": {"persister"}, "kafka": {"kafka"}}
 POLICIES: dict[str, set[str] | None] = {
-    "default-deny-ingress": None, "gateway": {"gateway"}, "metrics": {"persister", "sweeper"},
+    "default-deny-ingress": None, "gateway": {"gateway"}, "metrics": {"gateway", "persister", "sweeper"},
     "redis": {"redis"}, "mysql": {"mysql"}, "kafka": {"kafka"}}
-# Who may reach each policy's pods on each port ("any": the rule has no `from`).
+# Who may reach each policy's pods on each port ("any": the rule has no `from`; "ns/name": pods of
+# that name in another namespace).
 CLIENTS: dict[str, dict[int, set[str] | str]] = {
     "default-deny-ingress": {},
     "gateway": {8001: "any"},
-    "metrics": {9100: "any"},
+    "metrics": {9100: {"monitoring/prometheus"}},
     "redis": {6379: {"gateway", "persister", "sweeper"}},
     "mysql": {3306: {"gateway", "persister", "sweeper", "roomcast-migrate"}},
     "kafka": {9092: {"gateway", "persister", "sweeper", "kafka-topic", "kafka"}, 9093: {"kafka"}},
@@ -217,6 +218,14 @@ def test_pods_are_admitted_under_restricted_and_run(cp: ControlPlane, applied: d
 # ---------------------------------------------------------------------------------------------
 # selectors
 
+def peers(peer: dict[str, Any], wl: dict[str, Any]) -> set[str]:
+    """The workloads a NetworkPolicy peer admits: this namespace's, or "ns/name" for another's."""
+    if "namespaceSelector" in peer:
+        ns = peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+        return {f"{ns}/{peer['podSelector']['matchLabels']['app.kubernetes.io/name']}"}
+    return selected(peer["podSelector"], wl)
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_selectors_pick_their_workloads(cp: ControlPlane, applied: dict[str, Applied], overlay: str) -> None:
     ns = applied[overlay].namespace
@@ -239,7 +248,7 @@ def test_selectors_pick_their_workloads(cp: ControlPlane, applied: dict[str, App
         clients: dict[int, set[str] | str] = {}
         for rule in policy["spec"].get("ingress", []):
             sources: set[str] | str = "any" if "from" not in rule else set().union(
-                *(selected(f["podSelector"], wl) for f in rule["from"]))
+                *(peers(f, wl) for f in rule["from"]))
             for port in rule["ports"]:
                 clients[port["port"]] = sources
                 listening = {t for t in targets if port["port"] in container_ports(wl[t]["template"]).values()}
