@@ -26,7 +26,12 @@ def connect(settings: Settings, *, timeout_s: float, connect_timeout_s: float) -
                                         socket_connect_timeout=connect_timeout_s)
         # (the commands and scripts roomcast uses have the same API on both clients)
         return cast(aioredis.Redis, cluster)
-    return aioredis.from_url(settings.redis_url, socket_timeout=timeout_s, socket_connect_timeout=connect_timeout_s)
+    # Blocking: a burst (thousands of clients joining after a gateway died) waits for a connection
+    # rather than failing with MaxConnectionsError past the pool's size.
+    pool = aioredis.BlockingConnectionPool.from_url(
+        settings.redis_url, max_connections=settings.redis_pool_max, timeout=timeout_s,
+        socket_timeout=timeout_s, socket_connect_timeout=connect_timeout_s)
+    return aioredis.Redis.from_pool(pool)
 
 
 def is_cluster(redis: aioredis.Redis) -> bool:

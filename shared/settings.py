@@ -54,6 +54,8 @@ class Settings(BaseSettings):
     redis_url: str = "redis://127.0.0.1:6380/0"
     redis_cluster: bool = Field(False, description="REDIS_URL names a node of a Redis Cluster")
     redis_prefix: str = Field("rc", description="Key prefix, so several deployments or tests share a Redis")
+    redis_pool_max: int = Field(100, ge=1, description="Redis connections per process (one server); a "
+                                "command past them waits for one instead of failing")
     buffer_cap: int = Field(200, ge=2, description="A room's list past this many messages gets flushed")
     flush_chunk: int = Field(100, ge=1, description="Oldest messages moved to MySQL in one batch")
     redis_retention_s: int = Field(7 * DAY_S, ge=1, description="Messages older than this leave Redis")
