@@ -7,7 +7,7 @@ import sys
 import uvicorn
 from uvicorn.main import STARTUP_FAILURE
 
-from gateway.app import create_app
+from gateway.app import WebSocketFirst, create_app
 from gateway.drain import Drain, DrainingServer
 from gateway.listener import http_protocol, listening_sockets
 from gateway.wire import PreparedFramesProtocol
@@ -22,7 +22,7 @@ def main() -> None:
         raise SystemExit(f"roomcast-gateway: refusing to start: {problem}")
     drain = Drain()
     config = uvicorn.Config(
-        create_app(settings, drain),
+        WebSocketFirst(create_app(settings, drain), settings.metrics_port),
         loop="uvloop",
         http=http_protocol(settings),  # httptools, with a deadline on each request's head
         ws=PreparedFramesProtocol,  # websockets-sansio, plus writing a prepared frame at once
