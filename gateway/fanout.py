@@ -1,5 +1,7 @@
-"""The node's fan-out consumer: every partition, no group, from "now"; each record is decoded and
-serialised once, then queued for this node's members of its room."""
+"""The node's fan-out consumer: every partition, no group, from "now". A record of a room with no
+member here is skipped by its key (the room) without decoding its value: every node reads every
+record, so that is what a record costs a node it is not for (docs/scaling.md). The others are
+decoded and serialised once, then queued for this node's members of the room."""
 
 from __future__ import annotations
 
@@ -65,7 +67,7 @@ class Fanout:
 
     async def run(self) -> None:
         while True:
-            batch = await fetch(self.consumer, timeout_ms=1000, max_records=5000)
+            batch = await fetch(self.consumer, timeout_ms=1000, max_records=5000, wanted=self.hub.has_room_key)
             self.last_poll = time.monotonic()
             if not batch:
                 continue
@@ -77,11 +79,9 @@ class Fanout:
                     if not self.recent.add(msg.id):
                         metrics.DUPLICATES_DROPPED.inc()
                         continue
-                    if self.hub.has_room(msg.room):
-                        assert msg.position is not None
-                        payload = msg.frame()
-                        delivered += self.hub.publish(msg.room, msg.position.offset, payload.decode(),
-                                                      text_frame(payload))
+                    assert msg.position is not None
+                    payload = msg.frame()
+                    delivered += self.hub.publish(msg.room, msg.position.offset, payload.decode(), text_frame(payload))
             metrics.DELIVERED.inc(delivered)
 
     def position(self, partition: int) -> int:

@@ -116,6 +116,15 @@ class Hub:
     def has_room(self, room: str) -> bool:
         return room in self._rooms
 
+    def has_room_key(self, key: bytes | None) -> bool:
+        """Whether a record with this Kafka key (its room, UTF-8) has a member here."""
+        if not key:
+            return False
+        try:
+            return key.decode() in self._rooms
+        except UnicodeDecodeError:
+            return False
+
     @property
     def room_count(self) -> int:
         return len(self._rooms)

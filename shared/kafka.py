@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
@@ -123,9 +124,14 @@ class Fetched:
     next_offset: int  # after the last record fetched
 
 
-def decode(tp: TopicPartition, records: list[ConsumerRecord[bytes, bytes]]) -> Fetched:
+def decode(tp: TopicPartition, records: list[ConsumerRecord[bytes, bytes]],
+           wanted: Callable[[bytes | None], bool] | None = None) -> Fetched:
+    """The records as messages; with `wanted`, only those whose key (the room) it accepts are
+    decoded at all: the rest cost the key check alone."""
     messages = []
     for r in records:
+        if wanted is not None and not wanted(r.key):
+            continue
         try:
             messages.append(Message.from_kafka(r.value, r.partition, r.offset))
         except (ValueError, KeyError, TypeError):  # a producer outside roomcast: never a crash loop
@@ -134,8 +140,9 @@ def decode(tp: TopicPartition, records: list[ConsumerRecord[bytes, bytes]]) -> F
     return Fetched(tp, messages, records[0].offset, records[-1].offset + 1)
 
 
-async def fetch(consumer: AIOKafkaConsumer, *tps: TopicPartition, timeout_ms: int,
-                max_records: int | None) -> list[Fetched]:
-    """The next records of the consumer's partitions (or of `tps`), per partition, decoded."""
+async def fetch(consumer: AIOKafkaConsumer, *tps: TopicPartition, timeout_ms: int, max_records: int | None,
+                wanted: Callable[[bytes | None], bool] | None = None) -> list[Fetched]:
+    """The next records of the consumer's partitions (or of `tps`), per partition, decoded (those
+    `wanted` accepts by key, when given)."""
     batch = await consumer.getmany(*tps, timeout_ms=timeout_ms, max_records=max_records)
-    return [decode(tp, records) for tp, records in batch.items() if records]
+    return [decode(tp, records, wanted) for tp, records in batch.items() if records]
