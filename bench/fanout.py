@@ -6,7 +6,9 @@
 
 Every connection is a `roomcast_client.RoomcastClient` (reconnect off: a disconnect is a failure to
 report, not to hide). Subscriber i of room r connects to url[(r*S+i) % N], room r's sender to
-url[r % N] (the peer harness's layout: every room has half its audience on each of two gateways).
+url[r % N] (the peer harness's layout: every room has half its audience on each of two gateways);
+with --placement room, all of room r's clients are on url[r % N] (each gateway delivers only its
+rooms but still reads every record: docs/scaling.md).
 The body is `run:room:seq:send_ns:` padded to --body-bytes; send_ns is CLOCK_MONOTONIC just before
 the send, so latency is send -> deliver as one process sees it. A step is open loop: message k goes
 to room k mod R at t0 + k/rate. Lost = expected deliveries that did not arrive within --drain s
@@ -127,7 +129,8 @@ class Fanout:
             s = Sub(r)
             self.subs.append(s)
             async with sem:
-                c = self._client(urls[(r * a.subs + i) % len(urls)], self.on_message(s))
+                at = r if a.placement == "room" else r * a.subs + i
+                c = self._client(urls[at % len(urls)], self.on_message(s))
                 await c.start()
                 await c.join(f"room-{r}")
 
@@ -343,10 +346,14 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--p99-limit-ms", type=float, default=100)
     p.add_argument("--drain", type=float, default=5)
     p.add_argument("--connect-concurrency", type=int, default=50)
+    p.add_argument("--gateways", type=int, default=2, help="with --cluster: gateways to start")
+    p.add_argument("--placement", choices=("spread", "room"), default="spread",
+                   help="spread: a room's subscribers round-robin over the gateways (the peer layout); "
+                        "room: all of room r's subscribers and its sender on gateway r mod N")
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    with maybe_cluster(args, settings) as s:
+    with maybe_cluster(args, settings, gateways=args.gateways) as s:
         out = uvloop.run(Fanout(args, s).main())
     write_json(args.out, out)
     return 0
