@@ -233,7 +233,7 @@ async def readyz(cluster: Cluster, i: int) -> int:
 async def test_a_record_produced_twice_is_delivered_and_stored_once(
         migrated: Settings, log_dir: Path, cluster_factory: list[Cluster],
         redis: aioredis.Redis, mysql: aiomysql.Pool) -> None:
-    from shared.checker import stored_ids, stored_messages
+    from tools.checker import stored_ids, stored_messages
 
     cluster = Cluster(migrated, log_dir).start()
     cluster_factory.append(cluster)

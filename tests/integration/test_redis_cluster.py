@@ -14,12 +14,12 @@ import aiomysql
 import pytest
 
 from shared import localstack, ops
-from shared.checker import stored_ids, stored_messages
 from shared.keys import Keys
 from shared.redisconn import connect
 from shared.services import start_sweeper
 from shared.settings import Settings
 from tests.support import Cluster, Peer, delete_keys, eventually, token
+from tools.checker import stored_ids, stored_messages
 
 pytestmark = pytest.mark.timeout(180)
 
