@@ -31,7 +31,6 @@ import aiomysql
 import pymysql
 import redis.asyncio as aioredis
 
-from shared import localstack
 from shared.cursor import Position
 from shared.keys import Keys
 from shared.message import Message, new_message_id
@@ -41,6 +40,7 @@ from shared.mysql import MysqlTarget, create_pool
 from shared.rooms import RoomDirectory
 from shared.settings import Settings
 from sweeper.service import Sweeper
+from tools import localstack
 
 DAY_MS = 24 * 3600 * 1000
 

@@ -18,16 +18,16 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
 from roomcast_client import RoomcastClient
 
-from shared import localstack
 from shared.keys import Keys
-from shared.localkafka import KafkaCluster
 from shared.message import Message, new_message_id
 from shared.mysql import MysqlTarget
-from shared.services import scrape, start_gateway, start_persister, wait_http_ok
 from shared.settings import Settings
 from tests.faults.harness import run_load_through, small
 from tests.faults.proxy import TcpProxy
 from tests.support import Cluster, Peer, eventually, token
+from tools import localstack
+from tools.localkafka import KafkaCluster
+from tools.services import scrape, start_gateway, start_persister, wait_http_ok
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(300)]
 

@@ -18,13 +18,13 @@ from prometheus_client import REGISTRY
 
 from gateway.history import READ_RUN, HistoryReader, history_frame
 from gateway.history_plan import BadRequest, Page, Unavailable, parse_entry
-from shared import localstack
 from shared.auth import mint_token
 from shared.keys import Keys
 from shared.message import Message
-from shared.services import start_gateway
 from shared.settings import Settings
 from tests.support_seed import DAY_MS, Seeder
+from tools import localstack
+from tools.services import start_gateway
 
 ROOM = "hist.room-1"
 NOW = 1_800_000_000_000

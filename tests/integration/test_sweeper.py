@@ -16,11 +16,11 @@ from shared.message import Message
 from shared.mover import Mover
 from shared.mysql import create_pool
 from shared.rooms import RoomDirectory
-from shared.services import start_sweeper
 from shared.settings import Settings
 from sweeper.service import Sweeper
 from tests.support import eventually
 from tests.support_seed import DAY_MS, Seeder, count_messages, mysql_ids, redis_ids
+from tools.services import start_sweeper
 
 ROOMS = 1000
 

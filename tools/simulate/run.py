@@ -40,7 +40,6 @@ from gateway.history import READ_RUN, HistoryReader
 from gateway.history_plan import Entry, MysqlNeed
 from persister.redis_store import APPLY_BATCH, DONE_IF_SHORT
 from persister.service import Persister
-from shared import localstack
 from shared.keys import Keys
 from shared.message import Message
 from shared.migrate import migrate
@@ -49,6 +48,7 @@ from shared.mysql import MysqlTarget, create_pool
 from shared.rooms import RoomDirectory
 from shared.settings import Settings
 from sweeper.service import Sweeper
+from tools import localstack
 from tools.simulate import measure
 from tools.simulate.broker import SimConsumer, SimLog
 from tools.simulate.expiry import Expiry
