@@ -44,7 +44,6 @@ from gateway.protocol import (
     parse_frame,
     ref_of,
 )
-from gateway.publisher import Unavailable
 from gateway.quota import Count, UserState
 from gateway.readstate import STORE_ERRORS, MarkUnavailable, RoomsFull
 from gateway.recovery import resume
@@ -52,6 +51,7 @@ from gateway.session import Session
 from gateway.wire import write_frame_of
 from shared.auth import AuthError, Identity, verify_token
 from shared.cursor import CursorError, join_point, parse_cursor
+from shared.errors import Unavailable
 from shared.reads import ROOMS_MAX
 from shared.settings import Settings
 from shared.validation import ROOM_RULE, valid_room

@@ -19,20 +19,20 @@ from typing import Any, TypeVar
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
-from redis.exceptions import RedisError
 
 from persister import metrics
 from persister.reads import run_reads
-from persister.redis_store import Applied, RedisBuffer
+from shared.errors import StoreUnavailable
 from shared.kafka import Fetched, fetch, new_consumer, wait_for_topic
 from shared.keys import Keys
 from shared.message import Message
-from shared.mover import Mover
 from shared.mysql import create_pool
 from shared.redisconn import connect
-from shared.rooms import RoomDirectory
 from shared.runner import crash_on_failure
 from shared.settings import Settings
+from shared.store.buffer import Applied, RedisBuffer
+from shared.store.mover import Mover
+from shared.store.rooms import RoomDirectory
 
 log = logging.getLogger("roomcast.persister")
 T = TypeVar("T")
@@ -267,7 +267,7 @@ class Persister:
         while True:
             try:
                 return await fn(*args)
-            except (RedisError, OSError) as e:
+            except StoreUnavailable as e:
                 if self.stop.is_set():
                     raise Stopping from e
                 metrics.REDIS_ERRORS.inc()

@@ -16,9 +16,9 @@ from persister.service import Persister
 from shared.kafka import ensure_topic, fetch, new_consumer
 from shared.keys import Keys
 from shared.message import Message
-from shared.mover import Mover
-from shared.rooms import RoomDirectory
 from shared.settings import Settings
+from shared.store.mover import Mover
+from shared.store.rooms import RoomDirectory
 from tests.support import delete_before, produce_messages
 
 ROOM = "log-start-room"

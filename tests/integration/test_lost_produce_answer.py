@@ -17,7 +17,8 @@ from aiokafka import TopicPartition
 from aiokafka.errors import KafkaTimeoutError
 from roomcast_client import RoomcastClient
 
-from gateway.publisher import Publisher, Unavailable
+from gateway.publisher import Publisher
+from shared.errors import Unavailable
 from shared.kafka import new_consumer, new_producer
 from shared.keys import Keys
 from shared.settings import Settings

@@ -15,9 +15,9 @@ from aiokafka import TopicPartition
 from persister.service import Persister
 from shared.kafka import Fetched, ensure_topic, fetch, new_consumer
 from shared.keys import Keys
-from shared.mover import Mover
-from shared.rooms import RoomDirectory
 from shared.settings import Settings
+from shared.store.mover import Mover
+from shared.store.rooms import RoomDirectory
 from tests.support import produce_messages
 
 ROOM = "rebalanced-room"

@@ -20,9 +20,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from shared.keys import Keys
-from shared.mover import Mover
-from shared.rooms import RoomDirectory
 from shared.settings import Settings
+from shared.store.mover import Mover
+from shared.store.rooms import RoomDirectory
 from sweeper.service import Sweeper
 from tests.support_seed import DAY_MS, Seeder, count_messages
 from tools import localstack
