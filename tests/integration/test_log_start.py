@@ -44,8 +44,8 @@ async def test_a_persister_behind_the_log_start_stores_what_is_left_and_counts_w
     await ensure_topic(migrated)
     await produce_messages(migrated, tp, ROOM, 6)
     rooms = RoomDirectory(mysql)
-    persister = Persister(migrated, redis, Mover(redis, mysql, keys, rooms), rooms)
-    persister.consumer = consumer = new_consumer(migrated)
+    persister = Persister(migrated, redis, Mover(redis, mysql, keys, rooms), rooms, new_consumer(migrated))
+    consumer = persister.consumer
     await consumer.start()
     try:
         consumer.assign([tp])

@@ -28,8 +28,7 @@ async def persister(migrated: Settings, redis: aioredis.Redis, mysql: aiomysql.P
     settings = migrated
     keys = Keys(settings.redis_prefix, settings.kafka_partitions)
     rooms = RoomDirectory(mysql)
-    p = Persister(settings, redis, Mover(redis, mysql, keys, rooms), rooms)
-    p.consumer = new_consumer(settings)
+    p = Persister(settings, redis, Mover(redis, mysql, keys, rooms), rooms, new_consumer(settings))
     await ensure_topic(settings)
     await p.consumer.start()
     tp = TopicPartition(settings.kafka_topic, keys.partition(ROOM))
