@@ -33,6 +33,10 @@ _COLUMNS = ("SELECT id, kafka_partition, kafka_offset, user_id, client_msg_id, b
 OLDER_SQL = _COLUMNS + " AND kafka_offset < %s ORDER BY kafka_offset DESC LIMIT %s"
 NEWEST_SQL = _COLUMNS + " ORDER BY kafka_offset DESC LIMIT %s"
 
+# A room's messages by others in an offset range, counted up to a limit (read state's unread count).
+COUNT_SQL = ("SELECT COUNT(*) FROM (SELECT 1 FROM messages WHERE room_id = (SELECT id FROM rooms WHERE name = %s) "
+             "AND kafka_offset > %s AND kafka_offset < %s AND user_id <> %s ORDER BY kafka_offset LIMIT %s) t")
+
 ROOMS_SQL = "SELECT id, name FROM rooms WHERE id > %s ORDER BY id LIMIT %s"
 
 
@@ -79,8 +83,15 @@ class Archive:
         out = []
         for mid, part, off, user, cmid, body, ts in rows:
             raw = Message(mid, room, user, body, int(ts), cmid, Position(int(part), int(off))).entry()
-            out.append(Entry(int(off), mid, f"{part}-{off}", raw))
+            out.append(Entry(int(off), mid, f"{part}-{off}", raw, user))
         return out
+
+    async def count_others(self, room: str, after: int, before: int, user: str, limit: int) -> int:
+        """How many of the room's messages with after < offset < before are not `user`'s, at most `limit`."""
+        async with self._cursor() as cur:
+            await cur.execute(COUNT_SQL, (room, after, before, user, limit))
+            (n,) = await cur.fetchone()
+        return int(n)
 
     async def rooms_after(self, after_id: int, count: int) -> list[tuple[int, str]]:
         """The next `count` rooms by id after `after_id` (a walk over every room, in chunks)."""

@@ -225,6 +225,20 @@ class RedisBuffer:
             res = await self._read_run(keys=[self._keys.msgs(room)], args=args)
         return [parse(raw) for raw in res[1:]], RunEnd(int(res[0]))
 
+    async def window(self, room: str, start: int, count: int) -> list[Entry]:
+        """The up to `count` entries from list index `start` on (negative: from the newest end), oldest first."""
+        with _answering():
+            raw: list[Any] = await self._redis.lrange(self._keys.msgs(room), start, start + count - 1)
+        return [parse(r) for r in raw]
+
+    async def newest(self, rooms: Sequence[str]) -> list[Entry | None]:
+        """Each room's newest entry (None: its list is empty), in one pipeline."""
+        with _answering():
+            pipe = self._redis.pipeline(transaction=False)
+            for name in rooms:
+                pipe.lindex(self._keys.msgs(name), -1)
+            return [None if raw is None else parse(raw) for raw in await pipe.execute()]
+
     async def oldest(self, room: str, count: int) -> list[bytes]:
         """The room's `count` oldest entries."""
         with _answering():

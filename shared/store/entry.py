@@ -41,12 +41,13 @@ class Entry:
     id: str
     cursor: str
     raw: bytes
+    user: str = ""
 
 
 def parse(raw: bytes) -> Entry:
     d = orjson.loads(raw)
     cursor = d["cursor"]
-    return Entry(position(cursor).offset, d["id"], cursor, raw)
+    return Entry(position(cursor).offset, d["id"], cursor, raw, d["user"])
 
 
 def dedupe(entries: Iterable[Entry]) -> list[Entry]:
