@@ -5,7 +5,7 @@
     .venv/bin/python -m bench.broker --linger 20             # fewer, larger batches
     .venv/bin/python -m bench.broker --nodes 3               # three nodes, RF 3, min ISR 2
 
-Starts Kafka (shared/localkafka.py, as the benchmarks and tests run it) pinned to --broker-cpus,
+Starts Kafka (tools/localkafka.py, as the benchmarks and tests run it) pinned to --broker-cpus,
 creates a topic, then produces 200-byte records at --rate (one idempotent producer, acks=all, the
 gateway's settings) while --consumers consumers read every partition at the tail (the fan-out
 consumer's settings; two gateways and the persister make three). Prints the broker's CPU% for
@@ -30,8 +30,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from bench.cluster import parse_cpus
-from shared import localstack
-from shared.localkafka import KafkaCluster
+from tools import localstack
+from tools.localkafka import KafkaCluster
 
 TOPIC = "broker-bench"
 

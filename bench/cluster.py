@@ -32,13 +32,13 @@ from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import SecretStr
 
-from shared import localstack
-from shared.localkafka import KafkaCluster
-from shared.localstack import LOCALHOST, Proc
 from shared.migrate import migrate
 from shared.mysql import MysqlTarget
-from shared.services import start_gateway, start_persister
 from shared.settings import Settings
+from tools import localstack
+from tools.localkafka import KafkaCluster
+from tools.localstack import LOCALHOST, Proc
+from tools.services import start_gateway, start_persister
 
 BENCH_DB = "roomcast_bench"
 STOP_ORDER = ["gateway", "persister", "kafka", "redis"]

@@ -29,9 +29,9 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from bench.cluster import parse_cpus, start_cluster
 from bench.common import Tokens, Watch
-from shared import localstack
-from shared.localstack import LOCALHOST
 from shared.settings import Settings
+from tools import localstack
+from tools.localstack import LOCALHOST
 
 PING = '{"type":"ping"}'
 PONG = '{"type":"pong"}'

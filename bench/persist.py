@@ -28,8 +28,8 @@ from aiokafka import AIOKafkaProducer
 from bench.common import Progress, Watch, add_cluster_args, maybe_cluster, meta, parse_watch, table, write_json
 from shared.keys import Keys
 from shared.message import Message, new_message_id
-from shared.services import scrape
 from shared.settings import Settings
+from tools.services import scrape
 
 APPLIED = "roomcast_persister_applied_total"
 ROWS = "roomcast_persister_mysql_rows_inserted"

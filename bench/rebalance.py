@@ -30,8 +30,8 @@ from shared.kafka import new_consumer
 from shared.keys import Keys
 from shared.message import Message, new_message_id
 from shared.redisconn import connect
-from shared.services import start_persister
 from shared.settings import Settings
+from tools.services import start_persister
 
 
 async def produce(settings: Settings, rate: float, stop: asyncio.Event) -> None:

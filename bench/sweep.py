@@ -31,16 +31,16 @@ import aiomysql
 import pymysql
 import redis.asyncio as aioredis
 
-from shared import localstack
 from shared.cursor import Position
 from shared.keys import Keys
 from shared.message import Message, new_message_id
 from shared.migrate import migrate
-from shared.mover import Mover
 from shared.mysql import MysqlTarget, create_pool
-from shared.rooms import RoomDirectory
 from shared.settings import Settings
+from shared.store.mover import Mover
+from shared.store.rooms import RoomDirectory
 from sweeper.service import Sweeper
+from tools import localstack
 
 DAY_MS = 24 * 3600 * 1000
 

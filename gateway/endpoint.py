@@ -44,15 +44,14 @@ from gateway.protocol import (
     parse_frame,
     ref_of,
 )
-from gateway.publisher import Unavailable
 from gateway.quota import Count, UserState
-from gateway.readstate import STORE_ERRORS, MarkUnavailable, RoomsFull
+from gateway.readstate import STORE_ERRORS
 from gateway.recovery import resume
 from gateway.session import Session
 from gateway.wire import write_frame_of
 from shared.auth import AuthError, Identity, verify_token
 from shared.cursor import CursorError, join_point, parse_cursor
-from shared.reads import ROOMS_MAX
+from shared.errors import BadRequest, Unavailable
 from shared.settings import Settings
 from shared.validation import ROOM_RULE, valid_room
 
@@ -533,11 +532,8 @@ class Connection:
         try:
             stored = await self.node.reads.read(self.identity.user, room, offset,
                                                 self.node.signals.conn_id(self.session))
-        except RoomsFull:
-            self.fail(Err.LIMIT, f"read state is kept for at most {ROOMS_MAX} rooms per user", ref_of(room))
-            return
-        except MarkUnavailable as e:
-            self.fail(Err.UNAVAILABLE, str(e), ref_of(room))
+        except (BadRequest, Unavailable) as e:
+            self.fail(e.code, e.reason, ref_of(room))
             return
         self.reply(dumps({"type": "read", "room": room, "user": self.identity.user,
                           "cursor": self.node.reads.cursor(room, stored)}))

@@ -21,6 +21,8 @@ from gateway.readstate import ReadState
 from gateway.signals import Signals
 from shared.keys import Keys
 from shared.settings import Settings
+from shared.store.archive import Archive
+from shared.store.buffer import RedisBuffer
 
 
 class TypingThrottle:
@@ -64,6 +66,14 @@ class Node:
     users: dict[str, UserState] = field(default_factory=dict)  # users with connections here
     unauthenticated: int = 0  # connections waiting for their auth frame
     drain: Drain = field(default_factory=Drain)
+
+    @property
+    def buffer(self) -> RedisBuffer:
+        return self.history.buffer
+
+    @property
+    def archive(self) -> Archive:
+        return self.history.archive
 
     def user(self, user: str) -> UserState:
         state = self.users.get(user)

@@ -9,6 +9,8 @@ import orjson
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictStr, TypeAdapter, ValidationError
 from pydantic_core import PydanticCustomError
 
+from shared.errors import Err as Err  # (the error codes are named with the error types)
+
 PROTOCOL_VERSION = "1"
 # A client may carry its token in the Sec-WebSocket-Protocol header instead of the URL (which
 # proxies write to their access logs): it offers SUBPROTOCOL, which the server selects and echoes,
@@ -24,18 +26,6 @@ class Close(IntEnum):
     DRAINING = 1012  # reconnect elsewhere and resume
     TRY_AGAIN_LATER = 1013  # a limit was reached (this user's connections): reconnect with back-off
     TOO_SLOW = 4008  # reconnect and resume with the last cursor
-
-
-class Err:
-    BAD_FRAME = "bad_frame"
-    UNKNOWN_TYPE = "unknown_type"
-    TOO_LARGE = "too_large"
-    RATE_LIMITED = "rate_limited"
-    FORBIDDEN = "forbidden"
-    NOT_JOINED = "not_joined"
-    UNAVAILABLE = "unavailable"
-    BAD_CURSOR = "bad_cursor"
-    LIMIT = "limit_exceeded"
 
 
 class _Frame(BaseModel):

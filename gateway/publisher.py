@@ -9,8 +9,7 @@ the claim as `retry`: the resend that takes it over publishes the SAME id and ts
 produce may still have reached Kafka (a broker that wrote the record and died before answering).
 Two copies of one id are one message to the persister, MySQL, the fan-out and the client library.
 
-The key's value: `pending|<id>|<ts>` (a produce in flight), `retry|<id>|<ts>` (the last produce
-failed), or the ack frame's JSON (Kafka has it; written by the gateway or by the persister).
+The key's value and the scripts over it: shared.store.claims.
 """
 
 from __future__ import annotations
@@ -29,48 +28,13 @@ from redis.exceptions import RedisError
 
 from gateway import metrics
 from shared.cursor import Position
+from shared.errors import Unavailable
 from shared.keys import Keys
 from shared.message import Message, new_message_id
 from shared.redisconn import run_scripts
 from shared.settings import Settings
-
-PENDING = b"pending|"
-RETRY = b"retry|"
-
-# KEYS[1] the dedupe key; ARGV: this send's "<id>|<ts>", the pending TTL (s). Returns the
-# "<id>|<ts>" to publish (ours, or that of a failed earlier attempt: taken over), or nil when
-# another attempt is in flight or acknowledged.
-CLAIM = """
-local v = redis.call('GET', KEYS[1])
-if not v then
-  redis.call('SET', KEYS[1], 'pending|' .. ARGV[1], 'EX', ARGV[2])
-  return ARGV[1]
-end
-if string.sub(v, 1, 6) == 'retry|' then
-  local taken = string.sub(v, 7)
-  redis.call('SET', KEYS[1], 'pending|' .. taken, 'EX', ARGV[2])
-  return taken
-end
-return false
-"""
-# Only over our own pending claim: once the persister has stored the message it records the first
-# copy's ack in the same key, and that must survive. ARGV[1] is the claim ("pending|<id>|<ts>").
-RENEW_CLAIM = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('EXPIRE', KEYS[1], ARGV[2]) end
-return 0
-"""
-FAIL_CLAIM = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('SET', KEYS[1], 'retry|' .. string.sub(ARGV[1], 9), 'EX', ARGV[2])
-end
-"""
-RECORD_ACK = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3]) end
-"""
-
-
-class Unavailable(Exception):
-    """Kafka (or the dedupe store) could not take the send; no ack was given."""
+from shared.store import claims
+from shared.store.claims import PENDING, RETRY
 
 
 class Publisher:
@@ -82,9 +46,9 @@ class Publisher:
         self._produce_timeout = settings.kafka_request_timeout_ms / 1000 * 2
         self._pending_ttl = int(self._produce_timeout) + 5
         self._acks = AckWriter(redis, settings.dedupe_ttl_s)
-        self._claim = redis.register_script(CLAIM)
-        self._renew_claim = redis.register_script(RENEW_CLAIM)
-        self._fail_claim = redis.register_script(FAIL_CLAIM)
+        self._claim = redis.register_script(claims.CLAIM)
+        self._renew_claim = redis.register_script(claims.RENEW)
+        self._fail_claim = redis.register_script(claims.FAIL)
         self._late: set[asyncio.Task[None]] = set()  # produces that timed out, awaited to their end
         self.last_ok = self.last_failure = 0.0  # monotonic times of the last acked / failed produce
 
@@ -181,7 +145,7 @@ class Publisher:
             raw = value.encode() if isinstance(value, str) else value
             if raw is None or raw.startswith(RETRY):
                 raise Unavailable("the first send of this client_msg_id failed; send it again")
-            if raw.startswith(b"{"):  # (an ack frame; anything else is a claim in flight)
+            if claims.is_ack(raw):  # (anything else is a claim in flight)
                 return raw
             await asyncio.sleep(0.05)
         raise Unavailable("the first send of this client_msg_id is still pending")
@@ -209,7 +173,7 @@ class AckWriter:
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._wakeup: asyncio.Future[None] | None = None  # while gathering: set early by close()
-        self._record = redis.register_script(RECORD_ACK)
+        self._record = redis.register_script(claims.RECORD_ACK)
 
     def put(self, key: str, claim: bytes, ack_json: bytes) -> None:
         self._pending[key] = (claim, ack_json)

@@ -39,7 +39,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from gateway.publisher import Unavailable
+from shared.errors import Unavailable
 from shared.keys import Keys
 from shared.settings import Settings
 

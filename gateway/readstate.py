@@ -15,7 +15,6 @@ import logging
 from typing import Any
 
 import aiomysql
-import orjson
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
@@ -24,29 +23,21 @@ from redis.exceptions import RedisError
 from gateway.presence import Presence
 from gateway.signals import Signals
 from shared.cursor import Position
+from shared.errors import BadRequest, Err, StoreUnavailable, Unavailable
 from shared.keys import Keys
 from shared.reads import ROOMS_MAX, ReadCache, ReadMark
 from shared.settings import Settings
+from shared.store.archive import Archive
+from shared.store.buffer import RedisBuffer
+from shared.store.entry import Entry
 
 log = logging.getLogger("roomcast.gateway.reads")
 
 COUNT_MAX = 1000
-WINDOW = 200  # list entries per LRANGE
+WINDOW = 200  # list entries per read
 COUNTS_AT_ONCE = 8  # rooms of one `unread` answer counted concurrently
-STORE_ERRORS = (RedisError, OSError, aiomysql.Error)
-
-# The unread messages of a room older than the ones Redis holds (MySQL), limited: at most %s rows.
-MYSQL_COUNT = ("SELECT COUNT(*) FROM (SELECT 1 FROM messages WHERE room_id = (SELECT id FROM rooms WHERE name = %s) "
-               "AND kafka_offset > %s AND kafka_offset < %s AND user_id <> %s ORDER BY kafka_offset LIMIT %s) t")
+STORE_ERRORS = (StoreUnavailable, RedisError, OSError, aiomysql.Error)  # (the read-mark cache raises the last three)
 NO_UPPER = 2**63 - 1
-
-
-class RoomsFull(Exception):
-    """The user has read state in ROOMS_MAX rooms already."""
-
-
-class MarkUnavailable(Exception):
-    """The log did not take the mark: nothing is echoed."""
 
 
 class ReadState:
@@ -54,12 +45,12 @@ class ReadState:
                  producer: AIOKafkaProducer, signals: Signals, presence: Presence) -> None:
         self.s = settings
         self.keys = keys
-        self.redis = redis
-        self.mysql = mysql
         self.producer = producer
         self.signals = signals
         self.presence = presence
         self.cache = ReadCache(redis, mysql, keys)
+        self.buffer = RedisBuffer(redis, keys)
+        self.archive = Archive(mysql)
         self._timeout = settings.kafka_request_timeout_ms / 1000 * 2
 
     def cursor(self, room: str, offset: int) -> str:
@@ -67,7 +58,9 @@ class ReadState:
 
     # --- marks
     async def read(self, user: str, room: str, offset: int, conn: str) -> int:
-        """Move the user's mark in `room` to `offset` unless it is there already; the mark now held."""
+        """Move the user's mark in `room` to `offset` unless it is there already; the mark now held.
+        BadRequest: read state in ROOMS_MAX rooms already; Unavailable: the log did not take the
+        mark (nothing is echoed)."""
         try:
             current, rooms = await self.cache.mark(user, room)
         except STORE_ERRORS:  # the stores keep the greater mark anyway: take it without the check
@@ -75,14 +68,14 @@ class ReadState:
         if current is not None and offset <= current:
             return current
         if current is None and rooms >= ROOMS_MAX:
-            raise RoomsFull
+            raise BadRequest(Err.LIMIT, f"read state is kept for at most {ROOMS_MAX} rooms per user")
         mark = ReadMark(user, room, offset)
         try:
             delivery = await self.producer.send(self.s.kafka_reads_topic, mark.value(), key=mark.key(),
                                                 partition=self.keys.partition(user))
             await asyncio.wait_for(delivery, self._timeout)
         except (KafkaError, OSError, TimeoutError) as e:
-            raise MarkUnavailable(f"broker unavailable: {type(e).__name__}") from e
+            raise Unavailable(f"broker unavailable: {type(e).__name__}") from e
         try:
             stored = await self.cache.merge(mark)
             receipt = await self.presence.count(room) <= self.s.receipts_max_online
@@ -108,14 +101,11 @@ class ReadState:
         """Every room the user has read state in, by name, with its count."""
         marks = await self.cache.marks(user)
         rooms = sorted(marks)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for room in rooms:
-                pipe.lindex(self.keys.msgs(room), -1)
-            newest = await pipe.execute()
+        newest = await self.buffer.newest(rooms)
         gate = asyncio.Semaphore(COUNTS_AT_ONCE)
 
-        async def one(room: str, last: bytes | None) -> tuple[int, bool]:
-            if last is not None and _offset(orjson.loads(last)) <= marks[room]:
+        async def one(room: str, last: Entry | None) -> tuple[int, bool]:
+            if last is not None and last.offset <= marks[room]:
                 return 0, False  # read up to the newest message: nothing to count
             async with gate:
                 return await self.count(user, room, marks[room])
@@ -131,16 +121,14 @@ class ReadState:
         n, below, walked = 0, NO_UPPER, 0
         start = -WINDOW
         while True:
-            window: list[Any] = await self.redis.lrange(self.keys.msgs(room), start, start + WINDOW - 1)
-            for raw in reversed(window):
-                entry = orjson.loads(raw)
-                off = _offset(entry)
-                if off >= below:  # (the list moved between two reads: seen already)
+            window = await self.buffer.window(room, start, WINDOW)
+            for entry in reversed(window):
+                if entry.offset >= below:  # (the list moved between two reads: seen already)
                     continue
-                below = off
-                if off <= after:
+                below = entry.offset
+                if entry.offset <= after:
                     return n, False
-                if entry.get("user") != user:
+                if entry.user != user:
                     n += 1
                     if n > COUNT_MAX:
                         return COUNT_MAX, True
@@ -151,15 +139,8 @@ class ReadState:
                 return n, True
             start -= WINDOW
         try:
-            async with self.mysql.acquire() as conn, conn.cursor() as cur:
-                await cur.execute(MYSQL_COUNT, (room, after, below, user, COUNT_MAX + 1 - n))
-                (older,) = await cur.fetchone()
-        except (aiomysql.Error, OSError) as e:
-            log.warning("unread count without MySQL", extra={"room": room, "error": repr(e)})
+            n += await self.archive.count_others(room, after, below, user, COUNT_MAX + 1 - n)
+        except StoreUnavailable as e:
+            log.warning("unread count without MySQL", extra={"room": room, "error": repr(e.__cause__)})
             return n, True
-        n += int(older)
         return (COUNT_MAX, True) if n > COUNT_MAX else (n, False)
-
-
-def _offset(entry: dict[str, Any]) -> int:
-    return int(str(entry["cursor"]).rsplit("-", 1)[1])

@@ -11,10 +11,10 @@ from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from gateway.history_plan import HistoryError
 from gateway.node import Node
 from gateway.protocol import Err
 from shared.auth import AuthError, verify_token
+from shared.errors import RoomcastError
 from shared.validation import valid_room
 
 NO_STORE = {"Cache-Control": "no-store"}
@@ -70,6 +70,6 @@ async def room_messages(request: Request) -> Response:
     try:
         page = await node.history.page(room, request.query_params.get("before"),
                                            int(raw_limit) if raw_limit else None)
-    except HistoryError as e:
+    except RoomcastError as e:
         return _error(e.status, e.code, e.reason)
     return Response(page.body(room, frame=False), media_type="application/json", headers=NO_STORE)

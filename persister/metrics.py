@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from shared.mover import Mover
+from shared.store.mover import Mover
 
 APPLIED = Counter("roomcast_persister_applied_total", "Kafka records applied to Redis")
 FLUSHED = Counter("roomcast_persister_flushed_messages_total", "Messages moved from Redis to MySQL")

@@ -1,8 +1,8 @@
 """A chat message and its three encodings: the Kafka record, the stored entry, the wire frame.
 
 - Kafka value: what the gateway produced, without a position (the broker assigns it).
-- Stored entry: the Kafka value plus its cursor; one JSON object per Redis list item. History
-  pages are built by joining stored entries, so they are serialised once, when persisted.
+- Stored entry: the Kafka value plus its cursor; one JSON object per Redis list item (its format:
+  shared.store.entry). History pages join stored entries, so they are serialised once, when persisted.
 - Wire frame: `{"type":"message", ...stored entry}`, built once per node for its fan-out.
 """
 
@@ -14,6 +14,7 @@ import orjson
 from ulid import ULID
 
 from shared.cursor import Position
+from shared.store import entry
 
 
 def new_message_id(at_ms: int | None = None) -> str:
@@ -49,18 +50,14 @@ class Message:
                    Position(partition, offset))
 
     def entry(self) -> bytes:
-        """The stored form (Redis list item, history page item)."""
-        return orjson.dumps(
-            {"id": self.id, "room": self.room, "user": self.user, "body": self.body,
-             "ts": self.ts, "cursor": self.cursor, "cmid": self.client_msg_id}
-        )
+        """The stored form (Redis list item, history page item): shared.store.entry."""
+        return entry.encode(self.id, self.room, self.user, self.body, self.ts, self.cursor, self.client_msg_id)
 
     @classmethod
     def from_entry(cls, raw: bytes | str) -> Message:
-        d = orjson.loads(raw)
-        part, _, off = d["cursor"].partition("-")
+        d = entry.load(raw)
         return cls(d["id"], d["room"], d["user"], d["body"], int(d["ts"]), d.get("cmid", ""),
-                   Position(int(part), int(off)))
+                   entry.position(d["cursor"]))
 
     def ack(self) -> bytes:
         """The `ack` frame its sender got (or gets again for a resend of the same client_msg_id)."""

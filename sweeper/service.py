@@ -23,24 +23,27 @@ import pymysql
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from shared.errors import StoreUnavailable
 from shared.keys import Keys
 from shared.message import Message
-from shared.mover import Mover
 from shared.mysql import create_pool
 from shared.redisconn import connect
-from shared.rooms import RoomDirectory
 from shared.settings import Settings
+from shared.store.archive import Archive
+from shared.store.buffer import RedisBuffer
+from shared.store.mover import Mover
+from shared.store.rooms import RoomDirectory
 from sweeper import metrics
 from sweeper.policy import Action, Decision, decide, parse_meta
 
 log = logging.getLogger("roomcast.sweeper")
 
-ROOMS_SQL = "SELECT id, name FROM rooms WHERE id > %s ORDER BY id LIMIT %s"
 PARALLEL_ROOMS = 4  # rooms of a chunk moved at once (each move is one bounded insert + one trim)
 MAX_CONTENDED = 50  # consecutive moves lost to another mover before a room is left to the next sweep
 
 # Failures of a store: a sweep stops and the next one (or the CronJob's retry) starts over.
-STORE_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError, pymysql.err.Error, TimeoutError)
+STORE_ERRORS: tuple[type[BaseException], ...] = (StoreUnavailable, RedisError, OSError, pymysql.err.Error,
+                                                 TimeoutError)
 
 
 @dataclass
@@ -60,8 +63,8 @@ class Sweeper:
         self.s = settings
         self.parallel = parallel
         self.keys = Keys(settings.redis_prefix, settings.kafka_partitions)
-        self.redis = redis
-        self.pool = pool
+        self.buffer = RedisBuffer(redis, self.keys)
+        self.archive = Archive(pool, rooms)
         self.mover = mover
         self.rooms = rooms
         self.clock = clock
@@ -73,7 +76,7 @@ class Sweeper:
         after = 0
         while not stop.is_set():
             chunk_started = time.monotonic()
-            rows = await self._rooms_after(after)
+            rows = await self.archive.rooms_after(after, self.s.sweep_chunk)
             if not rows:
                 stats.complete = True
                 break
@@ -88,16 +91,8 @@ class Sweeper:
         stats.seconds = time.monotonic() - started
         return stats
 
-    async def _rooms_after(self, after: int) -> list[tuple[int, str]]:
-        async with self.pool.acquire() as conn, conn.cursor() as cur:
-            await cur.execute(ROOMS_SQL, (after, self.s.sweep_chunk))
-            return [(int(rid), str(name)) for rid, name in await cur.fetchall()]
-
     async def _sweep_chunk(self, rows: list[tuple[int, str]], stats: SweepStats, stop: asyncio.Event) -> None:
-        pipe = self.redis.pipeline(transaction=False)
-        for _, name in rows:
-            pipe.hmget(self.keys.meta(name), "first_ts", "last_ts")
-        metas = await pipe.execute()
+        metas = await self.buffer.metas([name for _, name in rows])
         if self.rooms is not None:
             self.rooms.remember({name: rid for rid, name in rows})
         now_ms = int(self.clock() * 1000)

@@ -2,7 +2,7 @@
 
 Each backing service comes from an environment variable when it is set (KAFKA_BOOTSTRAP, REDIS_URL,
 MYSQL_DSN: used as they are), else the session starts its own on free ports, in its own folders:
-an Apache Kafka broker (KRaft, one node, jars from Maven Central: shared/localkafka.py), a
+an Apache Kafka broker (KRaft, one node, jars from Maven Central: tools/localkafka.py), a
 redis-server with AOF on, and a MariaDB. Nothing of the machine's is used or touched. A service that
 cannot start is a failure, never a skip. Every test gets its own Kafka topic, Redis key prefix and
 MySQL database, so tests never see each other's data.
@@ -18,12 +18,12 @@ import aiomysql
 import pytest
 import redis.asyncio as aioredis
 
-from shared import localstack
-from shared.localkafka import KafkaCluster
 from shared.migrate import migrate
 from shared.mysql import MysqlTarget, create_pool
 from shared.settings import Settings
 from tests.support import delete_keys, drop_database, isolated_settings
+from tools import localstack
+from tools.localkafka import KafkaCluster
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "test-output"

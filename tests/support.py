@@ -19,14 +19,14 @@ from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
 from pydantic import SecretStr
 from websockets.asyncio.client import ClientConnection
 
-from shared import haproxy, localstack
 from shared.auth import mint_token
 from shared.keys import Keys
-from shared.localstack import Proc
 from shared.message import Message
 from shared.mysql import MysqlTarget
-from shared.services import start_gateway, start_persister
 from shared.settings import Settings
+from tools import haproxy, localstack
+from tools.localstack import Proc
+from tools.services import start_gateway, start_persister
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 30.0, every: float = 0.1,
@@ -196,7 +196,7 @@ class Peer:
 
 def isolated_settings(kafka_bootstrap: str, redis_url: str, mysql_server_dsn: str, **overrides: Any) -> Settings:
     """Settings with their own topic, consumer group, key prefix and database. Consumer sessions are
-    short (the test brokers allow them: shared/localkafka.py), so a killed persister's partitions
+    short (the test brokers allow them: tools/localkafka.py), so a killed persister's partitions
     move within seconds."""
     tag = f"t_{uuid.uuid4().hex[:10]}"
     base: dict[str, Any] = dict(

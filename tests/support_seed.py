@@ -17,9 +17,9 @@ import redis.asyncio as aioredis
 from shared.cursor import Position
 from shared.keys import Keys
 from shared.message import Message, new_message_id
-from shared.mover import Mover
-from shared.rooms import RoomDirectory
 from shared.settings import Settings
+from shared.store.mover import Mover
+from shared.store.rooms import RoomDirectory
 
 DAY_MS = 24 * 3600 * 1000
 

@@ -7,15 +7,17 @@
 // every few seconds, cleared as the room is read: the page sends `read` for the newest message it
 // shows), and read receipts under the last message (the server sends them only in small rooms).
 
+import { Close } from "./protocol.js"; // the server's close codes (generated from gateway/protocol.py)
+
 const $ = (id) => document.getElementById(id);
 const scroller = $("scroller"), list = $("messages"), olderBtn = $("older"), input = $("text");
 const ROOM_RE = /^[A-Za-z0-9_.-]{1,64}$/;
 const CLOSES = {
-  1008: "The server refused the sign-in (bad or expired token)",
-  1009: "A message was too large for the server",
-  1012: "The server is restarting (draining); reconnecting",
-  1013: "Too many connections for this user (close another tab); retrying",
-  4008: "The connection fell behind the room; reconnecting",
+  [Close.BAD_TOKEN]: "The server refused the sign-in (bad or expired token)",
+  [Close.TOO_LARGE]: "A message was too large for the server",
+  [Close.DRAINING]: "The server is restarting (draining); reconnecting",
+  [Close.TRY_AGAIN_LATER]: "Too many connections for this user (close another tab); retrying",
+  [Close.TOO_SLOW]: "The connection fell behind the room; reconnecting",
 };
 const BACKOFF_BASE_MS = 500, BACKOFF_MAX_MS = 10000, PING_EVERY_MS = 25000, PONG_WITHIN_MS = 10000;
 const TYPING_EVERY_MS = 3000, TYPING_SHOWN_MS = 5000, UNREAD_EVERY_MS = 5000, READ_AFTER_MS = 300;
@@ -160,12 +162,12 @@ function dropped(code, reason) {
   composer();
   updateOlder();
   if (!st.wantOpen) return setConn("offline");
-  if (code === 1008) {
-    if (st.authRetried) return signedOut(`${CLOSES[1008]}: ${reason || "no reason given"}. Sign in again.`);
+  if (code === Close.BAD_TOKEN) {
+    if (st.authRetried) return signedOut(`${CLOSES[Close.BAD_TOKEN]}: ${reason || "no reason given"}. Sign in again.`);
     st.authRetried = true; // one fresh token, then give up
     return fetchToken(st.user).then((t) => { st.token = t; connect(); }, (err) => signedOut(err.message));
   }
-  const soon = code === 1012 || code === 4008; // the server asks us to come back: no growing back-off
+  const soon = code === Close.DRAINING || code === Close.TOO_SLOW; // the server asks us to come back: no growing back-off
   const text = CLOSES[code] ?? "The connection was lost; reconnecting";
   banner(`${text} (close code ${code}${reason ? `: ${reason}` : ""}).`, "warn"); // hidden once re-joined
   const cap = soon && st.attempt === 0 ? 300 : Math.min(BACKOFF_MAX_MS, BACKOFF_BASE_MS * 2 ** st.attempt);

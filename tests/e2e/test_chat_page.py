@@ -40,10 +40,10 @@ from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
 
 from shared.auth import mint_token
-from shared.services import start_gateway
 from shared.settings import Settings
 from tests.conftest import OUT, ROOT
 from tests.support import Cluster, Lb
+from tools.services import start_gateway
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -42,13 +42,13 @@ from hypothesis import strategies as st
 from roomcast_client import RoomcastClient
 from websockets.asyncio.client import ClientConnection, connect
 
-from shared.checker import Ack, check_delivery, check_storage, stored_ids, stored_messages
 from shared.keys import Keys
-from shared.services import scrape
 from shared.settings import Settings
 from shared.validation import valid_room
 from tests.support import Cluster, eventually, token
 from tests.support_spec import frame_errors
+from tools.checker import Ack, check_delivery, check_storage, stored_ids, stored_messages
+from tools.services import scrape
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -26,10 +26,10 @@ import psutil
 import pymysql
 import pytest
 
-from shared import haproxy, localstack
 from shared.mysql import MysqlTarget
 from tests.conftest import ROOT
 from tests.support import Peer
+from tools import haproxy, localstack
 
 pytestmark = pytest.mark.timeout(120)
 

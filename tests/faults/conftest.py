@@ -16,9 +16,9 @@ from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
-from shared.localkafka import KafkaCluster, KafkaNode
 from shared.settings import Settings
 from tests.faults.netns import HostNet
+from tools.localkafka import KafkaCluster, KafkaNode
 
 # Faster failure detection than production's defaults (9 s broker session, 30 s replica lag), so
 # a failover takes ~3 s and fits inside a producer request timeout of 5 s. Production keeps the

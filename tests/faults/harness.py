@@ -16,10 +16,10 @@ import redis.asyncio as aioredis
 from roomcast_client import RoomcastClient
 
 from shared.auth import mint_token
-from shared.checker import Ack, Report, check_delivery, check_storage, offset, stored_ids, stored_messages
 from shared.keys import Keys
 from shared.settings import Settings
 from tests.support import Cluster
+from tools.checker import Ack, Report, check_delivery, check_storage, offset, stored_ids, stored_messages
 
 
 @dataclass

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from shared.localstack import free_port
+from tools.localstack import free_port
 
 
 class TcpProxy:

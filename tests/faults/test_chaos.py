@@ -24,15 +24,15 @@ import pytest
 import redis.asyncio as aioredis
 from roomcast_client import RoomcastClient
 
-from shared import localstack
-from shared.checker import check_storage
 from shared.mysql import MysqlTarget
-from shared.services import start_gateway, start_sweeper
 from shared.settings import Settings
 from tests.faults.conftest import Kafka3
 from tests.faults.harness import run_load_through, small
 from tests.faults.proxy import TcpProxy
 from tests.support import Cluster, offset, token
+from tools import localstack
+from tools.checker import check_storage
+from tools.services import start_gateway, start_sweeper
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(420)]
 

@@ -14,10 +14,10 @@ import pytest
 import redis.asyncio as aioredis
 import websockets
 
-from shared.services import scrape
 from shared.settings import Settings
 from tests.faults.harness import Load
 from tests.support import Cluster, Peer, eventually, token
+from tools.services import scrape
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(240)]
 

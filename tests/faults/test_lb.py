@@ -21,14 +21,14 @@ import redis.asyncio as aioredis
 import websockets
 from roomcast_client import RoomcastClient
 
-from shared import localstack
-from shared.localkafka import KafkaCluster
-from shared.localstack import Proc
-from shared.services import start_gateway
 from shared.settings import Settings
 from tests.faults.harness import Load, small
 from tests.faults.proxy import TcpProxy
 from tests.support import Cluster, Lb, Peer, eventually, token
+from tools import localstack
+from tools.localkafka import KafkaCluster
+from tools.localstack import Proc
+from tools.services import start_gateway
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(150)]
 

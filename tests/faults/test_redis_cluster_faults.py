@@ -12,12 +12,12 @@ import aiomysql
 import pytest
 from redis.exceptions import RedisError
 
-from shared import localstack
 from shared.keys import Keys
 from shared.redisconn import connect
 from shared.settings import Settings
 from tests.faults.harness import run_load_through, small
 from tests.support import Cluster
+from tools import localstack
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(300)]
 

@@ -17,16 +17,16 @@ import aiomysql
 import pytest
 from aiokafka import TopicPartition
 
-from shared import localstack, ops
 from shared.kafka import new_consumer
 from shared.keys import Keys
-from shared.localstack import Proc
 from shared.redisconn import connect
-from shared.services import start_persister
 from shared.settings import Settings
 from tests.faults.conftest import Kafka3
 from tests.faults.harness import run_load_through, small
 from tests.support import Cluster, Peer, token
+from tools import localstack, ops
+from tools.localstack import Proc
+from tools.services import start_persister
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(420)]
 

@@ -18,16 +18,16 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
 from roomcast_client import RoomcastClient
 
-from shared import localstack
 from shared.keys import Keys
-from shared.localkafka import KafkaCluster
 from shared.message import Message, new_message_id
 from shared.mysql import MysqlTarget
-from shared.services import scrape, start_gateway, start_persister, wait_http_ok
 from shared.settings import Settings
 from tests.faults.harness import run_load_through, small
 from tests.faults.proxy import TcpProxy
 from tests.support import Cluster, Peer, eventually, token
+from tools import localstack
+from tools.localkafka import KafkaCluster
+from tools.services import scrape, start_gateway, start_persister, wait_http_ok
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(300)]
 
@@ -233,7 +233,7 @@ async def readyz(cluster: Cluster, i: int) -> int:
 async def test_a_record_produced_twice_is_delivered_and_stored_once(
         migrated: Settings, log_dir: Path, cluster_factory: list[Cluster],
         redis: aioredis.Redis, mysql: aiomysql.Pool) -> None:
-    from shared.checker import stored_ids, stored_messages
+    from tools.checker import stored_ids, stored_messages
 
     cluster = Cluster(migrated, log_dir).start()
     cluster_factory.append(cluster)

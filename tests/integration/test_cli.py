@@ -16,14 +16,14 @@ import pytest
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
 
-from shared import ops
 from shared.auth import verify_token
 from shared.kafka import ensure_topic
 from shared.keys import Keys
-from shared.localstack import free_port
 from shared.migrate import migration_files
 from shared.settings import Settings
 from tests.conftest import ROOT
+from tools import ops
+from tools.localstack import free_port
 
 pytestmark = pytest.mark.timeout(90)
 

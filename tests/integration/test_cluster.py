@@ -11,9 +11,9 @@ import redis.asyncio as aioredis
 from pydantic import SecretStr
 
 from shared.keys import Keys
-from shared.services import scrape
 from shared.settings import Settings
 from tests.support import Cluster, Peer, eventually, offset, token
+from tools.services import scrape
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -16,15 +16,19 @@ import pytest
 import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
 
-from gateway.history import READ_RUN, HistoryReader, history_frame
-from gateway.history_plan import BadRequest, Page, Unavailable, parse_entry
-from shared import localstack
+from gateway.history import HistoryReader, history_frame
 from shared.auth import mint_token
+from shared.errors import BadRequest
+from shared.errors import StoreUnavailable as Unavailable
 from shared.keys import Keys
 from shared.message import Message
-from shared.services import start_gateway
 from shared.settings import Settings
+from shared.store.buffer import READ_RUN
+from shared.store.entry import parse as parse_entry
+from shared.store.paging import Page
 from tests.support_seed import DAY_MS, Seeder
+from tools import localstack
+from tools.services import start_gateway
 
 ROOM = "hist.room-1"
 NOW = 1_800_000_000_000

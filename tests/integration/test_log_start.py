@@ -16,9 +16,9 @@ from persister.service import Persister
 from shared.kafka import ensure_topic, fetch, new_consumer
 from shared.keys import Keys
 from shared.message import Message
-from shared.mover import Mover
-from shared.rooms import RoomDirectory
 from shared.settings import Settings
+from shared.store.mover import Mover
+from shared.store.rooms import RoomDirectory
 from tests.support import delete_before, produce_messages
 
 ROOM = "log-start-room"
@@ -44,8 +44,8 @@ async def test_a_persister_behind_the_log_start_stores_what_is_left_and_counts_w
     await ensure_topic(migrated)
     await produce_messages(migrated, tp, ROOM, 6)
     rooms = RoomDirectory(mysql)
-    persister = Persister(migrated, redis, Mover(redis, mysql, keys, rooms), rooms)
-    persister.consumer = consumer = new_consumer(migrated)
+    persister = Persister(migrated, redis, Mover(redis, mysql, keys, rooms), rooms, new_consumer(migrated))
+    consumer = persister.consumer
     await consumer.start()
     try:
         consumer.assign([tp])

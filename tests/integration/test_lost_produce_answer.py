@@ -17,12 +17,13 @@ from aiokafka import TopicPartition
 from aiokafka.errors import KafkaTimeoutError
 from roomcast_client import RoomcastClient
 
-from gateway.publisher import Publisher, Unavailable
-from shared.checker import stored_ids, stored_messages
+from gateway.publisher import Publisher
+from shared.errors import Unavailable
 from shared.kafka import new_consumer, new_producer
 from shared.keys import Keys
 from shared.settings import Settings
 from tests.support import Cluster, Peer, eventually, offset, token
+from tools.checker import stored_ids, stored_messages
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from shared import localstack
-from shared.services import start_sweeper, wait_http_ok
 from shared.settings import Settings
 from tests.support import Cluster, Peer, eventually, token
+from tools import localstack
+from tools.services import start_sweeper, wait_http_ok
 
 
 def families(url: str) -> dict[str, list[tuple[dict[str, str], float]]]:

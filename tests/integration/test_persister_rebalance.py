@@ -15,9 +15,9 @@ from aiokafka import TopicPartition
 from persister.service import Persister
 from shared.kafka import Fetched, ensure_topic, fetch, new_consumer
 from shared.keys import Keys
-from shared.mover import Mover
-from shared.rooms import RoomDirectory
 from shared.settings import Settings
+from shared.store.mover import Mover
+from shared.store.rooms import RoomDirectory
 from tests.support import produce_messages
 
 ROOM = "rebalanced-room"
@@ -28,8 +28,7 @@ async def persister(migrated: Settings, redis: aioredis.Redis, mysql: aiomysql.P
     settings = migrated
     keys = Keys(settings.redis_prefix, settings.kafka_partitions)
     rooms = RoomDirectory(mysql)
-    p = Persister(settings, redis, Mover(redis, mysql, keys, rooms), rooms)
-    p.consumer = new_consumer(settings)
+    p = Persister(settings, redis, Mover(redis, mysql, keys, rooms), rooms, new_consumer(settings))
     await ensure_topic(settings)
     await p.consumer.start()
     tp = TopicPartition(settings.kafka_topic, keys.partition(ROOM))

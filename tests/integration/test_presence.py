@@ -15,9 +15,9 @@ import pytest
 import redis.asyncio as aioredis
 from roomcast_client import RoomcastClient
 
-from shared.services import scrape
 from shared.settings import Settings
 from tests.support import Cluster, Peer, delete_keys, eventually, partition_of, produce_messages, token
+from tools.services import scrape
 
 pytestmark = pytest.mark.timeout(90)
 

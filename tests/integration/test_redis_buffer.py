@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import redis.asyncio as aioredis
 
-from persister.redis_store import RedisBuffer
 from shared.cursor import Position
 from shared.keys import Keys
 from shared.message import Message
 from shared.settings import Settings
+from shared.store.buffer import RedisBuffer
 
 BODIES = ["plain", 'quotes " and \\ backslash', "new\nline\ttab", "ünïcödé 漢字 🎉", "", "x" * 4000]
 

@@ -13,13 +13,13 @@ from pathlib import Path
 import aiomysql
 import pytest
 
-from shared import localstack, ops
-from shared.checker import stored_ids, stored_messages
 from shared.keys import Keys
 from shared.redisconn import connect
-from shared.services import start_sweeper
 from shared.settings import Settings
 from tests.support import Cluster, Peer, delete_keys, eventually, token
+from tools import localstack, ops
+from tools.checker import stored_ids, stored_messages
+from tools.services import start_sweeper
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -84,8 +84,8 @@ async def test_resume_with_an_invalid_cursor_is_live_only_and_says_not_recovered
 
 async def test_a_resend_to_the_other_node_is_acked_with_the_first_ack_and_stored_once(
         cluster: Cluster, small_buffer: Settings, redis: aioredis.Redis, mysql: aiomysql.Pool) -> None:
-    from shared.checker import stored_ids, stored_messages
     from shared.keys import Keys
+    from tools.checker import stored_ids, stored_messages
 
     a = await Peer.connect(cluster.url(0), token(small_buffer, "dave"))
     b = await Peer.connect(cluster.url(1), token(small_buffer, "dave"))

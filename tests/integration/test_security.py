@@ -32,14 +32,14 @@ from aiokafka import AIOKafkaProducer
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.typing import Subprotocol
 
-from shared import localstack
 from shared.keys import Keys
 from shared.message import Message, new_message_id
 from shared.migrate import migrate
-from shared.services import scrape, start_gateway
 from shared.settings import Settings
 from tests.conftest import ROOT
 from tests.support import Cluster, delete_keys, drop_database, eventually, isolated_settings, partition_of, token
+from tools import localstack
+from tools.services import scrape, start_gateway
 
 pytestmark = pytest.mark.timeout(90)
 

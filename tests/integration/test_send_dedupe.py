@@ -17,9 +17,11 @@ from aiokafka import TopicPartition
 from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError
 from aiokafka.structs import RecordMetadata
 
-from gateway.publisher import PENDING, RETRY, AckWriter, Publisher, Unavailable
+from gateway.publisher import AckWriter, Publisher
+from shared.errors import Unavailable
 from shared.keys import Keys
 from shared.settings import Settings
+from shared.store.claims import PENDING, RETRY
 
 PERSISTER_ACK = b'{"type":"ack","client_msg_id":"k-1","id":"FIRST-COPY","room":"r","cursor":"0-0","ts":1}'
 

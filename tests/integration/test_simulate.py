@@ -13,10 +13,10 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from shared import localstack
 from shared.keys import Keys
 from shared.mysql import create_pool
 from shared.settings import Settings
+from tools import localstack
 from tools.simulate.run import Options, RunResult, Sim, run_policy
 from tools.simulate.workload import DAY_S, RoomSpec, Workload
 

@@ -13,14 +13,14 @@ from prometheus_client import REGISTRY
 
 from shared.keys import Keys
 from shared.message import Message
-from shared.mover import Mover
 from shared.mysql import create_pool
-from shared.rooms import RoomDirectory
-from shared.services import start_sweeper
 from shared.settings import Settings
+from shared.store.mover import Mover
+from shared.store.rooms import RoomDirectory
 from sweeper.service import Sweeper
 from tests.support import eventually
 from tests.support_seed import DAY_MS, Seeder, count_messages, mysql_ids, redis_ids
+from tools.services import start_sweeper
 
 ROOMS = 1000
 

@@ -19,13 +19,13 @@ import aiomysql
 import pytest
 import redis.asyncio as aioredis
 
-from shared import localstack
 from shared.keys import Keys
-from shared.mover import Mover
-from shared.rooms import RoomDirectory
 from shared.settings import Settings
+from shared.store.mover import Mover
+from shared.store.rooms import RoomDirectory
 from sweeper.service import Sweeper
 from tests.support_seed import DAY_MS, Seeder, count_messages
+from tools import localstack
 
 ROOMS, PER_ROOM = 1000, 100
 ARG = re.compile(rb'"((?:[^"\\]|\\.)*)"')

@@ -5,7 +5,7 @@ from __future__ import annotations
 import aiomysql
 
 from shared.settings import Settings
-from shared.up import earlier_data
+from tools.up import earlier_data
 
 
 async def test_earlier_data_is_named_with_how_to_start_empty(migrated: Settings, mysql: aiomysql.Pool) -> None:

@@ -40,7 +40,7 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from shared import localstack
+from tools import localstack
 
 TOOLS = Path(__file__).resolve().parent / "tools"
 KUBERNETES_MODULE = TOOLS / "kubernetes"

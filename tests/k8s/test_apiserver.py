@@ -25,7 +25,6 @@ from typing import Any
 import pytest
 import yaml
 
-from shared import localstack
 from tests.k8s.cluster import (
     BUILD_TIMEOUT_S,
     ControlPlane,
@@ -37,6 +36,7 @@ from tests.k8s.cluster import (
     wait_settled,
 )
 from tests.manifests import K8S, OVERLAYS, ROOT, find, gateway_routes, render
+from tools import localstack
 
 # The first run builds the binaries inside the first test's setup (two `go build`s, each bounded);
 # every wait in the tests has its own deadline.

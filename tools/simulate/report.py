@@ -306,7 +306,7 @@ class _Report:
         return (
             "## How it was simulated\n\n"
             "`roomcast simulate` drives roomcast's own code, not copies of it, against a Redis it starts for each "
-            "policy (`shared.localstack.start_redis` on a free port, AOF on with `appendfsync everysec`, in a "
+            "policy (`tools.localstack.start_redis` on a free port, AOF on with `appendfsync everysec`, in a "
             "temporary folder) and a database of its own on the `MYSQL_DSN` server (dropped at the end):\n\n"
             "- **Writes:** `Persister.take_partitions` (mark unknown: the log is read from offset 0), then each "
             "simulated minute `Persister.apply_all` (the `APPLY_BATCH` script) with the minute's records, and "

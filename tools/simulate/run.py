@@ -36,19 +36,20 @@ import uvloop
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from bench.common import Progress, latency_summary
-from gateway.history import READ_RUN, HistoryReader
-from gateway.history_plan import Entry, MysqlNeed
-from persister.redis_store import APPLY_BATCH, DONE_IF_SHORT
+from gateway.history import HistoryReader
 from persister.service import Persister
-from shared import localstack
 from shared.keys import Keys
 from shared.message import Message
 from shared.migrate import migrate
-from shared.mover import TRIM_IF_HEAD, Mover
 from shared.mysql import MysqlTarget, create_pool
-from shared.rooms import RoomDirectory
 from shared.settings import Settings
+from shared.store.buffer import APPLY_BATCH, DONE_IF_SHORT, READ_RUN, TRIM_IF_HEAD
+from shared.store.entry import Entry
+from shared.store.mover import Mover
+from shared.store.paging import MysqlNeed
+from shared.store.rooms import RoomDirectory
 from sweeper.service import Sweeper
+from tools import localstack
 from tools.simulate import measure
 from tools.simulate.broker import SimConsumer, SimLog
 from tools.simulate.expiry import Expiry
@@ -208,8 +209,7 @@ class Sim:
         self.consumer = SimConsumer(self.tps)
         flush_rooms = RoomDirectory(pool, clock=self.clock)
         self.flush_mover = Mover(redis, pool, keys, flush_rooms)
-        self.persister = Persister(s, redis, self.flush_mover, flush_rooms)
-        self.persister.consumer = cast(AIOKafkaConsumer, self.consumer)
+        self.persister = Persister(s, redis, self.flush_mover, flush_rooms, cast(AIOKafkaConsumer, self.consumer))
         sweep_rooms = RoomDirectory(pool, clock=self.clock)
         self.sweep_mover = Mover(redis, pool, keys, sweep_rooms)
         self.sweeper = Sweeper(s, redis, pool, self.sweep_mover, sweep_rooms, clock=self.clock)
@@ -261,8 +261,8 @@ class Sim:
         self.traffic.record(sent)
         for fetch in self.log.fetches(sent, self.s.persister_batch_max):
             await self.persister.apply_all(fetch)
-        while self.persister.to_flush:
-            await self.persister.flush_room(self.persister.to_flush.pop())
+        while self.persister.flushes:
+            await self.persister.flush_room(self.persister.flushes.pop())
         self.acc.slowest["persister"].add(await self.slowlog.take(self.redis))
         self._note_sent(sent, t1)
         self.acc.expired += await self.expiry.expire(self.redis, t1)
@@ -356,7 +356,8 @@ class Sim:
     async def _consistency(self, extra_seeks: int) -> Consistency:
         in_redis, in_mysql = await measure.redis_ids(self.redis), await measure.mysql_ids(self.pool)
         r, m = set(in_redis), set(in_mysql)
-        marks = all(self.persister.expected.get(p) == (n - 1 if n else None) for p, n in enumerate(self.log.next))
+        expected = self.persister.partitions.expected
+        marks = all(expected(p) == (n - 1 if n else None) for p, n in enumerate(self.log.next))
         return Consistency(len(self.written), len(in_redis), len(in_mysql), len(r & m),
                            len(in_redis) - len(r) + len(in_mysql) - len(m), len(self.written - r - m), marks,
                            extra_seeks)

@@ -17,9 +17,9 @@ from gateway.hub import Hub
 from gateway.limits import MAX_PENDING_REQUESTS, MAX_QUEUED_SENDS
 from gateway.node import Node
 from gateway.protocol import Close
-from gateway.publisher import Unavailable
 from gateway.quota import UserState
 from shared.auth import Identity
+from shared.errors import Unavailable
 from shared.keys import Keys
 from shared.settings import Settings
 

@@ -8,7 +8,8 @@ import orjson
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shared.checker import (
+from shared.keys import Keys
+from tools.checker import (
     LRANGE_CHUNK,
     MYSQL_MESSAGES,
     Ack,
@@ -18,7 +19,6 @@ from shared.checker import (
     stored_ids,
     stored_messages,
 )
-from shared.keys import Keys
 
 
 def acks(room: str, *offsets: int, ts: int = 0) -> list[Ack]:

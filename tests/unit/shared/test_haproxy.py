@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from shared import haproxy
-from shared.localstack import require_binary
 from shared.settings import Settings
+from tools import haproxy
+from tools.localstack import require_binary
 
 PRODUCTION = haproxy.CONFIG.read_text()
 INGRESS = haproxy.CONFIG.parents[1] / "k8s" / "base" / "ingress.yaml"

@@ -1,4 +1,4 @@
-"""shared.localkafka: the broker's configuration (pure), and a real node from Kafka's jars that keeps
+"""tools.localkafka: the broker's configuration (pure), and a real node from Kafka's jars that keeps
 what it acknowledged through a kill -9 and a restart on its data."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from shared import localstack as ls
-from shared.localkafka import KafkaCluster, KafkaNode, broker_properties, kafka_version, new_cluster_id
+from tools import localstack as ls
+from tools.localkafka import KafkaCluster, KafkaNode, broker_properties, kafka_version, new_cluster_id
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -1,4 +1,4 @@
-"""shared.localstack against the real binaries: redis-server, mariadbd (Kafka: test_localkafka.py).
+"""tools.localstack against the real binaries: redis-server, mariadbd (Kafka: test_localkafka.py).
 
 Every server runs on free ports in a temporary folder, so these tests can run beside a
 `make run` cluster and the machine's shared Redis (6379) / MariaDB (3306), which they never touch.
@@ -15,7 +15,7 @@ import pymysql
 import pytest
 import redis
 
-from shared import localstack as ls
+from tools import localstack as ls
 
 
 @pytest.fixture

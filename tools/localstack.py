@@ -1,4 +1,4 @@
-"""Start, find and stop the local infrastructure processes (Redis, MariaDB; Kafka: shared.localkafka).
+"""Start, find and stop the local infrastructure processes (Redis, MariaDB; Kafka: tools.localkafka).
 
 Used by ``make run`` / ``make stop`` and by test fixtures. Plain synchronous code: every
 server runs in the foreground as our direct child (never daemonized), so we own its PID and

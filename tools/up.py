@@ -7,7 +7,7 @@
   sweeper, gateways -> HAProxy in front of them -> print where to connect -> watch (and add a
   gateway when `roomcast gateway add` asks) -> stop in order.
 
-Services and infrastructure run as our direct children (shared.localstack, shared.services), each
+Services and infrastructure run as our direct children (tools.localstack, tools.services), each
 with a pidfile in <data>/pids so `roomcast down` can stop them from another shell. Only what we
 started is ever stopped: a broker, Redis or MySQL that already answered is used and left alone.
 
@@ -38,12 +38,12 @@ from urllib.parse import urlsplit
 
 from aiokafka.errors import KafkaConnectionError
 
-from shared import haproxy, localstack
-from shared.localkafka import KafkaCluster
-from shared.localstack import LOCALHOST, LocalStackError, Proc
 from shared.mysql import MysqlTarget
-from shared.services import start_gateway, start_persister, start_sweeper, wait_http_ok
 from shared.settings import Settings
+from tools import haproxy, localstack
+from tools.localkafka import KafkaCluster
+from tools.localstack import LOCALHOST, LocalStackError, Proc
+from tools.services import start_gateway, start_persister, start_sweeper, wait_http_ok
 
 LB_PORT = 8000
 GATEWAY_PORTS = (8001, 8002)
@@ -423,7 +423,7 @@ class Up:
             return
         raise UpError(f"{', '.join(pkgs)} missing; install with:\n    {command}\nthen run `make run` again")
 
-    # ----- step 5: Apache Kafka, one node or three (shared/localkafka.py)
+    # ----- step 5: Apache Kafka, one node or three (tools/localkafka.py)
 
     def _kafka_ports(self) -> list[tuple[int, int]]:
         """(client, controller) port of each node: the controller port is the client port + 1."""
@@ -489,8 +489,8 @@ class Up:
     def ensure_topic(self) -> None:
         """Create the topic, then verify it: an existing one with another partition count would map
         rooms to the wrong partitions."""
-        from shared import ops
         from shared.kafka import ensure_topic
+        from tools import ops
 
         async def create_and_read() -> tuple[int | None, int | None]:
             deadline = time.monotonic() + TOPIC_TIMEOUT_S
@@ -863,7 +863,7 @@ def earlier_data(dsn: str) -> str | None:
 
 
 def _redact(url: str) -> str:
-    from shared.ops import redact
+    from tools.ops import redact
 
     return redact(url)
 

@@ -7,13 +7,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.history_plan import (
+from shared.errors import BadRequest
+from shared.store.entry import Entry
+from shared.store.entry import parse as parse_entry
+from shared.store.paging import (
     EMPTY,
-    BadRequest,
-    Entry,
     MysqlNeed,
     Page,
-    parse_entry,
     plan,
     resolve_before,
     resolve_limit,

@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.localstack import (
+from tools.localstack import (
     LOCALHOST,
     LocalStackError,
     Proc,

@@ -3,7 +3,7 @@
 The broker is Kafka's own jars from Maven Central: `deploy/local/kafka/pom.xml` names them, Maven
 copies them into a cache folder once (`kafka_libs`), and each node is formatted with
 `kafka.tools.StorageTool` and started as `java ... kafka.Kafka node.properties`, our direct child
-(shared.localstack.Proc). One node is the default; three give replication factor 3 with
+(tools.localstack.Proc). One node is the default; three give replication factor 3 with
 `min.insync.replicas=2`, as production runs.
 
 Measured on the 2-core dev machine (Kafka 4.1.0, OpenJDK 17): the jars resolve in ~10 s on a warm
@@ -28,7 +28,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shared.localstack import (
+from tools.localstack import (
     LOCALHOST,
     LocalStackError,
     Proc,

@@ -47,14 +47,3 @@ class RoomDirectory:
     async def id(self, name: str) -> int:
         return (await self.ids([name]))[name]
 
-    async def lookup(self, name: str) -> int | None:
-        """The id of a room without registering it (history reads)."""
-        if name in self._ids:
-            return self._ids[name]
-        async with self._pool.acquire() as conn, conn.cursor() as cur:
-            await cur.execute("SELECT id FROM rooms WHERE name = %s", (name,))
-            row = await cur.fetchone()
-        if row is None:
-            return None
-        self._ids[name] = int(row[0])
-        return int(row[0])

@@ -8,8 +8,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from shared.localstack import LocalStackError, Proc, log_tail, start_process
 from shared.settings import Settings
+from tools.localstack import LocalStackError, Proc, log_tail, start_process
 
 
 def _start(module: str, name: str, settings: Settings, log_dir: Path, extra: dict[str, str],

@@ -1,0 +1,1 @@
+"""Stored messages: every byte of them, in Redis (buffer) and MySQL (archive). ARCHITECTURE.md."""

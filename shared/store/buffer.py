@@ -1,0 +1,329 @@
+"""The Redis buffer: each room's list of its newest stored entries, its meta hash, the partition's
+applied mark and work lists (rooms over the cap, rooms not yet registered in MySQL), and every
+script that reads or writes them. The persister appends a partition's batch atomically with its
+applied mark (APPLY_BATCH); gateways read pages and resume ranges (READ_RUN); movers take a list's
+oldest entries and trim exactly those (TRIM_IF_HEAD). Any Redis failure is StoreUnavailable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from shared.errors import StoreUnavailable
+from shared.keys import Keys
+from shared.message import Message
+from shared.redisconn import run_scripts
+from shared.store import claims
+from shared.store.entry import LUA as ENTRY_LUA
+from shared.store.entry import Entry, parse
+from shared.store.paging import NO_BOUND, RunEnd
+
+# "Is this room's list over the cap": the one rule, here and in the scripts below.
+OVER_CAP_LUA = """
+local function over_cap(len, cap) return len > tonumber(cap) end
+"""
+
+
+def excess(length: int, cap: int) -> int:
+    """Messages past the cap in a list of `length` (0: not over it)."""
+    return max(0, length - cap)
+
+
+# One call per partition batch; every key carries the partition's hash tag.
+# KEYS: applied, newrooms, overcap, then every key the messages touch, each once.
+# ARGV: expected mark ('' when unknown), cap, seen ttl, sent ttl, the batch as ONE msgpack
+# pair: the rooms, each [room, list, meta], and the messages, each [offset, entry, ts, room, id,
+# ack, seen, sent] (room: its index in the rooms; list, meta, seen, sent: their index in KEYS).
+# One argument instead of ten per message: packing thousands of arguments was most of the
+# persister's CPU, and Redis unpacks the array for less than it saves (bench/README.md). What is
+# per room or per seen set (its last ts, its registration, the cap check, the set's expiry) is
+# written once per batch, not once per message. ARGV[6]: the fetch's last offset ('' if unknown): the
+# mark moves past records that were not messages too.
+# Returns {status, mark, room1, len1, room2, len2, ...}; status 0 = applied, 1 = the stored mark is
+# not the one expected (Redis lost data or another persister moved it): nothing applied, seek to mark+1.
+# A message is skipped when its id was appended already (a producer retry's copy) or when its
+# sender's (user, client_msg_id) is already acknowledged under another id (a resend that reached
+# Kafka twice). The ack is recorded over any claim (claims.LUA: a value that is not an ack frame), so
+# a resend after a gateway crash finds the first ack.
+APPLY_BATCH = OVER_CAP_LUA + claims.LUA + """
+local stored = redis.call('GET', KEYS[1])
+if ARGV[1] ~= '' and stored ~= ARGV[1] then
+  return {1, stored or ''}
+end
+local mark = tonumber(stored or '-1')
+local cap = ARGV[2]
+local batch = cmsgpack.unpack(ARGV[5])
+local rooms = batch[1]
+local lens, last_ts, seens = {}, {}, {}
+for _, m in ipairs(batch[2]) do
+  local off = m[1]
+  if off > mark then
+    mark = off
+    local entry, ts, r, id, ack, seen, sent = m[2], m[3], m[4], m[5], m[6], KEYS[m[7]], KEYS[m[8]]
+    local first_ack = redis.call('GET', sent)
+    local acked = first_ack and is_ack(first_ack)
+    local resent = acked and not string.find(first_ack, id, 1, true)
+    if not resent and redis.call('SADD', seen, id) == 1 then
+      seens[seen] = true
+      if not acked then redis.call('SET', sent, ack, 'EX', ARGV[4]) end
+      local len = redis.call('RPUSH', KEYS[rooms[r][2]], entry)
+      if len == 1 then redis.call('HSET', KEYS[rooms[r][3]], 'first_ts', ts) end
+      lens[r], last_ts[r] = len, ts
+    end
+  end
+end
+if ARGV[6] ~= '' and tonumber(ARGV[6]) > mark then mark = tonumber(ARGV[6]) end
+for seen in pairs(seens) do redis.call('EXPIRE', seen, ARGV[3]) end
+local out = {0, tostring(mark)}
+for r, len in pairs(lens) do
+  local room, meta = rooms[r][1], KEYS[rooms[r][3]]
+  redis.call('HSET', meta, 'last_ts', last_ts[r])
+  if redis.call('HSETNX', meta, 'reg', '1') == 1 then redis.call('SADD', KEYS[2], room) end
+  if over_cap(len, cap) then redis.call('SADD', KEYS[3], room) end
+  out[#out + 1] = room
+  out[#out + 1] = len
+end
+redis.call('SET', KEYS[1], mark)
+return out
+"""
+
+# KEYS: list, overcap. ARGV: cap, room. Drops the room from the flush work list once it is short.
+DONE_IF_SHORT = OVER_CAP_LUA + """
+local len = redis.call('LLEN', KEYS[1])
+if not over_cap(len, ARGV[1]) then redis.call('SREM', KEYS[2], ARGV[2]) end
+return len
+"""
+
+
+# KEYS: the room's list. ARGV: exclusive offset bound ('' = newest), window w, and optionally an
+# exclusive lower bound `after`. Returns {end, entry, ...}: the up to w newest entries with
+# after < offset < bound, oldest first, read atomically; end (paging.RunEnd) = 1 when they start at
+# the list's first entry, 2 when entries at or below `after` precede them, else 0. The bounds'
+# indexes are found by probing a few entries (LINDEX): galloping from the tail, where pages usually
+# are, then bisecting; so a list that grew long (MySQL down) is never read whole.
+READ_RUN = ENTRY_LUA + """
+local key, w = KEYS[1], tonumber(ARGV[2])
+local n = redis.call('LLEN', key)
+local function off(i) return entry_offset(redis.call('LINDEX', key, i)) end
+local hi = n
+if ARGV[1] ~= '' and n > 0 then
+  local bound = tonumber(ARGV[1])
+  if off(0) >= bound then
+    hi = 0
+  elseif off(n - 1) >= bound then
+    local lo, step = 0, w
+    hi = n - 1
+    while true do
+      local i = n - 1 - step
+      if i <= lo then break end
+      if off(i) >= bound then hi = i; step = step * 2 else lo = i; break end
+    end
+    while hi - lo > 1 do
+      local mid = math.floor((lo + hi) / 2)
+      if off(mid) >= bound then hi = mid else lo = mid end
+    end
+  end
+end
+local start = math.max(hi - w, 0)
+local ends = start == 0 and 1 or 0
+if ARGV[3] and hi > start and off(start) <= tonumber(ARGV[3]) then
+  local after, lo, up = tonumber(ARGV[3]), start, hi
+  while up - lo > 1 do
+    local mid = math.floor((lo + up) / 2)
+    if off(mid) > after then up = mid else lo = mid end
+  end
+  start, ends = up, 2
+elseif ARGV[3] and start > 0 and off(start - 1) <= tonumber(ARGV[3]) then
+  ends = 2
+end
+local out = {ends}
+if hi > start then
+  local items = redis.call('LRANGE', key, start, hi - 1)
+  for i = 1, #items do out[i + 1] = items[i] end
+end
+return out
+"""
+
+# KEYS: list, meta. ARGV: n, first entry, last entry. Returns the new length, or -1 when the list
+# no longer starts with the chunk that was archived (another mover got there first).
+TRIM_IF_HEAD = ENTRY_LUA + """
+local n = tonumber(ARGV[1])
+if redis.call('LINDEX', KEYS[1], 0) ~= ARGV[2] or redis.call('LINDEX', KEYS[1], n - 1) ~= ARGV[3] then
+  return -1
+end
+redis.call('LTRIM', KEYS[1], n, -1)
+local head = redis.call('LINDEX', KEYS[1], 0)
+if head then
+  redis.call('HSET', KEYS[2], 'first_ts', entry_ts(head))
+else
+  redis.call('HDEL', KEYS[2], 'first_ts')
+end
+return redis.call('LLEN', KEYS[1])
+"""
+
+
+@contextlib.contextmanager
+def _answering() -> Iterator[None]:
+    try:
+        yield
+    except (RedisError, OSError) as e:
+        raise StoreUnavailable("message buffer unavailable") from e
+
+
+@dataclass
+class Applied:
+    mark: int | None  # the partition's applied offset after the call (None: nothing ever applied)
+    rewind: bool  # the stored mark differed from the expected one; nothing was applied
+    lengths: dict[str, int]  # room -> list length after the appends
+
+
+def _int_or_none(raw: Any) -> int | None:
+    if raw in (None, b"", ""):
+        return None
+    return int(raw)
+
+
+def _names(raw: Any) -> list[str]:
+    return [r.decode() if isinstance(r, bytes) else str(r) for r in raw or ()]
+
+
+class RedisBuffer:
+    """`cap` and `dedupe_ttl_s` matter to the persister's appends only."""
+
+    def __init__(self, redis: aioredis.Redis, keys: Keys, cap: int = 0, dedupe_ttl_s: int = 0) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._cap = cap
+        self._ttl = dedupe_ttl_s
+        self._apply = redis.register_script(APPLY_BATCH)
+        self._done_if_short = redis.register_script(DONE_IF_SHORT)
+        self._read_run = redis.register_script(READ_RUN)
+        self._trim = redis.register_script(TRIM_IF_HEAD)
+
+    def excess(self, length: int) -> int:
+        return excess(length, self._cap)
+
+    async def mark(self, partition: int) -> int | None:
+        """The partition's applied mark: the highest Kafka offset in Redis (None: nothing applied)."""
+        with _answering():
+            return _int_or_none(await self._redis.get(self._keys.applied(partition)))
+
+    async def read_run(self, room: str, before: int | None, window: int, after: int = NO_BOUND
+                       ) -> tuple[list[Entry], RunEnd]:
+        """READ_RUN: the up to `window` newest entries with after < offset < before, oldest first."""
+        args: list[Any] = ["" if before is None else before, window]
+        if after != NO_BOUND:
+            args.append(after)
+        with _answering():
+            res = await self._read_run(keys=[self._keys.msgs(room)], args=args)
+        return [parse(raw) for raw in res[1:]], RunEnd(int(res[0]))
+
+    async def window(self, room: str, start: int, count: int) -> list[Entry]:
+        """The up to `count` entries from list index `start` on (negative: from the newest end), oldest first."""
+        with _answering():
+            raw: list[Any] = await self._redis.lrange(self._keys.msgs(room), start, start + count - 1)
+        return [parse(r) for r in raw]
+
+    async def newest(self, rooms: Sequence[str]) -> list[Entry | None]:
+        """Each room's newest entry (None: its list is empty), in one pipeline."""
+        with _answering():
+            pipe = self._redis.pipeline(transaction=False)
+            for name in rooms:
+                pipe.lindex(self._keys.msgs(name), -1)
+            return [None if raw is None else parse(raw) for raw in await pipe.execute()]
+
+    async def oldest(self, room: str, count: int) -> list[bytes]:
+        """The room's `count` oldest entries."""
+        with _answering():
+            raw: list[Any] = await self._redis.lrange(self._keys.msgs(room), 0, count - 1)
+        return raw
+
+    async def trim_if_head(self, room: str, chunk: Sequence[bytes]) -> int:
+        """Drop `chunk` from the list's head if the list still starts with it; the new length, or -1."""
+        with _answering():
+            return int(await self._trim(keys=[self._keys.msgs(room), self._keys.meta(room)],
+                                        args=[len(chunk), chunk[0], chunk[-1]]))
+
+    async def metas(self, rooms: Sequence[str]) -> list[tuple[Any, Any]]:
+        """(first_ts, last_ts) of each room's meta hash, raw, in one pipeline."""
+        with _answering():
+            pipe = self._redis.pipeline(transaction=False)
+            for name in rooms:
+                pipe.hmget(self._keys.meta(name), "first_ts", "last_ts")
+            return [(first, last) for first, last in await pipe.execute()]
+
+    async def apply(self, partition: int, expected: int | None, messages: list[Message],
+                    last: int | None = None) -> Applied:
+        return (await self.apply_many([(partition, expected, messages, last)]))[0]
+
+    async def apply_many(self, batches: list[tuple[int, int | None, list[Message], int | None]]) -> list[Applied]:
+        """One APPLY_BATCH call per (partition, expected mark, messages, last offset fetched), in one
+        round trip (each call is atomic on its own, and touches only its partition's slot)."""
+        calls = [(self._apply, *self._apply_call(*batch)) for batch in batches]
+        with _answering():
+            results = await run_scripts(self._redis, calls)
+        return [_applied(res) for res in results]
+
+    def _apply_call(self, partition: int, expected: int | None, messages: list[Message],
+                    last: int | None) -> tuple[list[str], list[Any]]:
+        k = self._keys
+        keys = [k.applied(partition), k.new_rooms(partition), k.over_cap(partition)]
+        index: dict[str, int] = {}
+
+        def key(name: str) -> int:
+            """Its 1-based index in KEYS (added on first use)."""
+            if (i := index.get(name)) is None:
+                keys.append(name)
+                i = index[name] = len(keys)
+            return i
+
+        rooms: list[tuple[str, int, int]] = []  # [room, list, meta]
+        room_index: dict[str, int] = {}  # room -> its 1-based index in rooms
+        rows = []
+        for m in messages:
+            assert m.position is not None and m.position.partition == partition
+            if (r := room_index.get(m.room)) is None:
+                rooms.append((m.room, key(k.msgs(m.room)), key(k.meta(m.room))))
+                r = room_index[m.room] = len(rooms)
+            rows.append((m.position.offset, m.entry(), str(m.ts), r, m.id, m.ack(),
+                         key(k.seen(partition, m.ts)), key(k.sent(m.room, m.user, m.client_msg_id))))
+        # (use_bin_type=False: Redis's cmsgpack predates msgpack's bin type; bytes go as raw strings)
+        packed = msgpack.packb((rooms, rows), use_bin_type=False)
+        return keys, ["" if expected is None else str(expected), self._cap, self._ttl, self._ttl, packed,
+                      "" if last is None else str(last)]
+
+    async def done_if_short(self, room: str) -> int:
+        """Drop the room from the flush work list if its list is within the cap; its length."""
+        p = self._keys.partition(room)
+        with _answering():
+            return int(await self._done_if_short(keys=[self._keys.msgs(room), self._keys.over_cap(p)],
+                                                 args=[self._cap, room]))
+
+    async def over_cap_rooms(self, partition: int, count: int) -> list[str]:
+        with _answering():
+            return _names(await self._redis.srandmember(self._keys.over_cap(partition), count))
+
+    async def new_rooms(self, partition: int, count: int) -> list[str]:
+        with _answering():
+            return _names(await self._redis.srandmember(self._keys.new_rooms(partition), count))
+
+    async def registered(self, partition: int, rooms: list[str]) -> None:
+        if rooms:
+            with _answering():
+                await self._redis.srem(self._keys.new_rooms(partition), *rooms)
+
+    async def length(self, room: str) -> int:
+        with _answering():
+            return int(await self._redis.llen(self._keys.msgs(room)))
+
+
+def _applied(res: list[Any]) -> Applied:
+    status, mark = int(res[0]), _int_or_none(res[1])
+    return Applied(mark, status == 1, {res[i].decode(): int(res[i + 1]) for i in range(2, len(res), 2)})

@@ -1,0 +1,68 @@
+"""Moving the oldest chunk of a room's Redis list to MySQL: the one operation that archives.
+
+Used by the persister's flush (list past its cap) and by the sweeper (retention), so its
+crash-safety lives here once:
+
+1. read the oldest n entries (bounded by the chunk size);
+2. insert them into MySQL in one multi-row insert that skips known ids (the unique message id makes a repeat a
+   no-op, so a crash between 2 and 3 only causes a harmless re-insert next time);
+3. trim exactly those entries, and only if the list still starts with them (a Lua script): when two
+   movers meet on a room, the second finds its chunk gone and trims nothing it did not archive.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import aiomysql
+import redis.asyncio as aioredis
+
+from shared.keys import Keys
+from shared.message import Message
+from shared.store.archive import Archive
+from shared.store.buffer import RedisBuffer
+from shared.store.rooms import RoomDirectory
+
+
+@dataclass
+class MoveResult:
+    moved: int  # entries archived and trimmed by this call
+    remaining: int  # list length afterwards (-1: another mover got there first)
+
+
+class Mover:
+    def __init__(self, redis: aioredis.Redis, pool: aiomysql.Pool, keys: Keys, rooms: RoomDirectory) -> None:
+        self._buffer = RedisBuffer(redis, keys)
+        self.archive = Archive(pool, rooms)
+
+    @property
+    def insert_statements(self) -> int:
+        return self.archive.insert_statements
+
+    @property
+    def rows_inserted(self) -> int:
+        return self.archive.rows_inserted
+
+    async def move_oldest(
+        self, room: str, limit: int, keep: Callable[[Message], bool] | None = None
+    ) -> MoveResult:
+        """Archive up to `limit` of the room's oldest entries; with `keep`, stop at the first entry
+        it wants to keep in Redis (e.g. one newer than the retention)."""
+        raw = await self._buffer.oldest(room, limit)
+        chunk: list[bytes] = []
+        messages: list[Message] = []
+        for item in raw:
+            msg = Message.from_entry(item)
+            if keep is not None and keep(msg):
+                break
+            chunk.append(item)
+            messages.append(msg)
+        if not chunk:
+            return MoveResult(0, len(raw))
+        await self.insert(room, messages)
+        remaining = await self._buffer.trim_if_head(room, chunk)
+        return MoveResult(len(chunk) if remaining >= 0 else 0, remaining)
+
+    async def insert(self, room: str, messages: list[Message]) -> None:
+        await self.archive.insert(room, messages)
