@@ -5,7 +5,7 @@
 
 Every gateway consumes every partition of the topic (gateway/fanout.py), so each record costs each
 gateway something even when none of its clients is in the room. This starts Apache Kafka
-(shared/localkafka.py) pinned to --broker-cpus, produces --records roomcast messages (100-byte
+(tools/localkafka.py) pinned to --broker-cpus, produces --records roomcast messages (100-byte
 bodies, keyed by room, as gateways produce them), then runs the gateway's own fan-out loop
 (gateway.fanout.Fanout on a real consumer, from the start of the log) pinned to --gen-cpus until it
 has read every record, and reports the CPU that process spent per record (time.process_time: the
@@ -33,12 +33,12 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from bench.cluster import parse_cpus
 from gateway.fanout import Fanout
 from gateway.hub import Hub
-from shared import localstack
 from shared.auth import Identity
 from shared.kafka import new_consumer
-from shared.localkafka import KafkaCluster
 from shared.message import Message
 from shared.settings import Settings
+from tools import localstack
+from tools.localkafka import KafkaCluster
 
 TOPIC = "skips-bench"
 
