@@ -74,8 +74,16 @@ class HistoryReader:
         self.flights: SingleFlight[tuple[str, int | None, int], list[Entry]] = SingleFlight()
 
     async def page(self, room: str, before: str | None, limit: int | None) -> Page:
-        """The page of up to `limit` messages before cursor `before` (newest page when absent).
-        Raises BadRequest or StoreUnavailable."""
+        """The page of up to `limit` messages before cursor `before` (newest page when absent), as
+        they are now (edited, or tombstones). Edits and deletes are records of the room but not
+        messages: they are left out, and take room in the page (a page can be shorter than `limit`;
+        `next` says whether older pages exist). Raises BadRequest or StoreUnavailable."""
+        page = await self._page(room, before, limit)
+        if any(e.event for e in page.entries):
+            return Page([e for e in page.entries if not e.event], page.next)
+        return page
+
+    async def _page(self, room: str, before: str | None, limit: int | None) -> Page:
         if not valid_room(room):
             raise BadRequest(Err.BAD_FRAME, "room: 1-64 characters of A-Z a-z 0-9 _ . -")
         n = resolve_limit(limit, self._s.history_limit_default, self._s.history_limit_max)

@@ -65,11 +65,22 @@ class Publisher:
             return "the producer cannot reach the broker"
         return None
 
-    async def send(self, user: str, room: str, client_msg_id: str, body: str) -> Awaitable[bytes]:
+    async def claimed(self, user: str, room: str, client_msg_id: str) -> bool:
+        """Whether a send (or edit, or delete) with this client_msg_id is acknowledged or in flight:
+        a resend gets its ack from `send`, whatever it carries."""
+        try:
+            value = await self.redis.get(self.keys.sent(room, user, client_msg_id))
+        except (RedisError, OSError) as e:
+            raise Unavailable("dedupe store unavailable") from e
+        raw = value.encode() if isinstance(value, str) else value
+        return raw is not None and not raw.startswith(RETRY)
+
+    async def send(self, user: str, room: str, client_msg_id: str, body: str,
+                   event: tuple[str, Message] | None = None) -> Awaitable[bytes]:
         """Claim the dedupe key and hand the record to the producer, in the caller's send order;
         returns an awaitable of the ack frame's JSON (the same bytes stored for a resend). Either step
         raises Unavailable when nothing can be promised (no ack is ever given for a record Kafka has
-        not acknowledged)."""
+        not acknowledged). `event`: an edit or delete (its kind) of this stored message."""
         t0 = time.perf_counter()
         key = self.keys.sent(room, user, client_msg_id)
         try:
@@ -83,6 +94,10 @@ class Publisher:
         claim = PENDING + taken
         msg_id, _, ts = taken.decode().partition("|")
         msg = Message(msg_id, room, user, body, int(ts), client_msg_id)
+        if event is not None:
+            kind, target = event
+            assert target.position is not None
+            msg = dataclasses.replace(msg, kind=kind, target=target.id, target_offset=target.position.offset)
         try:
             delivery = await self.producer.send(self.s.kafka_topic, msg.kafka_value(), key=room.encode(),
                                                 partition=self.keys.partition(room))

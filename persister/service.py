@@ -61,6 +61,7 @@ class Persister:
         self.partitions = Partitions()
         self.flushes = FlushQueue(settings.buffer_cap)
         self.backlog = Backlog(settings.buffer_cap, settings.persister_backlog_budget)
+        self.archived_events: set[int] = set()  # partitions with edits/deletes queued for MySQL
 
     @property
     def expected(self) -> Partitions:
@@ -77,6 +78,7 @@ class Persister:
             await self.read_after(tp, mark)
             for room in await self._retry_redis(self.buffer.over_cap_rooms, tp.partition, 10_000):
                 self.flushes.add(room)
+            self.archived_events.add(tp.partition)  # (a previous owner may have left some)
             log.info("partition taken", extra={"partition": tp.partition, "mark": mark})
         if not self.backlog.paused:
             self.consumer.resume(*tps)
@@ -175,7 +177,9 @@ class Persister:
         for room, length in res.lengths.items():
             if self.flushes.note(room, length):
                 self.backlog.note(room, length)
-        if self.flushes:
+        if res.archived_events:
+            self.archived_events.add(tp.partition)
+        if self.flushes or self.archived_events:
             self.flushes.wakeup.set()
 
     def _pause_or_resume(self) -> None:
@@ -192,6 +196,16 @@ class Persister:
     async def flush_loop(self, stop: asyncio.Event) -> None:
         backoff = Backoff()
         while not stop.is_set():
+            if self.archived_events:
+                try:
+                    await self.apply_archived_events()
+                    backoff.ok()
+                except Exception as e:  # MySQL or Redis away: they stay queued
+                    metrics.FLUSH_ERRORS.inc()
+                    wait = backoff.failed()
+                    log.warning("edits for MySQL not applied; will retry", extra={"error": repr(e), "retry_in": wait})
+                    await asyncio.sleep(wait)
+                    continue
             if not self.flushes:
                 self.flushes.wakeup.clear()
                 with contextlib.suppress(TimeoutError):
@@ -221,6 +235,22 @@ class Persister:
         length = await self.buffer.done_if_short(room)
         self.backlog.note(room, length)
         self.flushes.note(room, length)
+
+    async def apply_archived_events(self) -> None:
+        """Apply the edits and deletes whose messages were archived already (APPLY_BATCH queued
+        them, in log order) to MySQL, a bounded batch per partition at a time; an edit that finds its
+        message deleted is blanked in Redis too."""
+        for partition in list(self.archived_events):
+            if partition not in self.partitions:
+                self.archived_events.discard(partition)
+                continue
+            raw = await self.buffer.archived_events(partition, self.s.flush_chunk)
+            if not raw:
+                self.archived_events.discard(partition)
+                continue
+            for edit in await self.mover.archive.apply_events([Message.from_entry(r) for r in raw]):
+                await self.buffer.blank_edit(edit)
+            await self.buffer.drop_archived_events(partition, raw)
 
     async def register_new_rooms(self) -> None:
         for partition in self.partitions:

@@ -7,7 +7,9 @@ crash-safety lives here once:
 2. insert them into MySQL in one multi-row insert that skips known ids (the unique message id makes a repeat a
    no-op, so a crash between 2 and 3 only causes a harmless re-insert next time);
 3. trim exactly those entries, and only if the list still starts with them (a Lua script): when two
-   movers meet on a room, the second finds its chunk gone and trims nothing it did not archive.
+   movers meet on a room, the second finds its chunk gone and trims nothing it did not archive; when
+   an edit or delete changed an entry of the chunk meanwhile, nothing is trimmed and the next move
+   archives the entry as it is now (the archive's upsert keeps the newer state).
 """
 
 from __future__ import annotations

@@ -1,0 +1,204 @@
+"""Edits and deletes on a real cluster (Kafka, Redis, MariaDB, two gateways, a persister): every path
+a client sees a message by (live, resume from before and after it, a Redis page, a MySQL page, REST
+history) agrees on its current state, and a client that applies every frame in order ends with
+exactly the server's history."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from typing import Any
+
+import aiomysql
+import redis.asyncio as aioredis
+
+from shared.keys import Keys
+from shared.settings import Settings
+from tests.support import Cluster, Peer, delete_keys, eventually, token
+
+ROOM = "edits.room"
+SECRET = "secret"  # in the bodies that are deleted: never seen again anywhere
+
+
+class Model:
+    """A client that applies every frame it receives, in order (docs/protocol.md)."""
+
+    def __init__(self) -> None:
+        self.msgs: dict[str, dict[str, Any]] = {}
+
+    def apply(self, f: dict[str, Any]) -> None:
+        kind, mid = f["type"], f.get("id")
+        if kind == "message":
+            self.msgs[mid] = {k: v for k, v in f.items() if k != "type"}
+        elif kind == "edit" and mid in self.msgs and not self.msgs[mid].get("deleted"):
+            self.msgs[mid].update(body=f["body"], edited_ts=f["edited_ts"])
+        elif kind == "delete" and mid in self.msgs:
+            self.msgs[mid] = {"id": mid, "cursor": self.msgs[mid]["cursor"], "deleted": True}
+
+    def apply_all(self, frames: list[dict[str, Any]]) -> Model:
+        for f in frames:
+            if f.get("room") == ROOM:
+                self.apply(f)
+        return self
+
+
+def state(m: dict[str, Any]) -> tuple[Any, ...]:
+    return (m["id"], m["cursor"], m.get("body"), m.get("user"), m.get("edited_ts"), m.get("deleted", False))
+
+
+def view(msgs: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+    return sorted((state(m) for m in msgs), key=lambda s: int(s[1].split("-")[1]))
+
+
+def rest_history(cluster: Cluster, tok: str) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    before = ""
+    while True:
+        req = urllib.request.Request(f"{cluster.http(1)}/rooms/{ROOM}/messages?limit=7&before={before}",
+                                     headers={"Authorization": f"Bearer {tok}"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            page = json.loads(r.read())
+        out = page["messages"] + out
+        if page["next"] is None:
+            return out
+        before = page["next"]
+
+
+async def ws_history(peer: Peer) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    before = None
+    while True:
+        n = len(peer.frames)
+        frame: dict[str, Any] = {"type": "history", "room": ROOM, "limit": 11}
+        if before:
+            frame["before"] = before
+        await peer.send(frame)
+        page = await peer.wait_for(lambda f: f["type"] == "history", start=n)
+        out = page["messages"] + out
+        if page["next"] is None:
+            return out
+        before = page["next"]
+
+
+async def write(peer: Peer, frame: dict[str, Any]) -> dict[str, Any]:
+    """Send a send/edit/delete; its ack or error."""
+    n = len(peer.frames)
+    await peer.send(frame)
+    return await peer.wait_for(lambda f: f["type"] in ("ack", "error") and f.get("client_msg_id", f.get("ref"))
+                               == frame["client_msg_id"], start=n)
+
+
+async def resumed(cluster: Cluster, tok: str, cursor: str) -> list[dict[str, Any]]:
+    """The frames a client resuming from `cursor` gets, up to the first after the replay."""
+    peer = await Peer.connect(cluster.url(0), tok)
+    try:
+        joined = await peer.join(ROOM, cursor)
+        assert joined["type"] == "joined" and joined["recovered"] is True, joined
+        await peer.send({"type": "ping"})
+        await peer.wait_for(lambda f: f["type"] == "pong")
+        return [f for f in peer.frames if f["type"] in ("message", "edit", "delete")]
+    finally:
+        await peer.close()
+
+
+async def test_edits_and_deletes_agree_on_every_path(cluster: Cluster, redis: aioredis.Redis,
+                                                     mysql: aiomysql.Pool) -> None:
+    s: Settings = cluster.settings  # cap 20, chunk 10: the first messages are archived to MySQL
+    alice_tok, bob_tok = token(s, "alice"), token(s, "bob")
+    alice = await Peer.connect(cluster.url(0), alice_tok)
+    bob = await Peer.connect(cluster.url(1), bob_tok)
+    carol = await Peer.connect(cluster.url(1), token(s, "carol", mod=["edits.*"]))
+    start = (await bob.join(ROOM))["cursor"]
+    await alice.join(ROOM)
+    acks = []
+    for i in range(40):
+        body = f"{SECRET} {i}" if i in (2, 3, 6, 36) else f"hello {i}"
+        acks.append(await write(alice, {"type": "send", "room": ROOM, "client_msg_id": f"m{i}", "body": body}))
+    ids = [a["id"] for a in acks]
+    mid = acks[30]["cursor"]  # resume from here: after some originals, before every edit
+
+    async def archived() -> bool:
+        async with mysql.acquire() as conn, conn.cursor() as cur:
+            await cur.execute("SELECT COUNT(*) FROM messages WHERE id IN (%s, %s, %s)", (ids[1], ids[2], ids[3]))
+            return bool((await cur.fetchone())[0] == 3)
+
+    await eventually(archived, 20, what="the first messages archived to MySQL")
+
+    def edit(i: int, k: str, body: str) -> dict[str, Any]:
+        return {"type": "edit", "room": ROOM, "id": ids[i], "client_msg_id": k, "body": body}
+
+    def delete(i: int, k: str) -> dict[str, Any]:
+        return {"type": "delete", "room": ROOM, "id": ids[i], "client_msg_id": k}
+
+    first = await write(alice, edit(1, "e1", "fixed 1"))  # in MySQL
+    assert first["type"] == "ack" and first["id"] == ids[1] and first["room"] == ROOM, first
+    assert (await write(alice, edit(1, "e1", "fixed 1"))) == first, "a resent edit gets the first ack"
+    assert (await write(alice, edit(35, "e35", "fixed 35")))["type"] == "ack"  # in Redis
+    assert (await write(alice, edit(3, "e3", f"{SECRET} edited 3")))["type"] == "ack"
+    for i, k in ((2, "d2"), (36, "d36"), (3, "d3")):
+        assert (await write(alice, delete(i, k)))["type"] == "ack"
+    refused = await write(bob, edit(5, "b5", "not yours"))
+    assert (refused["type"], refused["code"], refused["ref"]) == ("error", "forbidden", "b5")
+    assert (await write(bob, delete(5, "bd5")))["code"] == "forbidden"
+    assert (await write(carol, delete(6, "cd6")))["type"] == "ack", "a moderator of the room deletes"
+
+    async def stored_deleted(i: int) -> bool:
+        return bool([m for m in await ws_history(bob) if m["id"] == ids[i] and m.get("deleted")])
+
+    await eventually(lambda: stored_deleted(6), 20, what="the delete stored")
+    assert (await write(alice, edit(6, "e6", "too late")))["code"] == "not_found"
+    assert (await write(alice, {**delete(5, "nf"), "id": "01NOSUCHMESSAGE0000000000X"}))["code"] == "not_found"
+    too_large = await write(alice, edit(7, "big", "x" * (s.max_body_chars + 1)))
+    assert too_large["code"] == "too_large"
+
+    live = await bob.wait_for(lambda f: f["type"] == "delete" and f["id"] == ids[6])
+    events = [f for f in bob.frames if f["type"] in ("edit", "delete")]
+    assert [(f["type"], f["id"]) for f in events] == [
+        ("edit", ids[1]), ("edit", ids[35]), ("edit", ids[3]), ("delete", ids[2]), ("delete", ids[36]),
+        ("delete", ids[3]), ("delete", ids[6])], "each once, in order, the resent edit not again"
+    assert live["user"] == "carol" and int(live["cursor"].split("-")[1]) > int(acks[-1]["cursor"].split("-")[1])
+
+    history = await ws_history(bob)
+    assert view(history) == view(rest_history(cluster, bob_tok)), "WebSocket and REST history agree"
+    by_id = {m["id"]: m for m in history}
+    assert by_id[ids[1]]["body"] == "fixed 1" and by_id[ids[1]]["edited_ts"] == first["ts"]
+    assert by_id[ids[35]]["body"] == "fixed 35"
+    for i in (2, 3, 6, 36):
+        assert set(by_id[ids[i]]) <= {"id", "cursor", "deleted", "room", "ts"} and by_id[ids[i]]["deleted"] is True
+    assert len(history) == 40, "edits and deletes are not messages"
+
+    expected = view(history)
+    assert view(list(Model().apply_all(bob.frames).msgs.values())) == expected, "live"
+    assert view(list(Model().apply_all(await resumed(cluster, bob_tok, start)).msgs.values())) == expected
+    upto = next(i for i, f in enumerate(bob.frames) if f.get("cursor") == mid)
+    model = Model().apply_all(bob.frames[:upto + 1]).apply_all(await resumed(cluster, bob_tok, mid))
+    assert view(list(model.msgs.values())) == expected, "resume from after the originals, before the edits"
+
+    await assert_no_secret(s, redis, mysql)
+    # Redis lost everything: the persister replays the log from its start; no deleted body comes back
+    await delete_keys(redis, s.redis_prefix)
+
+    async def replayed() -> bool:
+        keys = Keys(s.redis_prefix, s.kafka_partitions)
+        mark = await redis.get(keys.applied(keys.partition(ROOM)))
+        return mark is not None and int(mark) >= int(live["cursor"].split("-")[1])
+
+    await eventually(replayed, 30, what="the log replayed into Redis")
+    assert view(await ws_history(bob)) == expected
+    assert view(list(Model().apply_all(await resumed(cluster, bob_tok, start)).msgs.values())) == expected
+    await assert_no_secret(s, redis, mysql)
+    for p in (alice, bob, carol):
+        await p.close()
+
+
+async def assert_no_secret(s: Settings, redis: aioredis.Redis, mysql: aiomysql.Pool) -> None:
+    keys = Keys(s.redis_prefix, s.kafka_partitions)
+    stored = await redis.lrange(keys.msgs(ROOM), 0, -1)
+    assert stored and not [e for e in stored if SECRET.encode() in e], "a deleted body in Redis"
+    async with mysql.acquire() as conn, conn.cursor() as cur:
+        await cur.execute("SELECT id, kind, user_id, deleted FROM messages WHERE body LIKE %s", (f"%{SECRET}%",))
+        assert await cur.fetchall() == (), "a deleted body in MySQL"
+        await cur.execute("SELECT COUNT(*) FROM messages WHERE deleted = 1 AND kind = 0 AND user_id = ''")
+        assert (await cur.fetchone())[0] >= 2, "the archived deleted messages are tombstones"
+
+
