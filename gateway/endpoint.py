@@ -47,6 +47,7 @@ from gateway.protocol import (
     parse_frame,
     ref_of,
 )
+from gateway.publisher import check_send
 from gateway.quota import Count, UserState
 from gateway.readstate import STORE_ERRORS
 from gateway.recovery import resume
@@ -349,13 +350,11 @@ class Connection:
 
     async def charge(self, ref: str | None) -> bool:
         """Typing and read frames take from the user's send budget, held across gateways (gateway/quota.py)."""
-        wait = self.node.quota.admit(self.identity.user, self.user)
-        if wait is None:  # (not known here: Redis is asked)
-            try:
-                wait = await self.node.quota.take_send(self.identity.user, self.user)
-            except Unavailable as e:
-                self.fail(Err.UNAVAILABLE, str(e), ref)
-                return False
+        try:
+            wait = await self.node.quota.take(self.identity.user, self.user)
+        except Unavailable as e:
+            self.fail(Err.UNAVAILABLE, str(e), ref)
+            return False
         if wait > 0:
             self.fail(Err.RATE_LIMITED, "sending too fast", ref, retry_after_ms=int(wait * 1000) + 1)
             return False
@@ -365,10 +364,10 @@ class Connection:
     def on_send(self, f: Send | Edit | Delete) -> None:
         """A send, edit or delete: checked, then queued for the send worker (they reach Kafka in the
         order the client sent them)."""
-        if not self.check_room(f.room, f.client_msg_id):
-            return
-        if not isinstance(f, Delete) and len(f.body) > self.s.max_body_chars:
-            self.fail(Err.TOO_LARGE, f"body longer than {self.s.max_body_chars} characters", f.client_msg_id)
+        try:
+            check_send(self.s, self.identity, f.room, "" if isinstance(f, Delete) else f.body)
+        except BadRequest as e:
+            self.fail(e.code, e.reason, ref_of(f.client_msg_id))
             return
         sends = self._sends
         if sends is not None and len(sends) >= MAX_QUEUED_SENDS:

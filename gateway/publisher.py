@@ -27,14 +27,28 @@ from aiokafka.errors import KafkaError
 from redis.exceptions import RedisError
 
 from gateway import metrics
+from shared.auth import Identity
 from shared.cursor import Position
-from shared.errors import Unavailable
+from shared.errors import BadRequest, Err, Forbidden, Unavailable
 from shared.keys import Keys
 from shared.message import Message, new_message_id
 from shared.redisconn import run_scripts
 from shared.settings import Settings
 from shared.store import claims
 from shared.store.claims import PENDING, RETRY
+from shared.validation import ROOM_RULE, valid_room
+
+
+def check_send(settings: Settings, identity: Identity, room: str, body: str) -> None:
+    """What every send is held to before it is queued (the WebSocket `send`, `edit` and
+    `delete`, and the publish API): the room's syntax and the token's `rooms`, the body's size.
+    Raises BadRequest (or Forbidden)."""
+    if not valid_room(room):
+        raise BadRequest(Err.BAD_FRAME, ROOM_RULE)
+    if not identity.may_access(room):
+        raise Forbidden(f"no access to room {room}"[:120])
+    if len(body) > settings.max_body_chars:
+        raise BadRequest(Err.TOO_LARGE, f"body longer than {settings.max_body_chars} characters")
 
 
 class Publisher:
