@@ -12,8 +12,14 @@ from typing import Any
 import aiomysql
 import redis.asyncio as aioredis
 
+from shared.cursor import Position
 from shared.keys import Keys
+from shared.message import Message
 from shared.settings import Settings
+from shared.store.buffer import RedisBuffer
+from shared.store.entry import DELETE, EDIT
+from shared.store.mover import Mover
+from shared.store.rooms import RoomDirectory
 from tests.support import Cluster, Peer, delete_keys, eventually, token
 
 ROOM = "edits.room"
@@ -202,3 +208,45 @@ async def assert_no_secret(s: Settings, redis: aioredis.Redis, mysql: aiomysql.P
         assert (await cur.fetchone())[0] >= 2, "the archived deleted messages are tombstones"
 
 
+
+
+async def test_an_edit_racing_the_chunk_move_is_archived_as_it_is_now(migrated: Settings, redis: aioredis.Redis,
+                                                                      mysql: aiomysql.Pool) -> None:
+    """A mover reads a chunk, an edit changes an entry of it, the mover archives what it read: the
+    trim refuses, the next move archives the edited entry; a stale copy archived again (a second
+    mover) never takes an edit or a delete back."""
+    keys = Keys(migrated.redis_prefix, migrated.kafka_partitions)
+    room, ts = "race.room", 1_764_000_000_000
+    p = keys.partition(room)
+    buffer = RedisBuffer(redis, keys, 1000, 60)
+    msgs = [Message(f"01RACE{i:020d}", room, "alice", f"m{i}", ts + i, f"c{i}", Position(p, i)) for i in range(6)]
+    await buffer.apply(p, None, msgs)
+    mover = Mover(redis, mysql, keys, RoomDirectory(mysql))
+    chunk = await buffer.oldest(room, 4)
+    edit = Message("01RACEEDIT0000000000000000", room, "alice", "fixed", ts + 10, "e1", Position(p, 6),
+                   EDIT, msgs[2].id, 2)
+    assert (await buffer.apply(p, 5, [edit])).archived_events == 0, "the message is in the list"
+    await mover.insert(room, [Message.from_entry(raw) for raw in chunk])
+    assert await buffer.trim_if_head(room, chunk) == -1, "the chunk changed since it was read"
+    assert (await mover.move_oldest(room, 4)).moved == 4
+    now = await mover.archive.find(room, msgs[2].id)
+    assert now is not None and (now.body, now.edited_ts, now.rev) == ("fixed", ts + 10, 6)
+
+    delete = Message("01RACEDELETE00000000000000", room, "bob", "", ts + 11, "d1", Position(p, 7),
+                     DELETE, msgs[2].id, 2)
+    applied = await buffer.apply(p, 6, [delete])
+    assert applied.archived_events == 1, "archived already: queued for MySQL"
+    queued = await buffer.archived_events(p, 10)
+    assert await mover.archive.apply_events([Message.from_entry(raw) for raw in queued]) == []
+    await buffer.drop_archived_events(p, queued)
+    assert await buffer.archived_events(p, 10) == []
+    await mover.insert(room, [Message.from_entry(raw) for raw in chunk])  # a stale copy, archived again
+    gone = await mover.archive.find(room, msgs[2].id)
+    assert gone is not None and (gone.deleted, gone.body, gone.user) == (True, "", "")
+    late = Message("01RACELATEEDIT000000000000", room, "alice", f"{SECRET} late", ts + 12, "e2", Position(p, 8),
+                   EDIT, msgs[2].id, 2)
+    await buffer.apply(p, 7, [late])  # an edit that lost the race with the delete
+    blanked = await mover.archive.apply_events([Message.from_entry(raw) for raw in await buffer.archived_events(p, 10)])
+    assert [e.id for e in blanked] == [late.id]
+    await buffer.blank_edit(late)
+    assert not [e for e in await redis.lrange(keys.msgs(room), 0, -1) if SECRET.encode() in e]
