@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 
 from shared.settings import Settings
 from tests.faults.proxy import TcpProxy
+from tests.integration.test_cli import roomcast
 from tests.support import Cluster, Peer, token
 
 ROOM = "pub.room"
@@ -77,6 +78,18 @@ async def test_a_publish_is_a_send_acknowledged_once_across_gateways(cluster: Cl
     await refused(413, "too_large", body={"client_msg_id": "k-2", "body": "x" * (s.max_body_chars + 1)})
     await refused(401, "unauthorized", tok=None, body={"client_msg_id": "k-2", "body": "x"})
     await refused(403, "forbidden", tok=token(s, "svc", rooms=["other"]), body={"client_msg_id": "k-2", "body": "x"})
+
+    # the CLI: `roomcast post ROOM TEXT`, through the same API
+    posted = await asyncio.to_thread(roomcast, s, "post", ROOM, "from the shell", "--url", cluster.http(0),
+                                     "--user", "ops", "--client-msg-id", "cli-1")
+    assert posted.returncode == 0, posted.stderr
+    cli_ack = json.loads(posted.stdout)
+    await bob.wait_for(lambda f: f["type"] == "message" and f["id"] == cli_ack["id"] and f["user"] == "ops")
+    again = await asyncio.to_thread(roomcast, s, "post", ROOM, "from the shell", "--url", cluster.http(0),
+                                    "--user", "ops", "--client-msg-id", "cli-1")
+    assert json.loads(again.stdout) == cli_ack
+    bad = await asyncio.to_thread(roomcast, s, "post", ROOM, "  ", "--url", cluster.http(0))
+    assert bad.returncode == 1 and bad.stderr.startswith("400 ") and "bad_frame" in bad.stderr
     await bob.close()
 
 
