@@ -180,6 +180,20 @@ async def test_edits_and_deletes_agree_on_every_path(cluster: Cluster, redis: ai
     model = Model().apply_all(bob.frames[:upto + 1]).apply_all(await resumed(cluster, bob_tok, mid))
     assert view(list(model.msgs.values())) == expected, "resume from after the originals, before the edits"
 
+    # unread counts: messages of others after the mark, not edits, deletes or tombstones
+    n = len(bob.frames)
+    await bob.send({"type": "read", "room": ROOM, "cursor": mid})
+    await bob.wait_for(lambda f: f["type"] == "read" and f["user"] == "bob", start=n)
+    await bob.send({"type": "unread"})
+    counts = await bob.wait_for(lambda f: f["type"] == "unread", start=n)
+    assert counts["rooms"] == [{"room": ROOM, "count": 8, "more": False, "read_cursor": mid}], "31-39 but 36"
+    n = len(carol.frames)  # carol's mark is older than the list: most of her count comes from MySQL
+    await carol.send({"type": "read", "room": ROOM, "cursor": acks[0]["cursor"]})
+    await carol.wait_for(lambda f: f["type"] == "read" and f["user"] == "carol", start=n)
+    await carol.send({"type": "unread"})
+    counts = await carol.wait_for(lambda f: f["type"] == "unread", start=n)
+    assert counts["rooms"][0]["count"] == 39 - 4, "1-39 but the four deleted"
+
     await assert_no_secret(s, redis, mysql)
     # Redis lost everything: the persister replays the log from its start; no deleted body comes back
     await delete_keys(redis, s.redis_prefix)
