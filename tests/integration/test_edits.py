@@ -172,6 +172,10 @@ async def test_edits_and_deletes_agree_on_every_path(cluster: Cluster, redis: ai
     for i in (2, 3, 6, 36):
         assert set(by_id[ids[i]]) <= {"id", "cursor", "deleted", "room", "ts"} and by_id[ids[i]]["deleted"] is True
     assert len(history) == 40, "edits and deletes are not messages"
+    n = len(bob.frames)
+    await bob.send({"type": "history", "room": ROOM, "limit": 7})  # the newest 7 records are events
+    newest = await bob.wait_for(lambda f: f["type"] == "history", start=n)
+    assert [m["id"] for m in newest["messages"]] == ids[33:], "a page filled from older records"
 
     expected = view(history)
     assert view(list(Model().apply_all(bob.frames).msgs.values())) == expected, "live"
