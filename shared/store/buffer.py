@@ -42,12 +42,18 @@ def excess(length: int, cap: int) -> int:
 # Edits and deletes in a room's list (the Lua side of shared.store.entry's states). `locate` finds
 # the entry at an offset by bisection (the list is in offset order); `scrub_edits` blanks the edits
 # of a deleted message from list index `from` on, in windows (string.find first: most entries are
-# not those edits). Bounded by the list's length: cap + chunk while MySQL keeps up.
+# not those edits). Bounded by the list's length: cap + chunk while MySQL keeps up. Every change of
+# an entry in place counts in the room's meta (`edits`): a mover trims a chunk only if none
+# happened since it read it (TRIM_IF_HEAD).
 EVENTS_LUA = """
 local function tombstone(e)
   local t = {id = e['id'], room = e['room'], ts = e['ts'], cursor = e['cursor'], deleted = true}
   if e['kind'] then t['kind'], t['target'], t['toff'] = e['kind'], e['target'], e['toff'] end
   return cjson.encode(t)
+end
+local function set_entry(key, meta, i, raw)
+  redis.call('LSET', key, i, raw)
+  redis.call('HINCRBY', meta, 'edits', 1)
 end
 local function locate(key, toff)
   local n = redis.call('LLEN', key)
@@ -63,7 +69,7 @@ local function locate(key, toff)
   if off(lo) == toff then return lo, false end
   return nil, false
 end
-local function scrub_edits(key, from, id)
+local function scrub_edits(key, meta, from, id)
   local pat = '"target":"' .. id .. '"'
   local n, i = redis.call('LLEN', key), from
   while i < n do
@@ -72,7 +78,7 @@ local function scrub_edits(key, from, id)
       if string.find(items[j], pat, 1, true) then
         local e = cjson.decode(items[j])
         if e['kind'] == 'edit' and e['target'] == id and not e['deleted'] then
-          redis.call('LSET', key, i + j - 1, tombstone(e))
+          set_entry(key, meta, i + j - 1, tombstone(e))
         end
       end
     end
@@ -104,12 +110,12 @@ end
 # Kafka twice). The ack is recorded over any claim (claims.LUA: a value that is not an ack frame), so
 # a resend after a gateway crash finds the first ack.
 APPLY_BATCH = OVER_CAP_LUA + claims.LUA + ENTRY_LUA + EVENTS_LUA + """
-local function apply_event(key, m)
+local function apply_event(key, meta, m)
   local kind, target, toff, off = m[9], m[10], m[11], m[1]
   local i, archived = locate(key, toff)
   if archived then
     redis.call('RPUSH', KEYS[4], m[2])
-    if kind == 2 then scrub_edits(key, 0, target) end
+    if kind == 2 then scrub_edits(key, meta, 0, target) end
     return m[2], 1
   end
   if not i then return m[2], 0 end
@@ -119,10 +125,10 @@ local function apply_event(key, m)
     if kind == 1 then return tombstone(cjson.decode(m[2])), 0 end
   elseif kind == 1 then
     t['body'], t['edited_ts'], t['rev'] = m[12], tonumber(m[3]), off
-    redis.call('LSET', key, i, cjson.encode(t))
+    set_entry(key, meta, i, cjson.encode(t))
   else
-    redis.call('LSET', key, i, tombstone(t))
-    scrub_edits(key, i + 1, target)
+    set_entry(key, meta, i, tombstone(t))
+    scrub_edits(key, meta, i + 1, target)
   end
   return m[2], 0
 end
@@ -148,7 +154,7 @@ for _, m in ipairs(batch[2]) do
       if not acked then redis.call('SET', sent, ack, 'EX', ARGV[4]) end
       if m[9] ~= 0 then
         local queued
-        entry, queued = apply_event(KEYS[rooms[r][2]], m)
+        entry, queued = apply_event(KEYS[rooms[r][2]], KEYS[rooms[r][3]], m)
         archived = archived + queued
       end
       local len = redis.call('RPUSH', KEYS[rooms[r][2]], entry)
@@ -229,15 +235,24 @@ end
 return out
 """
 
-# KEYS: list, meta. ARGV: the chunk's entries. Returns the new length, or -1 when the list no longer
-# starts with exactly the chunk that was archived: another mover got there first, or an edit or
-# delete changed an entry of it since it was read (the next move archives the changed entry).
+# KEYS: list, meta. ARGV: count. Returns {edits, entry, ...}: the room's `count` oldest entries and
+# its count of entries changed in place so far (OLDEST and TRIM_IF_HEAD bracket a move).
+OLDEST = """
+local out = {redis.call('HGET', KEYS[2], 'edits') or ''}
+local items = redis.call('LRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
+for i = 1, #items do out[i + 1] = items[i] end
+return out
+"""
+
+# KEYS: list, meta. ARGV: n, first entry, last entry, the edits count read with them (OLDEST).
+# Returns the new length, or -1 when the list no longer starts with the chunk that was archived
+# (another mover got there first), or an edit or delete changed an entry in place since it was
+# read (the next move archives the entry as it is now).
 TRIM_IF_HEAD = ENTRY_LUA + """
-local n = #ARGV
-local head = redis.call('LRANGE', KEYS[1], 0, n - 1)
-if #head ~= n then return -1 end
-for i = 1, n do
-  if head[i] ~= ARGV[i] then return -1 end
+local n = tonumber(ARGV[1])
+if redis.call('LINDEX', KEYS[1], 0) ~= ARGV[2] or redis.call('LINDEX', KEYS[1], n - 1) ~= ARGV[3]
+    or (redis.call('HGET', KEYS[2], 'edits') or '') ~= ARGV[4] then
+  return -1
 end
 redis.call('LTRIM', KEYS[1], n, -1)
 local head = redis.call('LINDEX', KEYS[1], 0)
@@ -262,13 +277,13 @@ redis.call('LTRIM', KEYS[1], #ARGV, -1)
 return 1
 """
 
-# KEYS: the room's list. ARGV: an edit's offset. Blanks the edit where the list holds it (its message
-# was deleted before it: the archive found that out).
+# KEYS: the room's list, meta. ARGV: an edit's offset. Blanks the edit where the list holds it (its
+# message was deleted before it: the archive found that out).
 BLANK_EDIT = ENTRY_LUA + EVENTS_LUA + """
 local i = locate(KEYS[1], tonumber(ARGV[1]))
 if i then
   local e = cjson.decode(redis.call('LINDEX', KEYS[1], i))
-  if e['kind'] == 'edit' and not e['deleted'] then redis.call('LSET', KEYS[1], i, tombstone(e)) end
+  if e['kind'] == 'edit' and not e['deleted'] then set_entry(KEYS[1], KEYS[2], i, tombstone(e)) end
 end
 """
 
@@ -302,6 +317,12 @@ def _answering() -> Iterator[None]:
 
 
 @dataclass
+class Chunk:
+    entries: list[bytes]  # oldest first
+    edits: bytes  # the room's count of entries changed in place when they were read
+
+
+@dataclass
 class Applied:
     mark: int | None  # the partition's applied offset after the call (None: nothing ever applied)
     rewind: bool  # the stored mark differed from the expected one; nothing was applied
@@ -330,6 +351,7 @@ class RedisBuffer:
         self._apply = redis.register_script(APPLY_BATCH)
         self._done_if_short = redis.register_script(DONE_IF_SHORT)
         self._read_run = redis.register_script(READ_RUN)
+        self._oldest = redis.register_script(OLDEST)
         self._trim = redis.register_script(TRIM_IF_HEAD)
         self._drop_if_head = redis.register_script(DROP_IF_HEAD)
         self._blank_edit = redis.register_script(BLANK_EDIT)
@@ -367,16 +389,18 @@ class RedisBuffer:
                 pipe.lindex(self._keys.msgs(name), -1)
             return [None if raw is None else parse(raw) for raw in await pipe.execute()]
 
-    async def oldest(self, room: str, count: int) -> list[bytes]:
-        """The room's `count` oldest entries."""
+    async def oldest(self, room: str, count: int) -> Chunk:
+        """The room's `count` oldest entries (and what a trim of them must find unchanged)."""
         with _answering():
-            raw: list[Any] = await self._redis.lrange(self._keys.msgs(room), 0, count - 1)
-        return raw
+            res: list[Any] = await self._oldest(keys=[self._keys.msgs(room), self._keys.meta(room)], args=[count])
+        return Chunk(res[1:], res[0])
 
-    async def trim_if_head(self, room: str, chunk: Sequence[bytes]) -> int:
-        """Drop `chunk` from the list's head if the list still starts with it; the new length, or -1."""
+    async def trim_if_head(self, room: str, chunk: Sequence[bytes], edits: bytes | str) -> int:
+        """Drop `chunk` from the list's head if the list still starts with it and no entry was edited
+        in place since it was read (`edits`: the Chunk's); the new length, or -1."""
         with _answering():
-            return int(await self._trim(keys=[self._keys.msgs(room), self._keys.meta(room)], args=list(chunk)))
+            return int(await self._trim(keys=[self._keys.msgs(room), self._keys.meta(room)],
+                                        args=[len(chunk), chunk[0], chunk[-1], edits]))
 
     async def find(self, room: str, msg_id: str) -> Message | None:
         """The message `msg_id` of `room` as the list holds it now (None: not in the list)."""
@@ -398,7 +422,8 @@ class RedisBuffer:
         """Blank an edit that found its message deleted, where the room's list holds it."""
         assert edit.position is not None
         with _answering():
-            await self._blank_edit(keys=[self._keys.msgs(edit.room)], args=[edit.position.offset])
+            await self._blank_edit(keys=[self._keys.msgs(edit.room), self._keys.meta(edit.room)],
+                                   args=[edit.position.offset])
 
     async def metas(self, rooms: Sequence[str]) -> list[tuple[Any, Any]]:
         """(first_ts, last_ts) of each room's meta hash, raw, in one pipeline."""

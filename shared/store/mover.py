@@ -51,7 +51,8 @@ class Mover:
     ) -> MoveResult:
         """Archive up to `limit` of the room's oldest entries; with `keep`, stop at the first entry
         it wants to keep in Redis (e.g. one newer than the retention)."""
-        raw = await self._buffer.oldest(room, limit)
+        oldest = await self._buffer.oldest(room, limit)
+        raw = oldest.entries
         chunk: list[bytes] = []
         messages: list[Message] = []
         for item in raw:
@@ -63,7 +64,7 @@ class Mover:
         if not chunk:
             return MoveResult(0, len(raw))
         await self.insert(room, messages)
-        remaining = await self._buffer.trim_if_head(room, chunk)
+        remaining = await self._buffer.trim_if_head(room, chunk, oldest.edits)
         return MoveResult(len(chunk) if remaining >= 0 else 0, remaining)
 
     async def insert(self, room: str, messages: list[Message]) -> None:

@@ -244,8 +244,8 @@ async def test_an_edit_racing_the_chunk_move_is_archived_as_it_is_now(migrated: 
     edit = Message("01RACEEDIT0000000000000000", room, "alice", "fixed", ts + 10, "e1", Position(p, 6),
                    EDIT, msgs[2].id, 2)
     assert (await buffer.apply(p, 5, [edit])).archived_events == 0, "the message is in the list"
-    await mover.insert(room, [Message.from_entry(raw) for raw in chunk])
-    assert await buffer.trim_if_head(room, chunk) == -1, "the chunk changed since it was read"
+    await mover.insert(room, [Message.from_entry(raw) for raw in chunk.entries])
+    assert await buffer.trim_if_head(room, chunk.entries, chunk.edits) == -1, "the chunk changed since it was read"
     assert (await mover.move_oldest(room, 4)).moved == 4
     now = await mover.archive.find(room, msgs[2].id)
     assert now is not None and (now.body, now.edited_ts, now.rev) == ("fixed", ts + 10, 6)
@@ -258,7 +258,7 @@ async def test_an_edit_racing_the_chunk_move_is_archived_as_it_is_now(migrated: 
     assert await mover.archive.apply_events([Message.from_entry(raw) for raw in queued]) == []
     await buffer.drop_archived_events(p, queued)
     assert await buffer.archived_events(p, 10) == []
-    await mover.insert(room, [Message.from_entry(raw) for raw in chunk])  # a stale copy, archived again
+    await mover.insert(room, [Message.from_entry(raw) for raw in chunk.entries])  # a stale copy, archived again
     gone = await mover.archive.find(room, msgs[2].id)
     assert gone is not None and (gone.deleted, gone.body, gone.user) == (True, "", "")
     late = Message("01RACELATEEDIT000000000000", room, "alice", f"{SECRET} late", ts + 12, "e2", Position(p, 8),
