@@ -12,6 +12,7 @@ from its claim before any lookup, so it gets the first ack even after its delete
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable
 
 from aiokafka.errors import KafkaError
@@ -24,6 +25,8 @@ from shared.errors import Forbidden, NotFound, Unavailable
 from shared.message import Message
 from shared.store.entry import DELETE, EDIT
 
+MESSAGE_ID = re.compile(r"[0-9A-HJKMNP-TV-Z]{26}")  # a ULID (shared.message.new_message_id)
+
 
 async def change(node: Node, identity: Identity, f: Edit | Delete) -> Awaitable[bytes]:
     """Publish the edit or delete `f` (or find its first ack); an awaitable of the ack, as
@@ -31,7 +34,7 @@ async def change(node: Node, identity: Identity, f: Edit | Delete) -> Awaitable[
     user, body = identity.user, f.body if isinstance(f, Edit) else ""
     if await node.publisher.claimed(user, f.room, f.client_msg_id):
         return await node.publisher.send(user, f.room, f.client_msg_id, body)
-    target = await find(node, f.room, f.id)
+    target = await find(node, f.room, f.id) if MESSAGE_ID.fullmatch(f.id) else None
     if target is None or target.deleted:
         raise NotFound(f"no message {f.id} in room {f.room}"[:120])
     if isinstance(f, Edit) and target.user != user:

@@ -153,7 +153,8 @@ async def test_edits_and_deletes_agree_on_every_path(cluster: Cluster, redis: ai
 
     await eventually(lambda: stored_deleted(6), 20, what="the delete stored")
     assert (await write(alice, edit(6, "e6", "too late")))["code"] == "not_found"
-    assert (await write(alice, {**delete(5, "nf"), "id": "01NOSUCHMESSAGE0000000000X"}))["code"] == "not_found"
+    assert (await write(alice, {**delete(5, "nf"), "id": "not an id"}))["code"] == "not_found"
+    assert (await write(alice, {**delete(5, "nf2"), "id": "01KBJ2Z3Q4R5S6T7V8W9X0Y1Z2"}))["code"] == "not_found"
     too_large = await write(alice, edit(7, "big", "x" * (s.max_body_chars + 1)))
     assert too_large["code"] == "too_large"
 
