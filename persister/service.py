@@ -199,13 +199,9 @@ class Persister:
             if self.archived_events:
                 try:
                     await self.apply_archived_events()
-                    backoff.ok()
-                except Exception as e:  # MySQL or Redis away: they stay queued
+                except Exception as e:  # MySQL or Redis away: they stay queued, tried again next time round
                     metrics.FLUSH_ERRORS.inc()
-                    wait = backoff.failed()
-                    log.warning("edits for MySQL not applied; will retry", extra={"error": repr(e), "retry_in": wait})
-                    await asyncio.sleep(wait)
-                    continue
+                    log.warning("edits and deletes for MySQL not applied; will retry", extra={"error": repr(e)})
             if not self.flushes:
                 self.flushes.wakeup.clear()
                 with contextlib.suppress(TimeoutError):
