@@ -62,6 +62,7 @@ class Persister:
         self.flushes = FlushQueue(settings.buffer_cap)
         self.backlog = Backlog(settings.buffer_cap, settings.persister_backlog_budget)
         self.archived_events: set[int] = set()  # partitions with edits/deletes queued for MySQL
+        self.replaying: set[int] = set()  # partitions read again into a Redis that lost them (rewound)
 
     @property
     def expected(self) -> Partitions:
@@ -75,6 +76,8 @@ class Persister:
         for tp in tps:
             mark = await self._retry_redis(self.buffer.mark, tp.partition)
             self.partitions.take(tp.partition, mark)
+            if mark is None:  # (a Redis that lost everything, or a partition never written to)
+                self.replaying.add(tp.partition)
             await self.read_after(tp, mark)
             for room in await self._retry_redis(self.buffer.over_cap_rooms, tp.partition, 10_000):
                 self.flushes.add(room)
@@ -148,7 +151,23 @@ class Persister:
                     extra={"partition": tp.partition, "expected": self.partitions.expected(tp.partition),
                            "stored": mark})
         self.partitions.take(tp.partition, mark)
+        self.replaying.add(tp.partition)
         await self.read_after(tp, mark)
+
+    async def as_archived(self, fetched: Fetched) -> list[Message]:
+        """A replayed batch's messages as the archive has them now (edited or deleted since), so a
+        Redis rebuilt from the log shows no archived body deleted since while the replay catches up; until the
+        partition's replay reaches the log's end as the last fetch saw it. Best effort: when MySQL
+        does not answer, the rest of the replay goes as sent (the edits and deletes follow in the log)."""
+        high = self.consumer.highwater(fetched.tp)
+        if high is not None and fetched.next_offset >= high:
+            self.replaying.discard(fetched.tp.partition)
+        try:
+            return await self.mover.archive.as_archived(fetched.messages)
+        except StoreUnavailable as e:  # (not asked again for this replay: a wait per batch would stall it)
+            self.replaying.discard(fetched.tp.partition)
+            log.warning("replaying without the archive's state", extra={"error": repr(e.__cause__ or e)})
+            return fetched.messages
 
     async def apply_all(self, batch: list[Fetched]) -> None:
         """Append every partition's messages, one script call each, all in one Redis round trip. The
@@ -160,6 +179,9 @@ class Persister:
                 log.error("records deleted by retention before they were applied",
                           extra={"partition": fetched.tp.partition, "from": fetched.first_offset - skipped,
                                  "to": fetched.first_offset - 1})
+        for fetched in batch:
+            if fetched.tp.partition in self.replaying and fetched.messages:
+                fetched.messages = await self.as_archived(fetched)
         results = await self._retry_redis(self.buffer.apply_many, [
             (f.tp.partition, self.partitions.expected(f.tp.partition), f.messages, f.next_offset - 1)
             for f in batch])

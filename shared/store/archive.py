@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -49,6 +50,7 @@ BLANK = "body = '', user_id = '', client_msg_id = '', deleted = 1"
 DELETE_SQL = f"UPDATE messages SET {BLANK} WHERE id = %s"
 DELETE_EDITS_SQL = f"UPDATE messages SET {BLANK} WHERE target_id = %s AND kind = 1"
 DELETED_SQL = "SELECT deleted FROM messages WHERE id = %s AND kind = 0"
+STATES_SQL = "SELECT id, body, edited_ts, rev, deleted FROM messages WHERE kind = 0 AND id IN "
 
 # A range read backwards on (room_id, kafka_offset): it touches only the rows it returns. The room id
 # comes from a subquery on the unique name, so no lookup round trip and no cache of ids is needed.
@@ -116,6 +118,24 @@ class Archive:
             await cur.execute(FIND_SQL, (msg_id, room))
             row = await cur.fetchone()
         return None if row is None else _message(room, row)
+
+    async def as_archived(self, messages: Sequence[Message]) -> list[Message]:
+        """`messages` (as sent), each archived one as the archive has it now (edited, or deleted): a
+        persister replaying the log into an empty Redis stores what is current, not what was sent."""
+        ids = [m.id for m in messages if not m.is_event]
+        if not ids:
+            return list(messages)
+        async with self._cursor() as cur:
+            await cur.execute(STATES_SQL + "(" + ",".join(["%s"] * len(ids)) + ")", ids)
+            states = {row[0]: row[1:] for row in await cur.fetchall()}
+        out = []
+        for m in messages:
+            if (state := states.get(m.id)) is not None:
+                body, edited_ts, rev, deleted = state
+                m = dataclasses.replace(m, body=body, edited_ts=edited_ts, rev=int(rev), deleted=bool(deleted),
+                                        user="" if deleted else m.user)
+            out.append(m)
+        return out
 
     async def apply_events(self, events: Sequence[Message]) -> list[Message]:
         """Apply edits and deletes (in log order) to their archived messages, in one transaction; a

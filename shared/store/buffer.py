@@ -124,6 +124,7 @@ local function apply_event(key, meta, m)
   if t['deleted'] then
     if kind == 1 then return tombstone(cjson.decode(m[2])), 0 end
   elseif kind == 1 then
+    if off <= (t['rev'] or -1) then return m[2], 0 end  -- (a replay: a newer edit is there already)
     t['body'], t['edited_ts'], t['rev'] = m[12], tonumber(m[3]), off
     set_entry(key, meta, i, cjson.encode(t))
   else

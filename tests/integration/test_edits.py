@@ -5,14 +5,18 @@ exactly the server's history."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import urllib.request
 from typing import Any
 
 import aiomysql
 import redis.asyncio as aioredis
+from aiokafka import TopicPartition
 
+from persister.service import Persister
 from shared.cursor import Position
+from shared.kafka import Fetched
 from shared.keys import Keys
 from shared.message import Message
 from shared.settings import Settings
@@ -269,3 +273,37 @@ async def test_an_edit_racing_the_chunk_move_is_archived_as_it_is_now(migrated: 
     assert [e.id for e in blanked] == [late.id]
     await buffer.blank_edit(late)
     assert not [e for e in await redis.lrange(keys.msgs(room), 0, -1) if SECRET.encode() in e]
+
+
+class Replaying:  # the unit's edge: the consumer a replay reads, as far as the persister asks it
+    def highwater(self, tp: TopicPartition) -> int:
+        return 1000
+
+
+async def test_a_replay_into_an_empty_redis_stores_archived_messages_as_they_are_now(
+        migrated: Settings, redis: aioredis.Redis, mysql: aiomysql.Pool) -> None:
+    """Redis lost everything and the persister reads the log again: a message archived and deleted
+    (or edited) since is stored as it is now, never with the body it was sent with; an older edit
+    read again after it changes nothing."""
+    s = migrated.model_copy(update={"buffer_cap": 1000})
+    keys = Keys(s.redis_prefix, s.kafka_partitions)
+    room, ts = "replay.room", 1_764_000_000_000
+    p = keys.partition(room)
+    tp = TopicPartition(s.kafka_topic, p)
+    sent = [Message(f"01REPLAY{i:018d}", room, "alice", f"{SECRET} {i}", ts + i, f"c{i}", Position(p, i))
+            for i in range(3)]
+    rooms = RoomDirectory(mysql)
+    mover = Mover(redis, mysql, keys, rooms)
+    now = [dataclasses.replace(sent[0], user="", body="", deleted=True),
+           dataclasses.replace(sent[1], body="fixed", edited_ts=ts + 9, rev=9), sent[2]]
+    await mover.insert(room, now)
+    persister = Persister(s, redis, mover, rooms, Replaying())  # type: ignore[arg-type]
+    persister.partitions.take(p, None)
+    persister.replaying.add(p)
+    older_edit = Message("01REPLAYEDIT00000000000005", room, "alice", f"{SECRET} old edit", ts + 5, "e5",
+                         Position(p, 5), EDIT, sent[1].id, 1)
+    await persister.apply_all([Fetched(tp, [*sent, older_edit], 0, 6)])
+    stored = [Message.from_entry(raw) for raw in await redis.lrange(keys.msgs(room), 0, -1)]
+    assert [(m.id, m.deleted, m.body) for m in stored[:3]] == [
+        (sent[0].id, True, ""), (sent[1].id, False, "fixed"), (sent[2].id, False, f"{SECRET} 2")]
+    assert stored[1].rev == 9, "the older edit read again after it changed nothing"
