@@ -469,7 +469,7 @@ class RedisBuffer:
                 r = room_index[m.room] = len(rooms)
             rows.append((m.position.offset, m.entry(), str(m.ts), r, m.id, m.ack(),
                          key(k.seen(partition, m.ts)), key(k.sent(m.room, m.user, m.client_msg_id)),
-                         KINDS[m.kind], m.target, m.target_offset, m.body))
+                         KINDS[m.kind], m.target, m.target_offset, m.body if m.kind == EDIT else ""))
         # (use_bin_type=False: Redis's cmsgpack predates msgpack's bin type; bytes go as raw strings)
         packed = msgpack.packb((rooms, rows), use_bin_type=False)
         return keys, ["" if expected is None else str(expected), self._cap, self._ttl, self._ttl, packed,
