@@ -33,7 +33,7 @@ async def change(node: Node, identity: Identity, f: Edit | Delete) -> Awaitable[
     Publisher.send. Raises NotFound, Forbidden or Unavailable."""
     user, body = identity.user, f.body if isinstance(f, Edit) else ""
     if await node.publisher.claimed(user, f.room, f.client_msg_id):
-        return await node.publisher.send(user, f.room, f.client_msg_id, body)
+        return node.publisher.first_ack(user, f.room, f.client_msg_id)
     target = await find(node, f.room, f.id) if MESSAGE_ID.fullmatch(f.id) else None
     if target is None or target.deleted:
         raise NotFound(f"no message {f.id} in room {f.room}"[:120])

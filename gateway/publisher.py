@@ -89,6 +89,11 @@ class Publisher:
         raw = value.encode() if isinstance(value, str) else value
         return raw is not None and not raw.startswith(RETRY)
 
+    def first_ack(self, user: str, room: str, client_msg_id: str) -> Awaitable[bytes]:
+        """The ack of the send (or edit, or delete) with this client_msg_id that is acknowledged or in
+        flight (`claimed`), once there is one; Unavailable when it failed meanwhile (send it again)."""
+        return self._first_ack(self.keys.sent(room, user, client_msg_id))
+
     async def send(self, user: str, room: str, client_msg_id: str, body: str,
                    event: tuple[str, Message] | None = None) -> Awaitable[bytes]:
         """Claim the dedupe key and hand the record to the producer, in the caller's send order;
