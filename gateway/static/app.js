@@ -382,7 +382,7 @@ function onMessage(f) {
   const follow = nearBottom() || (f.user === st.user && st.pending.has(f.cmid));
   if (addMessage(f)) {
     if (follow) toBottom();
-    if (f.user !== st.user) announce(`${f.user}: ${f.body}`);
+    if (f.user !== st.user && !f.deleted) announce(`${f.user}: ${f.body}`);
     stopTyping(f.user);
     renderReceipts();
     markRead();
