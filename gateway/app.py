@@ -31,7 +31,7 @@ from gateway.presence import Presence
 from gateway.publisher import Publisher
 from gateway.quota import Quota
 from gateway.readstate import ReadState
-from gateway.rest import room_messages, room_presence
+from gateway.rest import publish, room_messages, room_presence
 from gateway.signals import Signals, new_signal_producer
 from shared.kafka import new_consumer, new_producer, wait_for_topic
 from shared.keys import Keys
@@ -97,7 +97,8 @@ def create_app(settings: Settings, drain: Drain | None = None) -> Starlette:
         Route("/healthz", healthz),
         Route("/readyz", readyz),
         *([Route("/metrics", metrics_endpoint)] if settings.metrics_public else []),
-        Route("/rooms/{room}/messages", room_messages),
+        Route("/rooms/{room}/messages", room_messages, methods=["GET"]),
+        Route("/rooms/{room}/messages", publish, methods=["POST"]),
         Route("/rooms/{room}/presence", room_presence),
         Route("/openapi.json", json_document(bundled_json("openapi.yaml"))),
         Route("/asyncapi.json", json_document(bundled_json("asyncapi.yaml"))),

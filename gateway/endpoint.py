@@ -18,6 +18,7 @@ from starlette.types import Scope
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from gateway import metrics
+from gateway.changes import change
 from gateway.history import history_frame
 from gateway.limits import FRAMES_PER_TURN, MAX_PENDING_REQUESTS, MAX_QUEUED_SENDS, TokenBucket, inbound_bucket
 from gateway.node import Node
@@ -27,6 +28,8 @@ from gateway.protocol import (
     PROTOCOL_VERSION,
     SUBPROTOCOL,
     Close,
+    Delete,
+    Edit,
     Err,
     FrameError,
     History,
@@ -44,6 +47,7 @@ from gateway.protocol import (
     parse_frame,
     ref_of,
 )
+from gateway.publisher import check_send
 from gateway.quota import Count, UserState
 from gateway.readstate import STORE_ERRORS
 from gateway.recovery import resume
@@ -51,7 +55,7 @@ from gateway.session import Session
 from gateway.wire import write_frame_of
 from shared.auth import AuthError, Identity, verify_token
 from shared.cursor import CursorError, join_point, parse_cursor
-from shared.errors import BadRequest, Unavailable
+from shared.errors import BadRequest, RoomcastError, Unavailable
 from shared.settings import Settings
 from shared.validation import ROOM_RULE, valid_room
 
@@ -207,7 +211,7 @@ class Connection:
         self.inbound = inbound_bucket(self.s)
         self.requests = 0  # join/history tasks running
         self._tasks: set[asyncio.Future[Any]] | None = None
-        self._sends: deque[tuple[Send, bool]] | None = None  # while the send worker runs
+        self._sends: deque[tuple[Send | Edit | Delete, bool]] | None = None  # while the send worker runs
         self._joining: set[str] | None = None  # rooms with a join in progress
         # Resumes run one at a time, each charged the entries it read (see on_join).
         self._resumes = 0  # waiting or running
@@ -272,7 +276,7 @@ class Connection:
             self.fail(Err.UNAVAILABLE, "internal error")
 
     def handle(self, frame: object) -> None:
-        if isinstance(frame, Send):
+        if isinstance(frame, Send | Edit | Delete):
             self.on_send(frame)
         elif isinstance(frame, Join):
             self.request(self.on_join(frame), ref_of(frame.room))
@@ -346,24 +350,24 @@ class Connection:
 
     async def charge(self, ref: str | None) -> bool:
         """Typing and read frames take from the user's send budget, held across gateways (gateway/quota.py)."""
-        wait = self.node.quota.admit(self.identity.user, self.user)
-        if wait is None:  # (not known here: Redis is asked)
-            try:
-                wait = await self.node.quota.take_send(self.identity.user, self.user)
-            except Unavailable as e:
-                self.fail(Err.UNAVAILABLE, str(e), ref)
-                return False
+        try:
+            wait = await self.node.quota.take(self.identity.user, self.user)
+        except Unavailable as e:
+            self.fail(Err.UNAVAILABLE, str(e), ref)
+            return False
         if wait > 0:
             self.fail(Err.RATE_LIMITED, "sending too fast", ref, retry_after_ms=int(wait * 1000) + 1)
             return False
         return True
 
     # --- frames
-    def on_send(self, f: Send) -> None:
-        if not self.check_room(f.room, f.client_msg_id):
-            return
-        if len(f.body) > self.s.max_body_chars:
-            self.fail(Err.TOO_LARGE, f"body longer than {self.s.max_body_chars} characters", f.client_msg_id)
+    def on_send(self, f: Send | Edit | Delete) -> None:
+        """A send, edit or delete: checked, then queued for the send worker (they reach Kafka in the
+        order the client sent them)."""
+        try:
+            check_send(self.s, self.identity, f.room, "" if isinstance(f, Delete) else f.body)
+        except BadRequest as e:
+            self.fail(e.code, e.reason, ref_of(f.client_msg_id))
             return
         sends = self._sends
         if sends is not None and len(sends) >= MAX_QUEUED_SENDS:
@@ -378,7 +382,7 @@ class Connection:
             self.spawn(self._send_in_order(sends), None)
         sends.append((f, wait is not None))
 
-    async def _send_in_order(self, sends: deque[tuple[Send, bool]]) -> None:
+    async def _send_in_order(self, sends: deque[tuple[Send | Edit | Delete, bool]]) -> None:
         """Sends reach Kafka in the order the client sent them; acks are awaited concurrently (each
         is answered by a callback). Runs while sends are queued; the next send starts a new worker.
         A send not admitted on arrival (bool False) waits here for the user's budget."""
@@ -389,9 +393,12 @@ class Connection:
                     if not admitted and (wait := await self.node.quota.take_send(self.identity.user, self.user)):
                         self.rate_limited(f.client_msg_id, wait)
                         continue
-                    ack = await self.node.publisher.send(self.identity.user, f.room, f.client_msg_id, f.body)
-                except Unavailable as e:
-                    self.fail(Err.UNAVAILABLE, str(e), f.client_msg_id)
+                    if isinstance(f, Send):
+                        ack = await self.node.publisher.send(self.identity.user, f.room, f.client_msg_id, f.body)
+                    else:
+                        ack = await change(self.node, self.identity, f)
+                except RoomcastError as e:
+                    self.fail(e.code, e.reason, f.client_msg_id)
                     continue
                 except Exception:  # a bug must not stop this connection's sends for good
                     log.exception("send failed")

@@ -28,6 +28,7 @@ from shared.store.entry import Entry, dedupe
 from shared.store.paging import EMPTY, MysqlNeed, Page, make_page, plan, resolve_before, resolve_limit, stitch
 from shared.validation import valid_room
 
+FILL_ROUNDS = 3  # older reads that fill a page whose edits and deletes were left out
 K = TypeVar("K")
 V = TypeVar("V")
 
@@ -74,8 +75,27 @@ class HistoryReader:
         self.flights: SingleFlight[tuple[str, int | None, int], list[Entry]] = SingleFlight()
 
     async def page(self, room: str, before: str | None, limit: int | None) -> Page:
-        """The page of up to `limit` messages before cursor `before` (newest page when absent).
-        Raises BadRequest or StoreUnavailable."""
+        """The page of up to `limit` messages before cursor `before` (newest page when absent), as
+        they are now (edited, or tombstones). Edits and deletes are records of the room but not
+        messages: they are left out, and the page is filled from older records (at most FILL_ROUNDS
+        more reads; a page can still be shorter than `limit`, `next` says whether older records
+        exist). Raises BadRequest or StoreUnavailable."""
+        page = await self._page(room, before, limit)
+        if not any(e.event for e in page.entries):
+            return page
+        n = resolve_limit(limit, self._s.history_limit_default, self._s.history_limit_max)
+        kept = [e for e in page.entries if not e.event]
+        for _ in range(FILL_ROUNDS):
+            if len(kept) >= n or page.next is None:
+                break
+            try:
+                page = await self._page(room, page.next, n - len(kept))
+            except StoreUnavailable:  # (what we have, with its `next`: the client pages on later)
+                break
+            kept = [e for e in page.entries if not e.event] + kept
+        return Page(kept, page.next)
+
+    async def _page(self, room: str, before: str | None, limit: int | None) -> Page:
         if not valid_room(room):
             raise BadRequest(Err.BAD_FRAME, "room: 1-64 characters of A-Z a-z 0-9 _ . -")
         n = resolve_limit(limit, self._s.history_limit_default, self._s.history_limit_max)

@@ -16,7 +16,7 @@ from gateway.history import HistoryReader
 from gateway.hub import Hub
 from gateway.presence import Presence
 from gateway.publisher import Publisher
-from gateway.quota import Quota, UserState
+from gateway.quota import Quota, Senders, UserState
 from gateway.readstate import ReadState
 from gateway.signals import Signals
 from shared.keys import Keys
@@ -64,6 +64,7 @@ class Node:
     quota: Quota
     typing: TypingThrottle = field(default_factory=lambda: TypingThrottle(3.0))
     users: dict[str, UserState] = field(default_factory=dict)  # users with connections here
+    senders: Senders = field(default_factory=Senders)  # users publishing over REST here
     unauthenticated: int = 0  # connections waiting for their auth frame
     drain: Drain = field(default_factory=Drain)
 

@@ -58,6 +58,24 @@ class Send(_Frame):
     body: Annotated[StrictStr, AfterValidator(_not_blank)]
 
 
+MessageId = Annotated[StrictStr, Field(min_length=1, max_length=64)]
+
+
+class Edit(_Frame):
+    type: Literal["edit"]
+    room: StrictStr
+    id: MessageId
+    client_msg_id: Annotated[StrictStr, Field(min_length=1, max_length=128)]
+    body: Annotated[StrictStr, AfterValidator(_not_blank)]
+
+
+class Delete(_Frame):
+    type: Literal["delete"]
+    room: StrictStr
+    id: MessageId
+    client_msg_id: Annotated[StrictStr, Field(min_length=1, max_length=128)]
+
+
 class History(_Frame):
     type: Literal["history"]
     room: StrictStr
@@ -96,9 +114,11 @@ class Auth(_Frame):
     token: StrictStr
 
 
-Inbound = Join | Leave | Send | History | Ping | Presence | Typing | Read | Unread
+Inbound = Join | Leave | Send | Edit | Delete | History | Ping | Presence | Typing | Read | Unread
 _INBOUND: TypeAdapter[Inbound] = TypeAdapter(Annotated[Inbound, Field(discriminator="type")])
-KNOWN_TYPES = frozenset({"join", "leave", "send", "history", "ping", "presence", "typing", "read", "unread"})
+KNOWN_TYPES = frozenset({"join", "leave", "send", "edit", "delete", "history", "ping", "presence", "typing", "read",
+                         "unread"})
+WRITES = ("send", "edit", "delete")  # frames acknowledged by client_msg_id
 
 
 class FrameError(Exception):
@@ -117,9 +137,9 @@ def ref_of(value: object) -> str | None:
 
 
 def _ref(raw: dict[str, object]) -> str | None:
-    """What an error about this frame refers to: a send's client_msg_id, else its room (clients
-    match errors to their requests by it)."""
-    return ref_of(raw.get("client_msg_id") if raw.get("type") == "send" else raw.get("room"))
+    """What an error about this frame refers to: a send's, edit's or delete's client_msg_id, else its
+    room (clients match errors to their requests by it)."""
+    return ref_of(raw.get("client_msg_id") if raw.get("type") in WRITES else raw.get("room"))
 
 
 def parse_frame(text: str) -> Inbound:

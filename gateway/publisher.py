@@ -27,14 +27,28 @@ from aiokafka.errors import KafkaError
 from redis.exceptions import RedisError
 
 from gateway import metrics
+from shared.auth import Identity
 from shared.cursor import Position
-from shared.errors import Unavailable
+from shared.errors import BadRequest, Err, Forbidden, Unavailable
 from shared.keys import Keys
 from shared.message import Message, new_message_id
 from shared.redisconn import run_scripts
 from shared.settings import Settings
 from shared.store import claims
 from shared.store.claims import PENDING, RETRY
+from shared.validation import ROOM_RULE, valid_room
+
+
+def check_send(settings: Settings, identity: Identity, room: str, body: str) -> None:
+    """What every send is held to before it is queued (the WebSocket `send`, `edit` and
+    `delete`, and the publish API): the room's syntax and the token's `rooms`, the body's size.
+    Raises BadRequest (or Forbidden)."""
+    if not valid_room(room):
+        raise BadRequest(Err.BAD_FRAME, ROOM_RULE)
+    if not identity.may_access(room):
+        raise Forbidden(f"no access to room {room}"[:120])
+    if len(body) > settings.max_body_chars:
+        raise BadRequest(Err.TOO_LARGE, f"body longer than {settings.max_body_chars} characters")
 
 
 class Publisher:
@@ -65,11 +79,27 @@ class Publisher:
             return "the producer cannot reach the broker"
         return None
 
-    async def send(self, user: str, room: str, client_msg_id: str, body: str) -> Awaitable[bytes]:
+    async def claimed(self, user: str, room: str, client_msg_id: str) -> bool:
+        """Whether a send (or edit, or delete) with this client_msg_id is acknowledged or in flight:
+        a resend gets its ack from `send`, whatever it carries."""
+        try:
+            value = await self.redis.get(self.keys.sent(room, user, client_msg_id))
+        except (RedisError, OSError) as e:
+            raise Unavailable("dedupe store unavailable") from e
+        raw = value.encode() if isinstance(value, str) else value
+        return raw is not None and not raw.startswith(RETRY)
+
+    def first_ack(self, user: str, room: str, client_msg_id: str) -> Awaitable[bytes]:
+        """The ack of the send (or edit, or delete) with this client_msg_id that is acknowledged or in
+        flight (`claimed`), once there is one; Unavailable when it failed meanwhile (send it again)."""
+        return self._first_ack(self.keys.sent(room, user, client_msg_id))
+
+    async def send(self, user: str, room: str, client_msg_id: str, body: str,
+                   event: tuple[str, Message] | None = None) -> Awaitable[bytes]:
         """Claim the dedupe key and hand the record to the producer, in the caller's send order;
         returns an awaitable of the ack frame's JSON (the same bytes stored for a resend). Either step
         raises Unavailable when nothing can be promised (no ack is ever given for a record Kafka has
-        not acknowledged)."""
+        not acknowledged). `event`: an edit or delete (its kind) of this stored message."""
         t0 = time.perf_counter()
         key = self.keys.sent(room, user, client_msg_id)
         try:
@@ -83,6 +113,10 @@ class Publisher:
         claim = PENDING + taken
         msg_id, _, ts = taken.decode().partition("|")
         msg = Message(msg_id, room, user, body, int(ts), client_msg_id)
+        if event is not None:
+            kind, target = event
+            assert target.position is not None
+            msg = dataclasses.replace(msg, kind=kind, target=target.id, target_offset=target.position.offset)
         try:
             delivery = await self.producer.send(self.s.kafka_topic, msg.kafka_value(), key=room.encode(),
                                                 partition=self.keys.partition(room))

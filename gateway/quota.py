@@ -32,6 +32,7 @@ import enum
 import logging
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -246,6 +247,12 @@ class Quota:
         finally:
             state.waiting -= 1
 
+    async def take(self, user: str, state: UserState) -> float:
+        """One send's admission, asking Redis when `admit` cannot decide: 0 when it may go, else the
+        seconds to wait. Raises Unavailable when Redis does not answer."""
+        wait = self.admit(user, state)
+        return await self.take_send(user, state) if wait is None else wait
+
     def forgo(self, state: UserState, waiting: int) -> None:
         """`waiting` sends that `admit` left waiting were dropped (their connection closed): what
         was taken for them is not kept beyond a lease's worth."""
@@ -278,3 +285,20 @@ class Quota:
 def _retrieved(future: asyncio.Future[float]) -> None:
     if not future.cancelled():
         future.exception()
+
+
+class Senders:
+    """The send budgets of users publishing over REST on this node (a user's share taken from Redis,
+    as a connection's): the most recent SENDERS_MAX, so a lease taken ahead serves the next publish."""
+
+    SENDERS_MAX = 10_000
+
+    def __init__(self) -> None:
+        self._states: OrderedDict[str, UserState] = OrderedDict()
+
+    def state(self, user: str) -> UserState:
+        state = self._states.pop(user, None) or UserState()
+        self._states[user] = state
+        if len(self._states) > self.SENDERS_MAX:
+            self._states.popitem(last=False)
+        return state

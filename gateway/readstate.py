@@ -128,7 +128,7 @@ class ReadState:
                 below = entry.offset
                 if entry.offset <= after:
                     return n, False
-                if entry.user != user:
+                if entry.user != user and not entry.event and not entry.deleted:  # (a message to read)
                     n += 1
                     if n > COUNT_MAX:
                         return COUNT_MAX, True

@@ -10,7 +10,8 @@ The order matters (the resume rule of docs/protocol.md: no gap, no repeat):
 4. read the stored messages with cursor < position < P: the Redis list from its newest end, then
    MySQL for the part older than the list (a mover inserts before it trims, so nothing falls
    between the two reads), or the log for that part while MySQL is away;
-5. send `joined`, the replay (paced by the client's reading), then the held live frames, and
+5. send `joined`, the replay (paced by the client's reading; messages as they are now, with the
+   edits and deletes of the range: shared.store.events), then the held live frames, and
    switch the room to live without an await in between, so no live frame overtakes the replay.
 
 A resume counts the stored entries and log records it read (its connection's budget is charged
@@ -31,7 +32,9 @@ from gateway.protocol import Err, dumps
 from gateway.session import Session
 from shared.cursor import CursorError, join_point, parse_cursor
 from shared.errors import StoreUnavailable, Unavailable
+from shared.message import Message
 from shared.store.entry import dedupe, parse
+from shared.store.events import as_now
 from shared.store.paging import MysqlNeed, log_start, plan, stitch
 
 
@@ -88,7 +91,7 @@ async def _resume(node: Node, session: Session, room: str, cursor: str, fail: Ca
         return
     session.push(dumps({"type": "joined", "room": room, "cursor": join_point(partition, position),
                         "recovered": recovered, **(read_state or {})}))
-    await session.push_paced([(b'{"type":"message",' + entry[1:]).decode() for entry in replay])
+    await session.push_paced([m.frame().decode() for m in as_now([Message.from_entry(raw) for raw in replay])])
     # Live frames held meanwhile follow the replay; no await between these pushes and going live.
     for _, frame in session.recovering.pop(room, []):
         session.push(frame)

@@ -61,6 +61,8 @@ class Persister:
         self.partitions = Partitions()
         self.flushes = FlushQueue(settings.buffer_cap)
         self.backlog = Backlog(settings.buffer_cap, settings.persister_backlog_budget)
+        self.archived_events: set[int] = set()  # partitions with edits/deletes queued for MySQL
+        self.replaying: set[int] = set()  # partitions read again into a Redis that lost them (rewound)
 
     @property
     def expected(self) -> Partitions:
@@ -74,9 +76,12 @@ class Persister:
         for tp in tps:
             mark = await self._retry_redis(self.buffer.mark, tp.partition)
             self.partitions.take(tp.partition, mark)
+            if mark is None:  # (a Redis that lost everything, or a partition never written to)
+                self.replaying.add(tp.partition)
             await self.read_after(tp, mark)
             for room in await self._retry_redis(self.buffer.over_cap_rooms, tp.partition, 10_000):
                 self.flushes.add(room)
+            self.archived_events.add(tp.partition)  # (a previous owner may have left some)
             log.info("partition taken", extra={"partition": tp.partition, "mark": mark})
         if not self.backlog.paused:
             self.consumer.resume(*tps)
@@ -146,7 +151,23 @@ class Persister:
                     extra={"partition": tp.partition, "expected": self.partitions.expected(tp.partition),
                            "stored": mark})
         self.partitions.take(tp.partition, mark)
+        self.replaying.add(tp.partition)
         await self.read_after(tp, mark)
+
+    async def as_archived(self, fetched: Fetched) -> list[Message]:
+        """A replayed batch's messages as the archive has them now (edited or deleted since), so a
+        Redis rebuilt from the log shows no archived body deleted since while the replay catches up; until the
+        partition's replay reaches the log's end as the last fetch saw it. Best effort: when MySQL
+        does not answer, the rest of the replay goes as sent (the edits and deletes follow in the log)."""
+        high = self.consumer.highwater(fetched.tp)
+        if high is not None and fetched.next_offset >= high:
+            self.replaying.discard(fetched.tp.partition)
+        try:
+            return await self.mover.archive.as_archived(fetched.messages)
+        except StoreUnavailable as e:  # (not asked again for this replay: a wait per batch would stall it)
+            self.replaying.discard(fetched.tp.partition)
+            log.warning("replaying without the archive's state", extra={"error": repr(e.__cause__ or e)})
+            return fetched.messages
 
     async def apply_all(self, batch: list[Fetched]) -> None:
         """Append every partition's messages, one script call each, all in one Redis round trip. The
@@ -158,6 +179,9 @@ class Persister:
                 log.error("records deleted by retention before they were applied",
                           extra={"partition": fetched.tp.partition, "from": fetched.first_offset - skipped,
                                  "to": fetched.first_offset - 1})
+        for fetched in batch:
+            if fetched.tp.partition in self.replaying and fetched.messages:
+                fetched.messages = await self.as_archived(fetched)
         results = await self._retry_redis(self.buffer.apply_many, [
             (f.tp.partition, self.partitions.expected(f.tp.partition), f.messages, f.next_offset - 1)
             for f in batch])
@@ -175,7 +199,9 @@ class Persister:
         for room, length in res.lengths.items():
             if self.flushes.note(room, length):
                 self.backlog.note(room, length)
-        if self.flushes:
+        if res.archived_events:
+            self.archived_events.add(tp.partition)
+        if self.flushes or self.archived_events:
             self.flushes.wakeup.set()
 
     def _pause_or_resume(self) -> None:
@@ -192,6 +218,12 @@ class Persister:
     async def flush_loop(self, stop: asyncio.Event) -> None:
         backoff = Backoff()
         while not stop.is_set():
+            if self.archived_events:
+                try:
+                    await self.apply_archived_events()
+                except Exception as e:  # MySQL or Redis away: they stay queued, tried again next time round
+                    metrics.FLUSH_ERRORS.inc()
+                    log.warning("edits and deletes for MySQL not applied; will retry", extra={"error": repr(e)})
             if not self.flushes:
                 self.flushes.wakeup.clear()
                 with contextlib.suppress(TimeoutError):
@@ -221,6 +253,22 @@ class Persister:
         length = await self.buffer.done_if_short(room)
         self.backlog.note(room, length)
         self.flushes.note(room, length)
+
+    async def apply_archived_events(self) -> None:
+        """Apply the edits and deletes whose messages were archived already (APPLY_BATCH queued
+        them, in log order) to MySQL, a bounded batch per partition at a time; an edit that finds its
+        message deleted is blanked in Redis too."""
+        for partition in list(self.archived_events):
+            if partition not in self.partitions:
+                self.archived_events.discard(partition)
+                continue
+            raw = await self.buffer.archived_events(partition, self.s.flush_chunk)
+            if not raw:
+                self.archived_events.discard(partition)
+                continue
+            for edit in await self.mover.archive.apply_events([Message.from_entry(r) for r in raw]):
+                await self.buffer.blank_edit(edit)
+            await self.buffer.drop_archived_events(partition, raw)
 
     async def register_new_rooms(self) -> None:
         for partition in self.partitions:

@@ -1,4 +1,6 @@
-"""Signed tokens (JWT): `sub` is the user id; an optional `rooms` claim limits where the user may go."""
+"""Signed tokens (JWT): `sub` is the user id; the `rooms` claim limits where the user may go; an
+optional `mod` claim (the same patterns) names the rooms where the user moderates (deletes any
+message)."""
 
 from __future__ import annotations
 
@@ -19,19 +21,30 @@ class Identity:
     user: str
     rooms: tuple[str, ...]  # names or prefixes ending in '*'; ('*',) = every room
     expires_at: float | None
+    mod: tuple[str, ...] = ()  # rooms where the user moderates, as `rooms`
 
     def may_access(self, room: str) -> bool:
-        for pattern in self.rooms:
-            if pattern == "*" or pattern == room or (pattern.endswith("*") and room.startswith(pattern[:-1])):
-                return True
-        return False
+        return _matches(self.rooms, room)
+
+    def may_moderate(self, room: str) -> bool:
+        return _matches(self.mod, room)
 
 
-def mint_token(settings: Settings, user: str, rooms: list[str] | None = None, ttl_s: int | None = None) -> str:
+def _matches(patterns: tuple[str, ...], room: str) -> bool:
+    for pattern in patterns:
+        if pattern == "*" or pattern == room or (pattern.endswith("*") and room.startswith(pattern[:-1])):
+            return True
+    return False
+
+
+def mint_token(settings: Settings, user: str, rooms: list[str] | None = None, ttl_s: int | None = None,
+               mod: list[str] | None = None) -> str:
     """A token the gateways accept: with the configured audience and issuer, when there are."""
     now = int(time.time())
     claims: dict[str, object] = {"sub": user, "iat": now, "exp": now + (ttl_s or settings.token_ttl_s),
                                  "rooms": rooms if rooms is not None else ["*"]}
+    if mod:
+        claims["mod"] = mod
     if settings.jwt_audience:
         claims["aud"] = settings.jwt_audience
     if settings.jwt_issuer:
@@ -74,4 +87,7 @@ def verify_token(settings: Settings, token: str | None) -> Identity:
         raise AuthError(f"rooms claim has more than {settings.token_max_rooms} entries")
     if not all(_text(r, 128) for r in rooms):
         raise AuthError("bad rooms claim")
-    return Identity(user, tuple(rooms), float(claims["exp"]))
+    mod = claims.get("mod", [])
+    if not isinstance(mod, list) or len(mod) > settings.token_max_rooms or not all(_text(r, 128) for r in mod):
+        raise AuthError("bad mod claim")
+    return Identity(user, tuple(rooms), float(claims["exp"]), tuple(mod))

@@ -18,6 +18,7 @@ class Err:
     UNAVAILABLE = "unavailable"
     BAD_CURSOR = "bad_cursor"
     LIMIT = "limit_exceeded"
+    NOT_FOUND = "not_found"
 
 
 class RoomcastError(Exception):
@@ -38,6 +39,24 @@ class BadRequest(RoomcastError):
     def __init__(self, code: str, reason: str) -> None:
         super().__init__(reason)
         self.code = code
+
+
+class Forbidden(BadRequest):
+    """Not allowed for this user (a room outside the token's, an edit of someone else's message)."""
+
+    status = 403
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(Err.FORBIDDEN, reason)
+
+
+class NotFound(BadRequest):
+    """The message an edit or delete names is not in the room (or was deleted)."""
+
+    status = 404
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(Err.NOT_FOUND, reason)
 
 
 class Unavailable(RoomcastError):

@@ -41,6 +41,11 @@ class Keys:
         """Rooms whose list is longer than the buffer cap: the flush work list."""
         return f"{self.tag(partition)}:overcap"
 
+    def archived_events(self, partition: int) -> str:
+        """Edits and deletes of messages already in MySQL, stored entries oldest first: the work
+        list of the persister's flush loop (shared.store.buffer APPLY_BATCH fills it)."""
+        return f"{self.tag(partition)}:archevents"
+
     # per room
     def msgs(self, room: str) -> str:
         """The room's newest messages, oldest left, newest right."""

@@ -1,5 +1,5 @@
 """The developer's and operator's `roomcast` commands beyond the kernel's (shared/cli.py): up, down,
-gateway add, check, stats, bench, simulate. Registered through the `roomcast.commands` entry point group
+gateway add, check, stats, post, bench, simulate. Registered through the `roomcast.commands` entry point group
 (pyproject)."""
 
 from __future__ import annotations
@@ -78,6 +78,34 @@ def cmd_stats(args: argparse.Namespace, settings: Settings) -> int:
     stats = asyncio.run(ops.gather_stats(settings, args.timeout))
     print(json.dumps(stats.as_dict(), indent=2) if args.json else ops.format_stats(stats))
     return 1 if stats.errors else 0
+
+
+def cmd_post(args: argparse.Namespace, settings: Settings) -> int:
+    """POST the text to the room through a gateway's publish API; prints the ack (exit 0), or the
+    error answer on stderr (exit 1)."""
+    import sys
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+    import uuid
+
+    from shared.auth import mint_token
+
+    base = args.url or f"http://127.0.0.1:{settings.port}"
+    token = args.token or mint_token(settings, args.user)
+    body = json.dumps({"client_msg_id": args.client_msg_id or uuid.uuid4().hex, "body": args.text}).encode()
+    url = f"{base.rstrip('/')}/rooms/{urllib.parse.quote(args.room, safe='')}/messages"
+    req = urllib.request.Request(url, data=body, method="POST", headers={
+        "Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=args.timeout) as answer:
+            print(answer.read().decode())
+            return 0
+    except urllib.error.HTTPError as e:
+        print(f"{e.code} {e.read().decode()}", file=sys.stderr)
+    except OSError as e:
+        print(f"no answer from {base}: {e}", file=sys.stderr)
+    return 1
 
 
 def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
@@ -182,6 +210,19 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("--timeout", type=float, default=3.0, help="seconds per request (default %(default)s)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser("post", help="post a message to a room through a gateway's publish API",
+                       description="POST /rooms/ROOM/messages with a token for --user minted with the configured "
+                                   "secret (or --token). Prints the ack; a retry with the same --client-msg-id is "
+                                   "acknowledged again and not posted twice.")
+    p.add_argument("room")
+    p.add_argument("text")
+    p.add_argument("--url", default=None, help="the gateway (default http://127.0.0.1:PORT, PORT the setting)")
+    p.add_argument("--user", default="roomcast-cli", help="the sender, for the minted token (default %(default)s)")
+    p.add_argument("--token", default=None, help="a token to use instead of minting one")
+    p.add_argument("--client-msg-id", default=None, help="the send's id (default a random one)")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds (default %(default)s)")
+    p.set_defaults(func=cmd_post)
 
     from bench.cli import WORKLOADS
 

@@ -13,6 +13,7 @@ from roomcast_client.client import (
     OnMessage,
     RoomcastClient,
     RoomcastError,
+    apply,
 )
 
 __all__ = [
@@ -26,4 +27,5 @@ __all__ = [
     "OnMessage",
     "RoomcastClient",
     "RoomcastError",
+    "apply",
 ]

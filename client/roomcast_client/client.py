@@ -145,6 +145,10 @@ class RoomcastClient:
     `async for m in c.messages()` or `on_message=` (sync or async). Without on_message, unread
     messages queue up to max_queue, then the client stops reading (acks too) until you catch up.
 
+    Edits and deletes: `edit(room, id, body)`, `delete(room, id)`; the `edit` and `delete` frames of
+    the rooms come through messages() / on_message in the room's order with the `message` frames
+    (their `type` says which); `apply(messages, frame)` keeps a dict of a room's messages current.
+
     Presence, typing and read state: `join(room, presence=True)` then `presence(room)` and
     `on_presence=` for each `presence_event`; `typing(room)` (throttled here as the server does) and
     `on_typing=`; `read(room, cursor)` and `on_read=` for the user's marks from other devices and
@@ -261,10 +265,24 @@ class RoomcastClient:
     def send_nowait(self, room: str, body: str, client_msg_id: str | None = None) -> asyncio.Future[Frame]:
         """Queue a send; the future resolves to its `ack`. Many may be in flight at once. Raises
         RoomcastError `too_large` at once for a frame the server would close the connection for."""
+        return self._submit({"type": "send", "room": room, "body": body}, client_msg_id)
+
+    async def edit(self, room: str, msg_id: str, body: str, client_msg_id: str | None = None) -> Frame:
+        """Change the body of one's own message `msg_id`; its `ack` (resent like a send until then).
+        Raises RoomcastError `forbidden` (not the author) or `not_found`."""
+        return await self._submit({"type": "edit", "room": room, "id": msg_id, "body": body}, client_msg_id)
+
+    async def delete(self, room: str, msg_id: str, client_msg_id: str | None = None) -> Frame:
+        """Delete message `msg_id` (one's own, or any with a token whose `mod` claim names the room);
+        its `ack`. Raises RoomcastError `forbidden` or `not_found`."""
+        return await self._submit({"type": "delete", "room": room, "id": msg_id}, client_msg_id)
+
+    def _submit(self, fields: Frame, client_msg_id: str | None) -> asyncio.Future[Frame]:
+        """Queue a send, edit or delete: kept and resent under its client_msg_id until its ack."""
         cmid = client_msg_id or uuid.uuid4().hex
         if cmid in self._sends:
             return self._sends[cmid].future
-        frame = self._encode({"type": "send", "room": room, "client_msg_id": cmid, "body": body})
+        frame = self._encode({**fields, "client_msg_id": cmid})
         pending = _Send(cmid, frame, self._future())
         self._sends[cmid] = pending
         pending.future.add_done_callback(lambda _: self._forget(pending))
@@ -438,7 +456,7 @@ class RoomcastClient:
     # --- frames from the server
     async def _dispatch(self, frame: Frame) -> None:
         kind = frame.get("type")
-        if kind == "message":
+        if kind in ("message", "edit", "delete"):
             await self._on_message_frame(frame)
         elif kind == "ack":
             pending = self._sends.pop(frame.get("client_msg_id", ""), None)
@@ -462,7 +480,10 @@ class RoomcastClient:
         state = self._rooms.get(frame.get("room", ""))
         if state is None:  # left meanwhile
             return
-        if not state.accept(frame.get("id", ""), frame.get("cursor", "")):
+        cursor = frame.get("cursor", "")
+        # (an edit or delete names the message; it is its own record of the room, at its cursor)
+        key = frame.get("id", "") if frame["type"] == "message" else f"{frame['type']}@{cursor}"
+        if not state.accept(key, cursor):
             self.duplicates_dropped += 1
             return
         if self._on_message is None:
@@ -605,6 +626,18 @@ class RoomcastClient:
                 fut.exception()  # retrieved: nobody may be awaiting it any more
         with contextlib.suppress(asyncio.QueueFull):
             self._inbox.put_nowait(None)
+
+
+def apply(messages: dict[str, Frame], frame: Frame) -> None:
+    """Apply a `message`, `edit` or `delete` frame to `messages` (id -> the message as history shows
+    it): in order, every frame once or more, it ends as the server's history. A delete is final."""
+    kind, msg_id = frame.get("type"), frame.get("id", "")
+    if kind == "message":
+        messages[msg_id] = {k: v for k, v in frame.items() if k != "type"}
+    elif kind == "edit" and msg_id in messages and not messages[msg_id].get("deleted"):
+        messages[msg_id] = {**messages[msg_id], "body": frame["body"], "edited_ts": frame["edited_ts"]}
+    elif kind == "delete" and msg_id in messages:
+        messages[msg_id] = {"id": msg_id, "cursor": messages[msg_id].get("cursor"), "deleted": True}
 
 
 def _subject(token: str) -> str:

@@ -6,6 +6,9 @@
 // with presence, then its presence events), "alice is typing…", unread badges per room (asked
 // every few seconds, cleared as the room is read: the page sends `read` for the newest message it
 // shows), and read receipts under the last message (the server sends them only in small rooms).
+// Edits and deletes: one's own messages have Edit (the composer then edits it; Esc cancels) and
+// Delete; `edit` frames replace a body and mark it "edited", `delete` frames leave a tombstone
+// (for good: a later edit of it changes nothing); history and replays show messages as they are now.
 
 import { Close } from "./protocol.js"; // the server's close codes (generated from gateway/protocol.py)
 
@@ -30,6 +33,7 @@ const st = {
   rooms: new Map(), // room -> {count, more}: the unread badges
   online: new Set(), typing: new Map(), receipts: new Map(), // this room: users; user -> timer; user -> offset
   readSent: -1, readTimer: 0, typedAt: 0, unreadTimer: 0,
+  editing: null, changes: new Map(), // the message being edited {id, li}; client_msg_id -> edit/delete frame
 };
 // Counters for tests and the curious (window.roomcast in the console).
 const stats = { reconnects: 0, duplicates: 0, resumeFallbacks: 0, errors: 0 };
@@ -84,13 +88,35 @@ const timeFmt = new Intl.DateTimeFormat(undefined, { hour: "2-digit", minute: "2
 // --- messages in the list: ordered by cursor offset (one room = one partition); pending ones last
 function render(user, body, ts) {
   const li = el("li", "msg");
-  if (user === st.user) li.classList.add("mine");
   const when = el("time", "when", timeFmt.format(new Date(ts)));
   when.dateTime = new Date(ts).toISOString();
   const meta = el("div", "meta");
-  meta.append(el("span", "who", user), when, el("span", "state"));
+  meta.append(el("span", "who", user), when, el("span", "edited"), el("span", "state"));
+  if (user === st.user) {
+    li.classList.add("mine");
+    const edit = el("button", "act edit", "Edit"), del = el("button", "act delete", "Delete");
+    edit.type = del.type = "button";
+    edit.onclick = () => startEdit(li);
+    del.onclick = () => { if (li.dataset.id && confirm("Delete this message?")) change({ type: "delete", id: li.dataset.id }); };
+    meta.append(edit, del);
+  }
   li.append(meta, el("p", "body", body));
   return li;
+}
+function markEdited(li, ts) {
+  const mark = li.querySelector(".edited");
+  mark.textContent = "(edited)";
+  mark.title = `Edited ${timeFmt.format(new Date(ts))}`;
+  li.dataset.edited = "1";
+}
+function tombstone(li) { // nothing of the body or the author is kept
+  li.dataset.deleted = "1";
+  li.classList.remove("mine");
+  li.querySelector(".who").textContent = "";
+  li.querySelector(".edited").textContent = "";
+  for (const b of li.querySelectorAll(".act")) b.remove();
+  li.querySelector(".body").textContent = "This message was deleted.";
+  if (st.editing?.li === li) stopEdit();
 }
 function setState(li, state, text) {
   li.dataset.state = state;
@@ -121,6 +147,8 @@ function addMessage(m) {
   if (st.ids.has(m.id)) { stats.duplicates++; return false; }
   const mine = m.user === st.user && m.cmid ? st.pending.get(m.cmid) : undefined;
   const li = mine ? mine.li : render(m.user, m.body, m.ts);
+  if (m.deleted) tombstone(li);
+  else if (m.edited_ts) markEdited(li, m.edited_ts);
   li.dataset.id = m.id;
   li.dataset.cursor = m.cursor;
   st.ids.set(m.id, li);
@@ -210,6 +238,8 @@ function onFrame(f) {
   switch (f.type) {
     case "joined": return onJoined(f);
     case "message": return onMessage(f);
+    case "edit": return onEdit(f);
+    case "delete": return onDelete(f);
     case "ack": return onAck(f);
     case "history": return onHistory(f);
     case "error": return onError(f);
@@ -337,6 +367,7 @@ function onJoined(f) {
   }
   if (st.next === undefined || st.refill) requestHistory(null);
   for (const p of st.pending.values()) send(p.frame); // same client_msg_id: never stored twice
+  for (const frame of st.changes.values()) send(frame);
   composer();
   send({ type: "presence", room: st.room }); // then its presence events keep the list
   st.rooms.set(st.room, { count: 0, more: false }); // on screen: read as it shows
@@ -351,14 +382,53 @@ function onMessage(f) {
   const follow = nearBottom() || (f.user === st.user && st.pending.has(f.cmid));
   if (addMessage(f)) {
     if (follow) toBottom();
-    if (f.user !== st.user) announce(`${f.user}: ${f.body}`);
+    if (f.user !== st.user && !f.deleted) announce(`${f.user}: ${f.body}`);
     stopTyping(f.user);
     renderReceipts();
     markRead();
   }
 }
 
+function onEdit(f) {
+  if (f.room !== st.room) return;
+  advanceCursor(f.cursor);
+  const li = st.ids.get(f.id);
+  if (!li || li.dataset.deleted) return; // older than what is shown, or deleted: a delete is final
+  li.querySelector(".body").textContent = f.body;
+  markEdited(li, f.edited_ts);
+}
+
+function onDelete(f) {
+  if (f.room !== st.room) return;
+  advanceCursor(f.cursor);
+  const li = st.ids.get(f.id);
+  if (li) tombstone(li);
+}
+
+// --- editing and deleting one's own messages: sent like sends (kept until acked, resent on re-join)
+function change(fields) {
+  const cmid = newId();
+  const frame = { ...fields, room: st.room, client_msg_id: cmid };
+  st.changes.set(cmid, frame);
+  if (st.joined) send(frame);
+}
+function startEdit(li) {
+  if (!li.dataset.id || li.dataset.deleted) return;
+  st.editing = { id: li.dataset.id, li };
+  li.dataset.editing = "1";
+  input.value = li.querySelector(".body").textContent;
+  composer();
+  input.focus();
+}
+function stopEdit() {
+  if (st.editing) delete st.editing.li.dataset.editing;
+  st.editing = null;
+  input.value = "";
+  composer();
+}
+
 function onAck(f) {
+  if (st.changes.delete(f.client_msg_id)) return; // an edit or delete: its frame shows the change
   const p = st.pending.get(f.client_msg_id);
   if (!p) return;
   st.pending.delete(f.client_msg_id);
@@ -403,7 +473,12 @@ function onError(f) {
   stats.errors++;
   const p = f.ref ? st.pending.get(f.ref) : undefined;
   banner(`Server error ${f.code}: ${f.reason}`, p && f.code === "rate_limited" ? "warn" : "error");
-  if (p) {
+  const changed = f.ref ? st.changes.get(f.ref) : undefined;
+  if (changed) { // an edit or delete: tried again when the server could not take it now, else dropped
+    if (f.code === "rate_limited" || f.code === "unavailable") {
+      setTimeout(() => { if (st.joined && st.changes.has(f.ref)) send(changed); }, (f.retry_after_ms ?? 1000) + Math.random() * 250);
+    } else st.changes.delete(f.ref);
+  } else if (p) {
     if (f.code === "rate_limited" || f.code === "unavailable") {
       clearTimeout(p.retry);
       p.retry = setTimeout(() => { if (st.joined) send(p.frame); }, (f.retry_after_ms ?? 1000) + Math.random() * 250);
@@ -438,7 +513,8 @@ function joinFailed(f) {
 // --- the forms
 function composer() { // usable while reconnecting too: sends wait as pending and go out once re-joined
   input.disabled = $("send").disabled = !st.room || !st.wantOpen;
-  input.placeholder = !st.wantOpen ? "Sign in to chat" : st.joined ? `Message #${st.room}`
+  input.placeholder = !st.wantOpen ? "Sign in to chat" : st.editing ? "Edit your message (Esc cancels)"
+    : st.joined ? `Message #${st.room}`
     : st.room ? "Reconnecting: messages go out once connected" : "Join a room to chat";
 }
 function updateOlder() {
@@ -486,6 +562,8 @@ $("roomform").addEventListener("submit", (e) => {
     send({ type: "leave", room: st.room });
   }
   for (const p of st.pending.values()) clearTimeout(p.retry);
+  stopEdit();
+  st.changes.clear();
   Object.assign(st, { room, joined: false, joining: false, cursor: "", next: undefined, loading: "", joinFailures: 0,
     readSent: -1 });
   st.ids.clear();
@@ -508,6 +586,10 @@ $("composer").addEventListener("submit", (e) => {
   e.preventDefault();
   const body = input.value;
   if (!body.trim() || !st.room) return;
+  if (st.editing) {
+    if (body !== st.editing.li.querySelector(".body").textContent) change({ type: "edit", id: st.editing.id, body });
+    return stopEdit();
+  }
   const cmid = newId();
   const li = render(st.user, body, Date.now());
   li.dataset.cmid = cmid;
@@ -520,6 +602,8 @@ $("composer").addEventListener("submit", (e) => {
   input.value = "";
   input.focus();
 });
+
+input.addEventListener("keydown", (e) => { if (e.key === "Escape" && st.editing) stopEdit(); });
 
 input.addEventListener("input", () => { // "typing" at most every TYPING_EVERY_MS while keys come
   if (!st.joined || !input.value.trim() || Date.now() - st.typedAt < TYPING_EVERY_MS) return;

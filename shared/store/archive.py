@@ -1,13 +1,21 @@
 """The MySQL archive: the `messages` table (rows keyed by the message id, ordered in a room by
-Kafka offset). Writes come from the mover only; reads are history pages, resume ranges and the
-sweeper's walk over `rooms`. Any MySQL failure is StoreUnavailable.
+Kafka offset; edits and deletes are rows too, and each message row holds its current state).
+Writes come from the mover, and from the persister's flush loop for edits and deletes of messages
+archived already (`apply_events`); reads are history pages, resume ranges, the lookup of a message
+to edit, and the sweeper's walk over `rooms`. Any MySQL failure is StoreUnavailable.
+
+Two copies of a message's state can meet (a mover archiving an entry read before an edit changed
+it, while the edit reached MySQL by another way): every write keeps the newer state, a delete for
+good and else the greater `rev` (the offset of the edit that made the state).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import aiomysql
 import pymysql
@@ -15,27 +23,48 @@ import pymysql
 from shared.cursor import Position
 from shared.errors import StoreUnavailable
 from shared.message import Message
-from shared.store.entry import Entry
+from shared.store.entry import DELETE, EDIT, MESSAGE, Entry, parse
 from shared.store.paging import MysqlNeed
 from shared.store.rooms import RoomDirectory
 
 INSERT_SQL = (
-    "INSERT INTO messages "
-    "(id, room_id, kafka_partition, kafka_offset, user_id, client_msg_id, body, created_at) VALUES "
+    "INSERT INTO messages (id, room_id, kafka_partition, kafka_offset, user_id, client_msg_id, body, created_at, "
+    "kind, target_id, target_offset, edited_ts, rev, deleted) VALUES "
 )
-# Ignore rows already archived without INSERT IGNORE, whose duplicate warnings cost a round trip.
-ON_DUPLICATE = " ON DUPLICATE KEY UPDATE id = id"
+ROW = "(" + ",".join(["%s"] * 14) + ")"
+# A row archived already keeps the newer state (assignments run left to right: `deleted` and `rev`
+# are read before they change). No INSERT IGNORE: its duplicate warnings cost a round trip.
+_GONE = "(deleted = 1 OR VALUES(deleted) = 1)"
+_NEWER = "VALUES(rev) > rev"
+ON_DUPLICATE = (f" ON DUPLICATE KEY UPDATE body = IF({_GONE}, '', IF({_NEWER}, VALUES(body), body)),"
+                f" user_id = IF({_GONE}, '', user_id), client_msg_id = IF({_GONE}, '', client_msg_id),"
+                f" edited_ts = IF({_NEWER}, VALUES(edited_ts), edited_ts), rev = GREATEST(rev, VALUES(rev)),"
+                " deleted = GREATEST(deleted, VALUES(deleted))")
+KINDS = {MESSAGE: 0, EDIT: 1, DELETE: 2}
+KIND_NAMES = {v: k for k, v in KINDS.items()}
+
+# An edit or delete of an archived message (kind = 0 excludes an event row of the same id).
+EDIT_SQL = ("UPDATE messages SET body = %s, edited_ts = %s, rev = %s "
+            "WHERE id = %s AND kind = 0 AND deleted = 0 AND rev < %s")
+BLANK = "body = '', user_id = '', client_msg_id = '', deleted = 1"
+DELETE_SQL = f"UPDATE messages SET {BLANK} WHERE id = %s"
+DELETE_EDITS_SQL = f"UPDATE messages SET {BLANK} WHERE target_id = %s AND kind = 1"
+DELETED_SQL = "SELECT deleted FROM messages WHERE id = %s AND kind = 0"
+STATES_SQL = "SELECT id, body, edited_ts, rev, deleted FROM messages WHERE kind = 0 AND id IN "
 
 # A range read backwards on (room_id, kafka_offset): it touches only the rows it returns. The room id
 # comes from a subquery on the unique name, so no lookup round trip and no cache of ids is needed.
-_COLUMNS = ("SELECT id, kafka_partition, kafka_offset, user_id, client_msg_id, body, created_at FROM messages "
-            "WHERE room_id = (SELECT id FROM rooms WHERE name = %s) AND kafka_offset > %s")
+_SELECT = ("SELECT id, kafka_partition, kafka_offset, user_id, client_msg_id, body, created_at, kind, target_id, "
+           "target_offset, edited_ts, rev, deleted FROM messages ")
+_COLUMNS = _SELECT + "WHERE room_id = (SELECT id FROM rooms WHERE name = %s) AND kafka_offset > %s"
+FIND_SQL = _SELECT + "WHERE id = %s AND kind = 0 AND room_id = (SELECT id FROM rooms WHERE name = %s)"
 OLDER_SQL = _COLUMNS + " AND kafka_offset < %s ORDER BY kafka_offset DESC LIMIT %s"
 NEWEST_SQL = _COLUMNS + " ORDER BY kafka_offset DESC LIMIT %s"
 
 # A room's messages by others in an offset range, counted up to a limit (read state's unread count).
 COUNT_SQL = ("SELECT COUNT(*) FROM (SELECT 1 FROM messages WHERE room_id = (SELECT id FROM rooms WHERE name = %s) "
-             "AND kafka_offset > %s AND kafka_offset < %s AND user_id <> %s ORDER BY kafka_offset LIMIT %s) t")
+             "AND kafka_offset > %s AND kafka_offset < %s AND user_id <> %s AND kind = 0 AND deleted = 0 "
+             "ORDER BY kafka_offset LIMIT %s) t")
 
 ROOMS_SQL = "SELECT id, name FROM rooms WHERE id > %s ORDER BY id LIMIT %s"
 
@@ -64,9 +93,10 @@ class Archive:
         params: list[object] = []
         for m in messages:
             assert m.position is not None
-            params += [m.id, room_id, m.position.partition, m.position.offset, m.user,
-                       m.client_msg_id, m.body, m.ts]
-        sql = INSERT_SQL + ",".join(["(%s,%s,%s,%s,%s,%s,%s,%s)"] * len(messages)) + ON_DUPLICATE
+            params += [m.id, room_id, m.position.partition, m.position.offset, m.user, m.client_msg_id, m.body,
+                       m.ts, KINDS[m.kind], m.target or None, m.target_offset if m.is_event else None,
+                       m.edited_ts, m.rev, int(m.deleted)]
+        sql = INSERT_SQL + ",".join([ROW] * len(messages)) + ON_DUPLICATE
         async with self._cursor(read=False) as cur:
             await cur.execute(sql, params)
             self.insert_statements += 1
@@ -80,11 +110,56 @@ class Archive:
         async with self._cursor() as cur:
             await cur.execute(sql, args)
             rows = await cur.fetchall()
+        return [parse(_message(room, row).entry()) for row in rows]
+
+    async def find(self, room: str, msg_id: str) -> Message | None:
+        """The archived message `msg_id` of `room` as it is now (None: not archived)."""
+        async with self._cursor() as cur:
+            await cur.execute(FIND_SQL, (msg_id, room))
+            row = await cur.fetchone()
+        return None if row is None else _message(room, row)
+
+    async def as_archived(self, messages: Sequence[Message]) -> list[Message]:
+        """`messages` (as sent), each archived one as the archive has it now (edited, or deleted): a
+        persister replaying the log into an empty Redis stores what is current, not what was sent."""
+        ids = [m.id for m in messages if not m.is_event]
+        if not ids:
+            return list(messages)
+        async with self._cursor() as cur:
+            await cur.execute(STATES_SQL + "(" + ",".join(["%s"] * len(ids)) + ")", ids)
+            states = {row[0]: row[1:] for row in await cur.fetchall()}
         out = []
-        for mid, part, off, user, cmid, body, ts in rows:
-            raw = Message(mid, room, user, body, int(ts), cmid, Position(int(part), int(off))).entry()
-            out.append(Entry(int(off), mid, f"{part}-{off}", raw, user))
+        for m in messages:
+            if (state := states.get(m.id)) is not None:
+                body, edited_ts, rev, deleted = state
+                m = dataclasses.replace(m, body=body, edited_ts=edited_ts, rev=int(rev), deleted=bool(deleted),
+                                        user="" if deleted else m.user)
+            out.append(m)
         return out
+
+    async def apply_events(self, events: Sequence[Message]) -> list[Message]:
+        """Apply edits and deletes (in log order) to their archived messages, in one transaction; a
+        delete blanks the message and its edits. Returns the edits that found their message deleted
+        (a delete got there first): their stored copies must be blanked too. Applying twice changes
+        nothing."""
+        late: list[Message] = []
+        async with self._cursor(read=False) as cur:
+            await cur.execute("BEGIN")
+            for e in events:
+                assert e.position is not None
+                if e.kind == DELETE:
+                    await cur.execute(DELETE_SQL, (e.target,))
+                    await cur.execute(DELETE_EDITS_SQL, (e.target,))
+                    continue
+                await cur.execute(EDIT_SQL, (e.body, e.ts, e.position.offset, e.target, e.position.offset))
+                if not cur.rowcount:
+                    await cur.execute(DELETED_SQL, (e.target,))
+                    row = await cur.fetchone()
+                    if row is not None and row[0]:
+                        await cur.execute(DELETE_SQL, (e.id,))
+                        late.append(e)
+            await cur.execute("COMMIT")
+        return late
 
     async def count_others(self, room: str, after: int, before: int, user: str, limit: int) -> int:
         """How many of the room's messages with after < offset < before are not `user`'s, at most `limit`."""
@@ -98,3 +173,11 @@ class Archive:
         async with self._cursor() as cur:
             await cur.execute(ROOMS_SQL, (after_id, count))
             return [(int(rid), str(name)) for rid, name in await cur.fetchall()]
+
+
+def _message(room: str, row: Any) -> Message:
+    """A row of _SELECT's columns as the message (or event) it stores."""
+    mid, part, off, user, cmid, body, ts, kind, target, toff, edited_ts, rev, deleted = row
+    return Message(mid, room, user, body, int(ts), cmid, Position(int(part), int(off)), KIND_NAMES[int(kind)],
+                   target or "", -1 if toff is None else int(toff), None if edited_ts is None else int(edited_ts),
+                   int(rev), bool(deleted))

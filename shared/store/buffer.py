@@ -21,8 +21,8 @@ from shared.keys import Keys
 from shared.message import Message
 from shared.redisconn import run_scripts
 from shared.store import claims
+from shared.store.entry import DELETE, EDIT, MESSAGE, Entry, parse
 from shared.store.entry import LUA as ENTRY_LUA
-from shared.store.entry import Entry, parse
 from shared.store.paging import NO_BOUND, RunEnd
 
 # "Is this room's list over the cap": the one rule, here and in the scripts below.
@@ -31,28 +31,108 @@ local function over_cap(len, cap) return len > tonumber(cap) end
 """
 
 
+KINDS = {MESSAGE: 0, EDIT: 1, DELETE: 2}  # a record's kind in APPLY_BATCH's rows
+
+
 def excess(length: int, cap: int) -> int:
     """Messages past the cap in a list of `length` (0: not over it)."""
     return max(0, length - cap)
 
 
+# Edits and deletes in a room's list (the Lua side of shared.store.entry's states). `locate` finds
+# the entry at an offset by bisection (the list is in offset order); `scrub_edits` blanks the edits
+# of a deleted message from list index `from` on, in windows (string.find first: most entries are
+# not those edits). Bounded by the list's length: cap + chunk while MySQL keeps up. Every change of
+# an entry in place counts in the room's meta (`edits`): a mover trims a chunk only if none
+# happened since it read it (TRIM_IF_HEAD).
+EVENTS_LUA = """
+local function tombstone(e)
+  local t = {id = e['id'], room = e['room'], ts = e['ts'], cursor = e['cursor'], deleted = true}
+  if e['kind'] then t['kind'], t['target'], t['toff'] = e['kind'], e['target'], e['toff'] end
+  return cjson.encode(t)
+end
+local function set_entry(key, meta, i, raw)
+  redis.call('LSET', key, i, raw)
+  redis.call('HINCRBY', meta, 'edits', 1)
+end
+local function locate(key, toff)
+  local n = redis.call('LLEN', key)
+  if n == 0 then return nil, true end
+  local function off(i) return entry_offset(redis.call('LINDEX', key, i)) end
+  if toff < off(0) then return nil, true end
+  local lo, hi = 0, n - 1
+  if off(hi) < toff then return nil, false end
+  while lo < hi do
+    local mid = math.floor((lo + hi) / 2)
+    if off(mid) < toff then lo = mid + 1 else hi = mid end
+  end
+  if off(lo) == toff then return lo, false end
+  return nil, false
+end
+local function scrub_edits(key, meta, from, id)
+  local pat = '"target":"' .. id .. '"'
+  local n, i = redis.call('LLEN', key), from
+  while i < n do
+    local items = redis.call('LRANGE', key, i, i + 199)
+    for j = 1, #items do
+      if string.find(items[j], pat, 1, true) then
+        local e = cjson.decode(items[j])
+        if e['kind'] == 'edit' and e['target'] == id and not e['deleted'] then
+          set_entry(key, meta, i + j - 1, tombstone(e))
+        end
+      end
+    end
+    i = i + 200
+  end
+end
+"""
+
 # One call per partition batch; every key carries the partition's hash tag.
-# KEYS: applied, newrooms, overcap, then every key the messages touch, each once.
+# KEYS: applied, newrooms, overcap, archived events, then every key the messages touch, each once.
 # ARGV: expected mark ('' when unknown), cap, seen ttl, sent ttl, the batch as ONE msgpack
 # pair: the rooms, each [room, list, meta], and the messages, each [offset, entry, ts, room, id,
-# ack, seen, sent] (room: its index in the rooms; list, meta, seen, sent: their index in KEYS).
+# ack, seen, sent, kind, target, target offset, body] (room: its index in the rooms; list, meta, seen,
+# sent: their index in KEYS; kind: 0 message, 1 edit, 2 delete).
 # One argument instead of ten per message: packing thousands of arguments was most of the
 # persister's CPU, and Redis unpacks the array for less than it saves (bench/README.md). What is
 # per room or per seen set (its last ts, its registration, the cap check, the set's expiry) is
 # written once per batch, not once per message. ARGV[6]: the fetch's last offset ('' if unknown): the
 # mark moves past records that were not messages too.
-# Returns {status, mark, room1, len1, room2, len2, ...}; status 0 = applied, 1 = the stored mark is
-# not the one expected (Redis lost data or another persister moved it): nothing applied, seek to mark+1.
+# Returns {status, mark, archived, room1, len1, room2, len2, ...}; status 0 = applied, 1 = the stored
+# mark is not the one expected (Redis lost data or another persister moved it): nothing applied, seek
+# to mark+1; archived: events queued for MySQL.
+# An edit or delete is applied to its message where the list holds it (a deleted message's edits are
+# blanked too; an edit of a deleted message is stored blank), or queued on the archived-events list
+# when the message is older than the list (the flush loop applies it to MySQL); then appended like
+# a message, at its own position.
 # A message is skipped when its id was appended already (a producer retry's copy) or when its
 # sender's (user, client_msg_id) is already acknowledged under another id (a resend that reached
 # Kafka twice). The ack is recorded over any claim (claims.LUA: a value that is not an ack frame), so
 # a resend after a gateway crash finds the first ack.
-APPLY_BATCH = OVER_CAP_LUA + claims.LUA + """
+APPLY_BATCH = OVER_CAP_LUA + claims.LUA + ENTRY_LUA + EVENTS_LUA + """
+local function apply_event(key, meta, m)
+  local kind, target, toff, off = m[9], m[10], m[11], m[1]
+  local i, archived = locate(key, toff)
+  if archived then
+    redis.call('RPUSH', KEYS[4], m[2])
+    if kind == 2 then scrub_edits(key, meta, 0, target) end
+    return m[2], 1
+  end
+  if not i then return m[2], 0 end
+  local t = cjson.decode(redis.call('LINDEX', key, i))
+  if t['id'] ~= target or t['kind'] then return m[2], 0 end
+  if t['deleted'] then
+    if kind == 1 then return tombstone(cjson.decode(m[2])), 0 end
+  elseif kind == 1 then
+    if off <= (t['rev'] or -1) then return m[2], 0 end  -- (a replay: a newer edit is there already)
+    t['body'], t['edited_ts'], t['rev'] = m[12], tonumber(m[3]), off
+    set_entry(key, meta, i, cjson.encode(t))
+  else
+    set_entry(key, meta, i, tombstone(t))
+    scrub_edits(key, meta, i + 1, target)
+  end
+  return m[2], 0
+end
 local stored = redis.call('GET', KEYS[1])
 if ARGV[1] ~= '' and stored ~= ARGV[1] then
   return {1, stored or ''}
@@ -61,7 +141,7 @@ local mark = tonumber(stored or '-1')
 local cap = ARGV[2]
 local batch = cmsgpack.unpack(ARGV[5])
 local rooms = batch[1]
-local lens, last_ts, seens = {}, {}, {}
+local lens, last_ts, seens, archived = {}, {}, {}, 0
 for _, m in ipairs(batch[2]) do
   local off = m[1]
   if off > mark then
@@ -73,6 +153,11 @@ for _, m in ipairs(batch[2]) do
     if not resent and redis.call('SADD', seen, id) == 1 then
       seens[seen] = true
       if not acked then redis.call('SET', sent, ack, 'EX', ARGV[4]) end
+      if m[9] ~= 0 then
+        local queued
+        entry, queued = apply_event(KEYS[rooms[r][2]], KEYS[rooms[r][3]], m)
+        archived = archived + queued
+      end
       local len = redis.call('RPUSH', KEYS[rooms[r][2]], entry)
       if len == 1 then redis.call('HSET', KEYS[rooms[r][3]], 'first_ts', ts) end
       lens[r], last_ts[r] = len, ts
@@ -81,7 +166,7 @@ for _, m in ipairs(batch[2]) do
 end
 if ARGV[6] ~= '' and tonumber(ARGV[6]) > mark then mark = tonumber(ARGV[6]) end
 for seen in pairs(seens) do redis.call('EXPIRE', seen, ARGV[3]) end
-local out = {0, tostring(mark)}
+local out = {0, tostring(mark), archived}
 for r, len in pairs(lens) do
   local room, meta = rooms[r][1], KEYS[rooms[r][3]]
   redis.call('HSET', meta, 'last_ts', last_ts[r])
@@ -151,11 +236,23 @@ end
 return out
 """
 
-# KEYS: list, meta. ARGV: n, first entry, last entry. Returns the new length, or -1 when the list
-# no longer starts with the chunk that was archived (another mover got there first).
+# KEYS: list, meta. ARGV: count. Returns {edits, entry, ...}: the room's `count` oldest entries and
+# its count of entries changed in place so far (OLDEST and TRIM_IF_HEAD bracket a move).
+OLDEST = """
+local out = {redis.call('HGET', KEYS[2], 'edits') or ''}
+local items = redis.call('LRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
+for i = 1, #items do out[i + 1] = items[i] end
+return out
+"""
+
+# KEYS: list, meta. ARGV: n, first entry, last entry, the edits count read with them (OLDEST).
+# Returns the new length, or -1 when the list no longer starts with the chunk that was archived
+# (another mover got there first), or an edit or delete changed an entry in place since it was
+# read (the next move archives the entry as it is now).
 TRIM_IF_HEAD = ENTRY_LUA + """
 local n = tonumber(ARGV[1])
-if redis.call('LINDEX', KEYS[1], 0) ~= ARGV[2] or redis.call('LINDEX', KEYS[1], n - 1) ~= ARGV[3] then
+if redis.call('LINDEX', KEYS[1], 0) ~= ARGV[2] or redis.call('LINDEX', KEYS[1], n - 1) ~= ARGV[3]
+    or (redis.call('HGET', KEYS[2], 'edits') or '') ~= ARGV[4] then
   return -1
 end
 redis.call('LTRIM', KEYS[1], n, -1)
@@ -169,6 +266,49 @@ return redis.call('LLEN', KEYS[1])
 """
 
 
+# KEYS: the archived-events list. ARGV: the entries taken from its head. Drops them if it still
+# starts with them (applying one twice changes nothing; this only keeps the list short).
+DROP_IF_HEAD = """
+local head = redis.call('LRANGE', KEYS[1], 0, #ARGV - 1)
+if #head ~= #ARGV then return 0 end
+for i = 1, #ARGV do
+  if head[i] ~= ARGV[i] then return 0 end
+end
+redis.call('LTRIM', KEYS[1], #ARGV, -1)
+return 1
+"""
+
+# KEYS: the room's list, meta. ARGV: an edit's offset. Blanks the edit where the list holds it (its
+# message was deleted before it: the archive found that out).
+BLANK_EDIT = ENTRY_LUA + EVENTS_LUA + """
+local i = locate(KEYS[1], tonumber(ARGV[1]))
+if i then
+  local e = cjson.decode(redis.call('LINDEX', KEYS[1], i))
+  if e['kind'] == 'edit' and not e['deleted'] then set_entry(KEYS[1], KEYS[2], i, tombstone(e)) end
+end
+"""
+
+# KEYS: the room's list. ARGV: a message id. Returns the message's entry (not an event), or false;
+# read from the newest end in windows (edits are mostly of recent messages).
+FIND = """
+local key, id = KEYS[1], ARGV[1]
+local pat = '"id":"' .. id .. '"'
+local hi = redis.call('LLEN', key) - 1
+while hi >= 0 do
+  local lo = math.max(0, hi - 199)
+  local items = redis.call('LRANGE', key, lo, hi)
+  for j = #items, 1, -1 do
+    if string.find(items[j], pat, 1, true) then
+      local e = cjson.decode(items[j])
+      if e['id'] == id and not e['kind'] then return items[j] end
+    end
+  end
+  hi = lo - 1
+end
+return false
+"""
+
+
 @contextlib.contextmanager
 def _answering() -> Iterator[None]:
     try:
@@ -178,10 +318,17 @@ def _answering() -> Iterator[None]:
 
 
 @dataclass
+class Chunk:
+    entries: list[bytes]  # oldest first
+    edits: bytes  # the room's count of entries changed in place when they were read
+
+
+@dataclass
 class Applied:
     mark: int | None  # the partition's applied offset after the call (None: nothing ever applied)
     rewind: bool  # the stored mark differed from the expected one; nothing was applied
     lengths: dict[str, int]  # room -> list length after the appends
+    archived_events: int = 0  # edits and deletes queued for MySQL (their messages are archived)
 
 
 def _int_or_none(raw: Any) -> int | None:
@@ -205,7 +352,11 @@ class RedisBuffer:
         self._apply = redis.register_script(APPLY_BATCH)
         self._done_if_short = redis.register_script(DONE_IF_SHORT)
         self._read_run = redis.register_script(READ_RUN)
+        self._oldest = redis.register_script(OLDEST)
         self._trim = redis.register_script(TRIM_IF_HEAD)
+        self._drop_if_head = redis.register_script(DROP_IF_HEAD)
+        self._blank_edit = redis.register_script(BLANK_EDIT)
+        self._find = redis.register_script(FIND)
 
     def excess(self, length: int) -> int:
         return excess(length, self._cap)
@@ -239,17 +390,41 @@ class RedisBuffer:
                 pipe.lindex(self._keys.msgs(name), -1)
             return [None if raw is None else parse(raw) for raw in await pipe.execute()]
 
-    async def oldest(self, room: str, count: int) -> list[bytes]:
-        """The room's `count` oldest entries."""
+    async def oldest(self, room: str, count: int) -> Chunk:
+        """The room's `count` oldest entries (and what a trim of them must find unchanged)."""
         with _answering():
-            raw: list[Any] = await self._redis.lrange(self._keys.msgs(room), 0, count - 1)
-        return raw
+            res: list[Any] = await self._oldest(keys=[self._keys.msgs(room), self._keys.meta(room)], args=[count])
+        return Chunk(res[1:], res[0])
 
-    async def trim_if_head(self, room: str, chunk: Sequence[bytes]) -> int:
-        """Drop `chunk` from the list's head if the list still starts with it; the new length, or -1."""
+    async def trim_if_head(self, room: str, chunk: Sequence[bytes], edits: bytes | str) -> int:
+        """Drop `chunk` from the list's head if the list still starts with it and no entry was edited
+        in place since it was read (`edits`: the Chunk's); the new length, or -1."""
         with _answering():
             return int(await self._trim(keys=[self._keys.msgs(room), self._keys.meta(room)],
-                                        args=[len(chunk), chunk[0], chunk[-1]]))
+                                        args=[len(chunk), chunk[0], chunk[-1], edits]))
+
+    async def find(self, room: str, msg_id: str) -> Message | None:
+        """The message `msg_id` of `room` as the list holds it now (None: not in the list)."""
+        with _answering():
+            raw = await self._find(keys=[self._keys.msgs(room)], args=[msg_id])
+        return Message.from_entry(raw) if raw else None
+
+    async def archived_events(self, partition: int, count: int) -> list[bytes]:
+        """The oldest `count` edits and deletes queued for MySQL (APPLY_BATCH), as stored entries."""
+        with _answering():
+            raw: list[Any] = await self._redis.lrange(self._keys.archived_events(partition), 0, count - 1)
+        return raw
+
+    async def drop_archived_events(self, partition: int, applied: Sequence[bytes]) -> None:
+        with _answering():
+            await self._drop_if_head(keys=[self._keys.archived_events(partition)], args=list(applied))
+
+    async def blank_edit(self, edit: Message) -> None:
+        """Blank an edit that found its message deleted, where the room's list holds it."""
+        assert edit.position is not None
+        with _answering():
+            await self._blank_edit(keys=[self._keys.msgs(edit.room), self._keys.meta(edit.room)],
+                                   args=[edit.position.offset])
 
     async def metas(self, rooms: Sequence[str]) -> list[tuple[Any, Any]]:
         """(first_ts, last_ts) of each room's meta hash, raw, in one pipeline."""
@@ -274,7 +449,7 @@ class RedisBuffer:
     def _apply_call(self, partition: int, expected: int | None, messages: list[Message],
                     last: int | None) -> tuple[list[str], list[Any]]:
         k = self._keys
-        keys = [k.applied(partition), k.new_rooms(partition), k.over_cap(partition)]
+        keys = [k.applied(partition), k.new_rooms(partition), k.over_cap(partition), k.archived_events(partition)]
         index: dict[str, int] = {}
 
         def key(name: str) -> int:
@@ -293,7 +468,8 @@ class RedisBuffer:
                 rooms.append((m.room, key(k.msgs(m.room)), key(k.meta(m.room))))
                 r = room_index[m.room] = len(rooms)
             rows.append((m.position.offset, m.entry(), str(m.ts), r, m.id, m.ack(),
-                         key(k.seen(partition, m.ts)), key(k.sent(m.room, m.user, m.client_msg_id))))
+                         key(k.seen(partition, m.ts)), key(k.sent(m.room, m.user, m.client_msg_id)),
+                         KINDS[m.kind], m.target, m.target_offset, m.body if m.kind == EDIT else ""))
         # (use_bin_type=False: Redis's cmsgpack predates msgpack's bin type; bytes go as raw strings)
         packed = msgpack.packb((rooms, rows), use_bin_type=False)
         return keys, ["" if expected is None else str(expected), self._cap, self._ttl, self._ttl, packed,
@@ -326,4 +502,6 @@ class RedisBuffer:
 
 def _applied(res: list[Any]) -> Applied:
     status, mark = int(res[0]), _int_or_none(res[1])
-    return Applied(mark, status == 1, {res[i].decode(): int(res[i + 1]) for i in range(2, len(res), 2)})
+    if status == 1:
+        return Applied(mark, True, {})
+    return Applied(mark, False, {res[i].decode(): int(res[i + 1]) for i in range(3, len(res), 2)}, int(res[2]))

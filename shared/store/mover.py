@@ -7,7 +7,9 @@ crash-safety lives here once:
 2. insert them into MySQL in one multi-row insert that skips known ids (the unique message id makes a repeat a
    no-op, so a crash between 2 and 3 only causes a harmless re-insert next time);
 3. trim exactly those entries, and only if the list still starts with them (a Lua script): when two
-   movers meet on a room, the second finds its chunk gone and trims nothing it did not archive.
+   movers meet on a room, the second finds its chunk gone and trims nothing it did not archive; when
+   an edit or delete changed an entry of the chunk meanwhile, nothing is trimmed and the next move
+   archives the entry as it is now (the archive's upsert keeps the newer state).
 """
 
 from __future__ import annotations
@@ -49,7 +51,8 @@ class Mover:
     ) -> MoveResult:
         """Archive up to `limit` of the room's oldest entries; with `keep`, stop at the first entry
         it wants to keep in Redis (e.g. one newer than the retention)."""
-        raw = await self._buffer.oldest(room, limit)
+        oldest = await self._buffer.oldest(room, limit)
+        raw = oldest.entries
         chunk: list[bytes] = []
         messages: list[Message] = []
         for item in raw:
@@ -61,7 +64,7 @@ class Mover:
         if not chunk:
             return MoveResult(0, len(raw))
         await self.insert(room, messages)
-        remaining = await self._buffer.trim_if_head(room, chunk)
+        remaining = await self._buffer.trim_if_head(room, chunk, oldest.edits)
         return MoveResult(len(chunk) if remaining >= 0 else 0, remaining)
 
     async def insert(self, room: str, messages: list[Message]) -> None:

@@ -16,7 +16,9 @@ broker, Redis and MariaDB.
    "bob is typing…" shows in alice's page while bob types, a read receipt "Seen by alice" shows
    under bob's last message, and an unread badge counts alice's messages in a room bob is not in,
    cleared when he opens it; bob leaving the room takes him off alice's online list.
-6. Against a scripted fake gateway (frame-level control a real one does not give): an un-acked
+6. Edit and delete, two users on two nodes: alice edits her message and deletes another from its
+   buttons; both pages show the new body marked "edited" and a tombstone; a newcomer's history too.
+7. Against a scripted fake gateway (frame-level control a real one does not give): an un-acked
    send survives a 4008 close and is resent with the same client_msg_id after the re-join with the
    last cursor, shown once; an `error` frame and a 1008 close show a clear banner.
 Screenshots go to test-output/e2e/.
@@ -285,6 +287,48 @@ async def test_online_list_typing_receipts_and_unread_badges(browser: Any, clust
     await b.until("s => document.querySelector(s) === null", "the badge cleared", badge)
     await a.until("() => document.getElementById('receipts').textContent === 'Seen by bob'", "bob's receipt")
     assert not a.errors + b.errors, f"JavaScript errors: {a.errors + b.errors}"
+
+
+async def test_an_edit_and_a_delete_show_in_both_pages_and_in_history(browser: Any, cluster: Cluster) -> None:
+    room = "e2e-edits"
+    a = await ChatPage.open(browser, f"{cluster.http(0)}/", "alice's page")
+    b = await ChatPage.open(browser, f"{cluster.http(1)}/", "bob's page")
+    a.page.on("dialog", lambda d: asyncio.ensure_future(d.accept()))  # "Delete this message?"
+    await a.sign_in_and_join("alice", room)
+    await b.sign_in_and_join("bob", room)
+    for text in ("typo heer", "to be taken back"):
+        await a.say(text)
+        await a.until("b => [...document.querySelectorAll('#messages li[data-state=acked] .body')]"
+                      ".some(e => e.textContent === b)", f"'{text}' acknowledged", text)
+    await b.say("bob's own")
+    await b.shows(["typo heer", "to be taken back", "bob's own"])
+    await a.shows(["bob's own"])
+    assert await b.page.locator("#messages li:not(.mine) .act").count() == 0, "actions on others' messages"
+
+    def li(text: str) -> str:
+        return f"#messages li:has(.body:text-is('{text}'))"
+
+    await a.page.click(f"{li('typo heer')} .act.edit")
+    assert await a.page.input_value("#text") == "typo heer"
+    await a.page.fill("#text", "typo here")
+    await a.page.press("#text", "Enter")
+    await a.page.click(f"{li('to be taken back')} .act.delete")
+    edited_and_deleted = (
+        "() => { const lis = [...document.querySelectorAll('#messages li')];"
+        " const e = lis.find(l => l.querySelector('.body').textContent === 'typo here');"
+        " return e?.querySelector('.edited').textContent === '(edited)'"
+        " && lis.filter(l => l.dataset.deleted).length === 1"
+        " && !lis.some(l => l.querySelector('.body').textContent === 'to be taken back'); }")
+    for page in (a, b):
+        await page.until(edited_and_deleted, "the edit and the delete shown")
+    await b.page.screenshot(path=str(SHOTS / "chat-edits.png"))
+    assert "typo heer" not in await b.bodies()
+
+    c = await ChatPage.open(browser, f"{cluster.http(0)}/", "carol's page")  # a newcomer: history as it is now
+    await c.sign_in_and_join("carol", room)
+    await c.until(edited_and_deleted, "history showing the edit and the delete")
+    assert (await c.bodies())[-1] == "bob's own"
+    assert not a.errors + b.errors + c.errors, f"JavaScript errors: {a.errors + b.errors + c.errors}"
 
 
 @pytest.fixture

@@ -101,7 +101,7 @@ async def test_every_frame_the_gateway_sends_fits_the_asyncapi_document(gw: Clus
     alice, bob = await connect(gw, spec_settings, "sp-alice"), await connect(gw, spec_settings, "sp-bob")
     assert (await alice.request({"type": "ping"}, "pong"))["type"] == "pong"
     await alice.send({"type": "join", "room": "spec-a", "presence": True})
-    await alice.wait_for(lambda f: f["type"] == "joined")
+    start = await alice.wait_for(lambda f: f["type"] == "joined")
     first = await bob.request({"type": "send", "room": "spec-a", "client_msg_id": "b1", "body": "from bob"}, "ack")
     await alice.request({"type": "send", "room": "spec-a", "client_msg_id": "a1", "body": "from alice"}, "ack")
     await alice.wait_for(lambda f: f["type"] == "message" and f["cmid"] == "a1")
@@ -124,8 +124,21 @@ async def test_every_frame_the_gateway_sends_fits_the_asyncapi_document(gw: Clus
     resumed = await alice.join("spec-a", cursor=first["cursor"])
     assert resumed["recovered"] is True
     await alice.wait_for(lambda f: f["type"] == "message" and f["cmid"] == "a1", start=len(alice.frames) - 1)
+    # an edit and a delete of bob's message reach alice; a resume replays the tombstone
+    edit = {"type": "edit", "room": "spec-a", "id": first["id"], "client_msg_id": "b2", "body": "from bob!"}
+    assert (await bob.request(edit, "ack"))["id"] == first["id"]
+    await alice.wait_for(lambda f: f["type"] == "edit")
+    delete = {"type": "delete", "room": "spec-a", "id": first["id"], "client_msg_id": "b3"}
+    assert (await bob.request(delete, "ack"))["id"] == first["id"]
+    await alice.wait_for(lambda f: f["type"] == "delete")
+    await eventually(stored, 20, what="a history page after the delete")
+    assert (await alice.request({"type": "leave", "room": "spec-a"}, "left"))["type"] == "left"
+    assert (await alice.join("spec-a", cursor=start["cursor"]))["recovered"] is True
+    await alice.wait_for(lambda f: f["type"] == "message" and f.get("deleted") is True)
 
     errors = {
+        await alice.error({**edit, "client_msg_id": "a2"}),  # forbidden: not hers
+        await alice.error({**delete, "id": "01KBJ2Z3Q4R5S6T7V8W9X0Y1Z2", "client_msg_id": "a3"}),  # not_found
         await alice.error("not json"),
         await alice.error('{"type": "dance"}'),
         await alice.error({"type": "history", "room": "spec-a", "before": "x"}),
@@ -143,7 +156,7 @@ async def test_every_frame_the_gateway_sends_fits_the_asyncapi_document(gw: Clus
     assert limited["retry_after_ms"] >= 1
     errors.add(limited["code"])
     assert errors == {"bad_frame", "unknown_type", "bad_cursor", "too_large", "not_joined", "forbidden",
-                      "limit_exceeded", "rate_limited"}
+                      "limit_exceeded", "rate_limited", "not_found"}
 
     frames = [f for p in (alice, bob, carol) for f in p.frames]
     assert {f["type"] for f in frames} == set(frame_types("send")), "every documented frame was seen"

@@ -71,5 +71,9 @@ class SimConsumer:
     def seek(self, tp: TopicPartition, offset: int) -> None:
         self.seeks.append((tp, offset))
 
+    def highwater(self, tp: TopicPartition) -> int:
+        """(The log is read as it grows: every fetch reaches its end, nothing is replayed.)"""
+        return 0
+
     async def seek_to_beginning(self, *tps: TopicPartition) -> None:
         self.seeks += [(tp, 0) for tp in tps]

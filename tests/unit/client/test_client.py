@@ -12,7 +12,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import orjson
 import pytest
-from roomcast_client import AuthError, Close, ConnectionLost, RoomcastClient, RoomcastError
+from roomcast_client import AuthError, Close, ConnectionLost, RoomcastClient, RoomcastError, apply
 from roomcast_client.client import BEARER_PREFIX, SUBPROTOCOL, TokenIn
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
@@ -103,6 +103,8 @@ class FakeServer:
             self.members[ws].discard(f["room"])
         elif kind == "send":
             await self.on_send(ws, f)
+        elif kind in ("edit", "delete"):
+            await self.on_change(ws, f)
         elif kind in ("join", "history") and f["room"] in self.forbidden:
             await self.refuse_request(ws, "forbidden", f["room"])
         elif kind == "join":
@@ -151,6 +153,24 @@ class FakeServer:
             m = await self.publish(f["room"], f["body"])
             self.acks[cmid] = {"type": "ack", "client_msg_id": cmid, "id": m["id"], "room": m["room"],
                                "cursor": m["cursor"], "ts": m["ts"]}
+        await ws.send(orjson.dumps(self.acks[cmid]).decode())
+
+    async def on_change(self, ws: ServerConnection, f: Frame) -> None:
+        """An edit or delete: `forbidden` for a message of user "other", else acked and delivered
+        at its own cursor (idempotent by client_msg_id)."""
+        cmid = f["client_msg_id"]
+        if f["id"].startswith("other"):
+            await ws.send(orjson.dumps({"type": "error", "code": "forbidden", "reason": "no", "ref": cmid}).decode())
+            return
+        if cmid not in self.acks:
+            offset, self.next_offset = self.next_offset, self.next_offset + 1
+            event = {"type": f["type"], "room": f["room"], "id": f["id"], "user": "u", "cursor": f"0-{offset}"}
+            if f["type"] == "edit":
+                event.update(body=f["body"], edited_ts=2000 + offset)
+            self.log.setdefault(f["room"], []).append(event)
+            self.acks[cmid] = {"type": "ack", "client_msg_id": cmid, "id": f["id"], "room": f["room"],
+                               "cursor": event["cursor"], "ts": 2000 + offset, "event": f"ev{offset}"}
+            await self.deliver(event)
         await ws.send(orjson.dumps(self.acks[cmid]).decode())
 
     async def publish(self, room: str, body: str, msg_id: str | None = None) -> Frame:
@@ -503,3 +523,34 @@ async def test_a_leaves_not_joined_error_fails_no_request(server: FakeServer) ->
         c._write('{"type":"leave","room":"r"}')  # answered `not_joined` while the join below waits
         joined = await asyncio.wait_for(c.join("r"), 5)
     assert joined["type"] == "joined" and c.errors == 1
+
+
+async def test_edits_and_deletes_come_in_order_once_and_apply_to_the_messages(server: FakeServer) -> None:
+    server.replay_overlap = 10  # the resume below replays everything again: nothing comes twice
+    async with fast(server.url) as c:
+        await c.join("r")
+        one = await c.send("r", "helo", client_msg_id="k1")
+        two = await c.send("r", "bye", client_msg_id="k2")
+        edited = await c.edit("r", one["id"], "hello", client_msg_id="e1")
+        assert await c.edit("r", one["id"], "hello", client_msg_id="e1") == edited, "a resend: the first ack"
+        assert (edited["id"], edited["cursor"]) == (one["id"], "0-3")
+        await c.delete("r", two["id"], client_msg_id="d1")
+        with pytest.raises(RoomcastError) as refused:
+            await c.edit("r", "other-1", "mine now")
+        assert refused.value.code == "forbidden"
+        frames = await take(c, 4)
+        await server.kick(Close.DRAINING)  # reconnect and resume from the last cursor
+        await until(lambda: len(server.joins("r")) == 2)
+        await c.send("r", "after", client_msg_id="k3")
+        [after] = await take(c, 1)
+    assert [(f["type"], f["cursor"]) for f in frames] == [("message", "0-1"), ("message", "0-2"), ("edit", "0-3"),
+                                                          ("delete", "0-4")]
+    assert after["body"] == "after" and c.duplicates_dropped >= 4, "the replayed frames were dropped"
+    state: dict[str, Frame] = {}
+    for f in [*frames, *frames, after]:  # applying a frame twice changes nothing
+        apply(state, f)
+    assert state[one["id"]]["body"] == "hello" and state[one["id"]]["edited_ts"] == 2003
+    assert state[two["id"]] == {"id": two["id"], "cursor": "0-2", "deleted": True}
+    apply(state, {"type": "edit", "room": "r", "id": two["id"], "body": "back?", "user": "u", "edited_ts": 1,
+                  "cursor": "0-9"})
+    assert state[two["id"]]["deleted"] is True, "a delete is final"

@@ -118,7 +118,7 @@ def _served(settings: Settings) -> dict[str, set[str]]:
     out: dict[str, set[str]] = {}
     for route in create_app(settings).routes:  # (the lifespan does not run: nothing connects)
         if isinstance(route, Route):
-            out[route.path] = set(route.methods or ()) - {"HEAD"}
+            out.setdefault(route.path, set()).update(set(route.methods or ()) - {"HEAD"})
         elif isinstance(route, Mount):  # the chat page and its files
             out[route.path or "/"] = {"GET"}
         else:
