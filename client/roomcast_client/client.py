@@ -36,6 +36,7 @@ log = logging.getLogger("roomcast.client")
 Frame = dict[str, Any]
 OnMessage = Callable[[Frame], Awaitable[None] | None]
 OnSignal = Callable[[Frame], Awaitable[None] | None]
+OnFrame = Callable[[Frame], None]
 
 TYPING_INTERVAL_S = 3.0  # the server forwards at most one typing signal per user and room this often
 
@@ -148,7 +149,11 @@ class RoomcastClient:
     Presence, typing and read state: `join(room, presence=True)` then `presence(room)` and
     `on_presence=` for each `presence_event`; `typing(room)` (throttled here as the server does) and
     `on_typing=`; `read(room, cursor)` and `on_read=` for the user's marks from other devices and
-    other users' receipts; `unread()`. Signals are not replayed after a reconnect: ask again."""
+    other users' receipts; `unread()`. Signals are not replayed after a reconnect: ask again.
+
+    `on_frame=` (sync) sees every frame the server sends, as it arrives, before the client acts on
+    it: repeats and replays the client drops, acks, errors and `joined` frames too (for tracing,
+    and for tests that hold the server to the protocol below the client's own filtering)."""
 
     def __init__(
         self,
@@ -159,6 +164,7 @@ class RoomcastClient:
         backoff_base: float = 0.2,
         backoff_max: float = 5.0,
         on_message: OnMessage | None = None,
+        on_frame: OnFrame | None = None,
         request_timeout: float = 10.0,
         open_timeout: float = 5.0,
         max_queue: int = 10_000,
@@ -183,6 +189,7 @@ class RoomcastClient:
         self._on_signal: dict[str, OnSignal | None] = {"presence_event": on_presence, "typing": on_typing,
                                                        "read": on_read}
         self.user = _subject(token) if isinstance(token, str) else ""  # the token's `sub`
+        self._on_frame = on_frame
         self._timeout, self._open_timeout, self._window = request_timeout, open_timeout, dedupe_window
         self._max_frame = max_frame_bytes
         # without on_message, received messages wait here; a full queue stops reading (back-pressure)
@@ -389,7 +396,10 @@ class RoomcastClient:
         try:
             async for raw in ws:
                 healthy = True
-                await self._dispatch(orjson.loads(raw))
+                frame = orjson.loads(raw)
+                if self._on_frame is not None:
+                    self._on_frame(frame)
+                await self._dispatch(frame)
         except ConnectionClosed:
             pass
         finally:

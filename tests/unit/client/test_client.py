@@ -312,6 +312,19 @@ async def test_drops_repeated_ids_and_stale_cursors(server: FakeServer) -> None:
     assert [m["body"] for m in got] == ["a", "b"]
 
 
+async def test_on_frame_sees_every_frame_before_the_client_filters_them(server: FakeServer) -> None:
+    raw: list[Frame] = []
+    async with fast(server.url, "t", on_frame=raw.append) as c:
+        await c.join("r")
+        first = await server.publish("r", "a")
+        await server.deliver(first)  # a repeat: dropped by the client, seen by on_frame
+        await c.send("r", "b", client_msg_id="k-b")
+        got = await take(c, 2)
+    assert [m["body"] for m in got] == ["a", "b"]
+    assert [(f["type"], f.get("body")) for f in raw if f["type"] != "pong"] == [
+        ("joined", None), ("message", "a"), ("message", "a"), ("message", "b"), ("ack", None)]
+
+
 async def test_unavailable_sends_are_kept_and_retried(server: FakeServer) -> None:
     server.unavailable = 3
     async with fast(server.url, "t") as c:
