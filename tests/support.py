@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,7 @@ from shared.mysql import MysqlTarget
 from shared.settings import Settings
 from tools import haproxy, localstack
 from tools.localstack import Proc
-from tools.services import start_gateway, start_persister
+from tools.services import scrape, start_gateway, start_persister
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 30.0, every: float = 0.1,
@@ -77,6 +78,12 @@ class Cluster:
     def stop(self) -> None:
         for p in [*self.gateways, *([self.persister] if self.persister else [])]:
             p.stop()
+
+    def resumed(self, i: int) -> Counter[str]:
+        """Messages gateway i replayed on resumes so far, by the store that served them (its metric)."""
+        metrics = scrape(f"{self.http(i)}/metrics")
+        return Counter({source: int(metrics[f'roomcast_gateway_resumed_messages_total{{source="{source}"}}'])
+                        for source in ("redis", "mysql", "kafka")})
 
 
 @dataclass
