@@ -1,5 +1,9 @@
 """Load for the fault tests: clients on every node stream messages into a few rooms while a test
-breaks something; afterwards the checker compares acks, deliveries and storage."""
+breaks something; afterwards the checker compares every send's outcome with what the server sent
+each client (every frame, below the client library's own filtering) and with what is stored.
+
+Every send ends acked, refused with a named error, or given up after SEND_TIMEOUT_S; each fault
+test says what its fault may cost (`Allow`) and fails beyond that."""
 
 from __future__ import annotations
 
@@ -7,19 +11,34 @@ import asyncio
 import contextlib
 import itertools
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiomysql
 import redis.asyncio as aioredis
-from roomcast_client import RoomcastClient
+from roomcast_client import RoomcastClient, RoomcastError
 
 from shared.auth import mint_token
 from shared.keys import Keys
 from shared.settings import Settings
 from tests.support import Cluster
-from tools.checker import Ack, Report, check_delivery, check_storage, offset, stored_ids, stored_messages
+from tools.checker import Ack, Copy, Report, Unacked, check_delivery, check_storage, offset, stored_messages
+
+SEND_TIMEOUT_S = 60.0  # a send not acked by then is given up (the client stops trying it)
+
+
+@dataclass(frozen=True)
+class Allow:
+    """What a fault may cost the senders. `refusals`: error answers to send attempts (`unavailable`:
+    the client tries again), each within the fault's window (from its start to `grace_s` after its
+    end: a produce the fault caught fails by the producer's timeout); `unacked`: sends that end
+    without an ack (refused for good, or given up)."""
+
+    refusals: int = 0
+    unacked: int = 0
+    grace_s: float = 15.0
 
 
 @dataclass
@@ -28,8 +47,10 @@ class Member:
     client: RoomcastClient
     rooms: list[str]
     joined: dict[str, str] = field(default_factory=dict)  # room -> cursor at the first join
-    received: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+    frames: dict[str, list[Copy]] = field(default_factory=dict)  # room -> message frames, as sent
     acks: list[Ack] = field(default_factory=list)
+    unacked: list[Unacked] = field(default_factory=list)
+    refusals: list[tuple[float, str]] = field(default_factory=list)  # (monotonic time, code) per error answer
     latencies: list[float] = field(default_factory=list)
 
 
@@ -46,9 +67,7 @@ class Load:
         self.members: list[Member] = []
         self._senders: list[asyncio.Task[None]] = []
         self._seq = itertools.count()
-        self.errors: list[BaseException] = []
-        self.bodies: dict[str, str] = {}  # message id -> body, of every message received
-        self.given_up: dict[str, str] = {}  # body -> room, of sends that never got an ack
+        self.windows: list[tuple[float, float]] = []  # (start, end) of each fault, monotonic
 
     async def start(self) -> None:
         for i in range(self.n):
@@ -58,7 +77,7 @@ class Load:
             member = Member(name, None, rooms)  # type: ignore[arg-type]
             member.client = RoomcastClient(urls, mint_token(self.settings, name), backoff_base=0.1,
                                            backoff_max=1.0, request_timeout=3.0,
-                                           on_message=self._collector(member))
+                                           on_message=_ignore, on_frame=self._recorder(member))
             await member.client.start()
             for room in rooms:
                 joined = await member.client.join(room)
@@ -66,11 +85,15 @@ class Load:
             self.members.append(member)
         self._senders = [asyncio.create_task(self._send_loop(m)) for m in self.members]
 
-    def _collector(self, member: Member) -> Any:
-        def on_message(frame: dict[str, Any]) -> None:
-            member.received.setdefault(frame["room"], []).append((frame["id"], frame["cursor"]))
-            self.bodies[frame["id"]] = frame["body"]
-        return on_message
+    @staticmethod
+    def _recorder(member: Member) -> Callable[[dict[str, Any]], None]:
+        def on_frame(frame: dict[str, Any]) -> None:
+            kind = frame.get("type")
+            if kind == "message":
+                member.frames.setdefault(frame["room"], []).append(Copy.from_frame(frame))
+            elif kind == "error" and str(frame.get("ref", "")).startswith(f"{member.name}-"):
+                member.refusals.append((time.monotonic(), frame["code"]))
+        return on_frame
 
     async def _send_loop(self, m: Member) -> None:
         interval = 1.0 / self.rate
@@ -85,18 +108,21 @@ class Load:
         except asyncio.CancelledError:
             # stop starting new sends; the ones in flight finish (the client retries them)
             if in_flight:
-                await asyncio.wait(in_flight, timeout=60)
+                await asyncio.wait(in_flight)
             raise
 
     async def _send_one(self, m: Member, room: str, k: int) -> None:
+        cmid, body = f"{m.name}-{k}", f"{m.name}:{k}"
         t0 = time.monotonic()
         try:
-            ack = await asyncio.wait_for(m.client.send(room, f"{m.name}:{k}"), 60)
-        except Exception as e:  # a send that never got an ack promises nothing; note why
-            self.errors.append(e)
-            self.given_up[f"{m.name}:{k}"] = room
+            ack = await asyncio.wait_for(m.client.send(room, body, client_msg_id=cmid), SEND_TIMEOUT_S)
+        except TimeoutError:
+            m.unacked.append(Unacked(room, m.name, cmid, body, "timeout"))
             return
-        m.acks.append(Ack.from_frame(ack))
+        except RoomcastError as e:
+            m.unacked.append(Unacked(room, m.name, cmid, body, e.code))
+            return
+        m.acks.append(Ack.from_frame(ack, m.name, body))
         m.latencies.append(time.monotonic() - t0)
 
     async def stop_sending(self) -> None:
@@ -104,20 +130,36 @@ class Load:
             t.cancel()
         await asyncio.gather(*self._senders, return_exceptions=True)
 
+    @contextlib.asynccontextmanager
+    async def fault(self) -> Any:
+        """Marks the fault's window: refusals are allowed inside it only (see Allow)."""
+        start = time.monotonic()
+        try:
+            yield
+        finally:
+            self.windows.append((start, time.monotonic()))
+
     @property
     def acked(self) -> dict[str, list[Ack]]:
         return {m.name: m.acks for m in self.members}
 
+    @property
+    def all_acks(self) -> list[Ack]:
+        return [a for m in self.members for a in m.acks]
+
+    @property
+    def unacked(self) -> list[Unacked]:
+        return [u for m in self.members for u in m.unacked]
+
     def owed(self) -> int:
         """Deliveries still missing (each member, each of its rooms, acks after its join)."""
         by_room: dict[str, set[str]] = {}
-        for m in self.members:
-            for a in m.acks:
-                by_room.setdefault(a.room, set()).add(a.id)
+        for a in self.all_acks:
+            by_room.setdefault(a.room, set()).add(a.id)
         missing = 0
         for m in self.members:
             for room in m.rooms:
-                got = {i for i, _ in m.received.get(room, [])}
+                got = {c.id for c in m.frames.get(room, [])}
                 missing += len(by_room.get(room, set()) - got)
         return missing
 
@@ -126,66 +168,63 @@ class Load:
         while self.owed() and time.monotonic() < deadline:
             await asyncio.sleep(0.2)
 
-    def maybe(self) -> dict[str, str]:
-        """id -> room of the messages received whose send was given up on (it may have reached Kafka
-        all the same): allowed once, never owed."""
-        return {msg_id: self.given_up[body] for msg_id, body in self.bodies.items() if body in self.given_up}
-
     def delivery(self) -> Report:
-        return check_delivery(self.acked, {m.name: m.received for m in self.members},
-                              {m.name: m.joined for m in self.members}, maybe=self.maybe())
+        return check_delivery(self.acked, {m.name: m.frames for m in self.members},
+                              {m.name: m.joined for m in self.members}, unacked=self.unacked)
 
     async def storage(self, redis: aioredis.Redis, mysql: aiomysql.Pool, timeout: float = 60.0) -> Report:
-        """Storage against the acks, once the persister has had time to catch up."""
+        """Storage against the sends, once the persister has had time to catch up."""
         keys = Keys(self.settings.redis_prefix, self.settings.kafka_partitions)
-        by_room = self.acked_by_room()
         deadline = time.monotonic() + timeout
         while True:
-            stored = {r: stored_ids(await stored_messages(redis, mysql, keys, r)) for r in self.rooms}
-            report = check_storage(by_room, stored, self.maybe())
+            stored = {r: await stored_messages(redis, mysql, keys, r) for r in self.rooms}
+            report = check_storage(self.all_acks, stored, self.unacked)
             if report.ok or time.monotonic() > deadline:
                 return report
             await asyncio.sleep(0.5)
 
-    def acked_by_room(self) -> dict[str, set[str]]:
-        by_room: dict[str, set[str]] = {r: set() for r in self.rooms}
-        for m in self.members:
-            for a in m.acks:
-                by_room[a.room].add(a.id)
-        return by_room
+    def outcomes(self) -> Counter[str]:
+        """Every send's outcome ("acked", "timeout" or the code it was refused with), and every error
+        answer to an attempt ("refusals:<code>"; the client tried `unavailable` ones again)."""
+        out: Counter[str] = Counter(acked=len(self.all_acks))
+        out.update(u.outcome for u in self.unacked)
+        out.update(f"refusals:{code}" for m in self.members for _, code in m.refusals)
+        return out
+
+    def check_sends(self, allow: Allow) -> None:
+        """Fails when the fault cost more than `allow` (a refusal outside every window counts as one
+        too many)."""
+        refusals = [t for m in self.members for t, _ in m.refusals]
+        outside = [t for t in refusals if not any(s <= t <= e + allow.grace_s for s, e in self.windows)]
+        line = f"sends: {dict(sorted(self.outcomes().items()))}, refusals outside the fault's window: {len(outside)}"
+        print(line)
+        assert len(refusals) <= allow.refusals and not outside, f"{line}; allowed {allow}"
+        assert len(self.unacked) <= allow.unacked, f"{line}; allowed {allow}; e.g. {self.unacked[:3]}"
 
     def missing(self) -> str:
         """Per member and room, the acked offsets it never received (for failure messages)."""
-        acks = {a.id: a for m in self.members for a in m.acks}
+        acks = {a.id: a for a in self.all_acks}
         out = []
         for m in self.members:
             for room in m.rooms:
-                got = {i for i, _ in m.received.get(room, [])}
+                got = {c.id for c in m.frames.get(room, [])}
                 since = offset(m.joined.get(room, ""))
                 lost = sorted(offset(a.cursor) for a in acks.values()
                               if a.room == room and a.id not in got and offset(a.cursor) > since)
                 if lost:
-                    last = max((offset(c) for _, c in m.received.get(room, [])), default=-1)
+                    last = max((offset(c.cursor) for c in m.frames.get(room, [])), default=-1)
                     out.append(f"{m.name}/{room}: {len(lost)} at {lost[0]}..{lost[-1]} (got up to {last})")
         return "; ".join(out)
 
-    def unacked(self) -> str:
-        """Received ids no ack named, with the body they carry and the id that body was acked with."""
-        acked = {a.id for m in self.members for a in m.acks}
-        acked_body = {self.bodies.get(a.id): a.id for m in self.members for a in m.acks}
-        out = [f"{msg_id} {body!r} (acked as {acked_body.get(body)})"
-               for msg_id, body in self.bodies.items() if msg_id not in acked]
-        return "; ".join(out[:5])
-
     def describe(self) -> str:
-        """Per client: reconnects, resume gaps, unmatched errors (for failure messages)."""
+        """Per client: reconnects, resume gaps, repeats it dropped, unmatched errors (for failure messages)."""
         return "; ".join(f"{m.name}: reconnects={m.client.reconnects} gaps={m.client.gaps} "
-                         f"errors={m.client.errors}" for m in self.members
-                         if m.client.reconnects or m.client.gaps or m.client.errors)
+                         f"dropped={m.client.duplicates_dropped} errors={m.client.errors}" for m in self.members
+                         if m.client.reconnects or m.client.gaps or m.client.errors or m.client.duplicates_dropped)
 
     @property
     def total_acked(self) -> int:
-        return sum(len(m.acks) for m in self.members)
+        return len(self.all_acks)
 
     async def close(self) -> None:
         await self.stop_sending()
@@ -194,28 +233,35 @@ class Load:
                 await m.client.close()
 
 
+def _ignore(frame: dict[str, Any]) -> None:
+    """Messages are recorded as the server sent them (on_frame); the client's own stream is unused."""
+
+
 def small(settings: Settings, **extra: object) -> Settings:
     return settings.model_copy(update={"buffer_cap": 40, "flush_chunk": 20, **extra})
 
 
 async def run_load_through(cluster: Cluster, fault: Callable[[], Awaitable[None]], redis: aioredis.Redis,
-                           mysql: aiomysql.Pool, rate: float = 5.0) -> Load:
-    """Stream from 12 clients over every node, run `fault()` meanwhile, then check everything."""
+                           mysql: aiomysql.Pool, allow: Allow, rate: float = 5.0, clients: int = 12,
+                           rooms: int = 4) -> Load:
+    """Stream from `clients` clients over every node, run `fault()` meanwhile, then check everything:
+    delivery, storage, and what the fault cost the senders (`allow`)."""
     load = Load(cluster.settings, [cluster.url(i) for i in range(len(cluster.gateways))],
-                clients=12, rooms=4, rate=rate)
+                clients=clients, rooms=rooms, rate=rate)
     await load.start()
     try:
         await asyncio.sleep(1.5)
-        await fault()
+        async with load.fault():
+            await fault()
         await asyncio.sleep(1.5)
         await load.stop_sending()
         await load.drain(90)
         assert load.total_acked > 50
         delivery = load.delivery()
-        assert delivery.ok, (f"delivery: {delivery} ({load.describe()}) missing: {load.missing()} "
-                             f"unacked: {load.unacked()}")
+        assert delivery.ok, f"delivery: {delivery} ({load.describe()}) missing: {load.missing()}"
         storage = await load.storage(redis, mysql, timeout=90)
         assert storage.ok, f"storage: {storage}"
+        load.check_sends(allow)
     finally:
         await load.close()
     return load

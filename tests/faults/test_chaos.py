@@ -27,17 +27,22 @@ from roomcast_client import RoomcastClient
 from shared.mysql import MysqlTarget
 from shared.settings import Settings
 from tests.faults.conftest import Kafka3
-from tests.faults.harness import run_load_through, small
+from tests.faults.harness import Allow, run_load_through, small
 from tests.faults.proxy import TcpProxy
-from tests.support import Cluster, offset, token
+from tests.support import Cluster, token
 from tools import localstack
-from tools.checker import check_storage
+from tools.checker import Copy, check_storage
 from tools.services import start_gateway, start_sweeper
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(420)]
 
 FAULTS = ("kill_gateway", "drain_gateway", "kill_persister", "kill_sweeper", "restart_redis", "cut_mysql",
           "kill_broker", "cut_broker")
+
+
+# Redis, Kafka nodes and MySQL come and go all through the run: sends are refused (`unavailable`) while
+# Redis is away or a produce outlives a broker (577 in a run of each fault once); each is acked in the end.
+REFUSALS_PER_FAULT = 400
 
 
 def chaos_plan(rng: random.Random, rounds: int) -> list[str]:
@@ -158,21 +163,17 @@ class Chaos:
         task.add_done_callback(self.background.discard)
 
 
-async def history_ids(client: RoomcastClient, room: str) -> list[str]:
-    """The room's ids, oldest first, from paging its history back from the newest page; their
-    positions must grow."""
-    pages: list[list[tuple[str, int]]] = []
+async def history(client: RoomcastClient, room: str) -> list[Copy]:
+    """The room's messages, oldest first, from paging its history back from the newest page."""
+    pages: list[list[Copy]] = []
     before = None
     while True:
         page = await client.history(room, before=before, limit=100)
-        pages.append([(m["id"], offset(m["cursor"])) for m in page["messages"]])
+        pages.append([Copy.from_frame(m, "history") for m in page["messages"]])
         if page["next"] is None:
             break
         before = page["next"]
-    messages = [m for ms in reversed(pages) for m in ms]
-    positions = [off for _, off in messages]
-    assert positions == sorted(set(positions)), f"{room}: history pages out of order or overlapping"
-    return [msg_id for msg_id, _ in messages]
+    return [m for ms in reversed(pages) for m in ms]
 
 
 @pytest.fixture
@@ -210,11 +211,13 @@ async def test_faults_in_a_random_order_lose_nothing(
     chaos = Chaos(cluster, sweeper, redis_proc, redis_port, tmp_path / "redis", mysql_proxy, kafka3, log_dir, rng)
     client = aioredis.from_url(settings.redis_url)
     try:
-        load = await run_load_through(cluster, lambda: chaos.run(plan), client, mysql)
+        load = await run_load_through(cluster, lambda: chaos.run(plan), client, mysql,
+                                      Allow(refusals=REFUSALS_PER_FAULT * len(plan)))
         async with RoomcastClient([cluster.url(0)], token(settings, "reader")) as reader:
-            paged = {room: await history_ids(reader, room) for room in load.rooms}
-        history = check_storage(load.acked_by_room(), paged, load.maybe())
-        assert history.ok, f"history paged back: {history}"
+            paged = {room: await history(reader, room) for room in load.rooms}
+        # (in order, each once, as acknowledged: pages that overlapped or skipped would show)
+        report = check_storage(load.all_acks, paged, load.unacked)
+        assert report.ok, f"history paged back: {report}"
         assert not chaos.crashed(), f"services died on their own: {chaos.crashed()}"
     except BaseException as e:
         e.add_note(f"CHAOS_SEED={seed}: plan {plan}, done {chaos.done}")
