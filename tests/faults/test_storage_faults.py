@@ -136,7 +136,8 @@ async def test_services_start_and_chat_and_resume_go_on_while_mysql_is_away(
     chat goes on through Kafka and Redis: live delivery, and a resume, whose part older than the
     room's Redis list comes from the log while the archive is away. The archive catches up after."""
     target = MysqlTarget.from_dsn(migrated.mysql_dsn)
-    proxy = TcpProxy(target.host, target.port)  # not started: MySQL refuses every connection
+    proxy = await TcpProxy(target.host, target.port).start()
+    await proxy.cut()  # MySQL refuses every connection
     via_proxy = f"mysql://{target.user}:{target.password}@127.0.0.1:{proxy.port}/{target.database}"
     settings = small(migrated, mysql_dsn=via_proxy)
     cluster = Cluster(settings, log_dir).start()
@@ -169,7 +170,7 @@ async def test_services_start_and_chat_and_resume_go_on_while_mysql_is_away(
             page = await bob.history("quiet")  # Redis's part of the page, and a cursor to page on later
             assert [m["id"] for m in page["messages"]] == quiet and page["next"] == page["messages"][0]["cursor"]
 
-            await proxy.start()
+            await proxy.restore()
 
             async def archived() -> bool:
                 async with mysql.acquire() as conn, conn.cursor() as cur:
