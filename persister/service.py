@@ -78,12 +78,14 @@ class Persister:
             for room in await self._retry_redis(self.buffer.over_cap_rooms, tp.partition, 10_000):
                 self.flushes.add(room)
             log.info("partition taken", extra={"partition": tp.partition, "mark": mark})
+        metrics.OWNED.set(len(self.partitions))
         if not self.backlog.paused:
             self.consumer.resume(*tps)
         self.flushes.wakeup.set()
 
     def drop_partitions(self, tps: Iterable[TopicPartition]) -> None:
         self.partitions.drop(tp.partition for tp in tps)
+        metrics.OWNED.set(len(self.partitions))
 
     async def read_after(self, tp: TopicPartition, mark: int | None) -> None:
         """Consume the partition from just after its applied mark, or from the log's start without one.
@@ -165,6 +167,8 @@ class Persister:
             await self._applied(fetched.tp, fetched.messages, res)
 
     async def _applied(self, tp: TopicPartition, messages: list[Message], res: Applied) -> None:
+        if res.rewind:
+            metrics.FENCED.inc()
         if tp.partition not in self.partitions:  # revoked during the write (the script kept it consistent)
             return
         if res.rewind:

@@ -28,6 +28,7 @@ class TcpProxy:
         self._cut = False
         self._forwarding = asyncio.Event()
         self._forwarding.set()
+        self.held: list[bytes] = []  # what a blackhole holds back (a chunk per connection and way, at most)
 
     async def start(self) -> TcpProxy:
         if self._server is None:
@@ -50,7 +51,9 @@ class TcpProxy:
     async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while data := await reader.read(65536):
-                await self._forwarding.wait()
+                if not self._forwarding.is_set():
+                    self.held.append(data)
+                    await self._forwarding.wait()
                 if self.latency:
                     await asyncio.sleep(self.latency)
                 writer.write(data)
@@ -64,6 +67,7 @@ class TcpProxy:
         """Reset the open connections, and every new one until `restore()`."""
         self._cut = True
         self._forwarding.set()  # (what a blackhole held goes nowhere: its connections are reset)
+        self.held.clear()
         for w in list(self._pipes):
             w.transport.abort()
         self._pipes.clear()
@@ -75,6 +79,7 @@ class TcpProxy:
     async def restore(self) -> None:
         self._cut = False
         self._forwarding.set()
+        self.held.clear()
         await self.start()
 
     async def close(self) -> None:
