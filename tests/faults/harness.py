@@ -18,12 +18,14 @@ from typing import Any
 
 import aiomysql
 import redis.asyncio as aioredis
+from aiokafka import TopicPartition
 from roomcast_client import RoomcastClient, RoomcastError
 
 from shared.auth import mint_token
+from shared.kafka import new_consumer
 from shared.keys import Keys
 from shared.settings import Settings
-from tests.support import Cluster
+from tests.support import Cluster, eventually
 from tools.checker import Ack, Copy, Report, Unacked, check_delivery, check_storage, offset, stored_messages
 
 SEND_TIMEOUT_S = 60.0  # a send not acked by then is given up (the client stops trying it)
@@ -235,6 +237,25 @@ class Load:
 
 def _ignore(frame: dict[str, Any]) -> None:
     """Messages are recorded as the server sent them (on_frame); the client's own stream is unused."""
+
+
+async def applied_to_the_end(settings: Settings, redis: aioredis.Redis, timeout: float = 60.0) -> None:
+    """Until the persister has applied every partition up to its log's end (nothing stuck)."""
+    tps = [TopicPartition(settings.kafka_topic, p) for p in range(settings.kafka_partitions)]
+    consumer = new_consumer(settings)
+    await consumer.start()
+    try:
+        ends = await consumer.end_offsets(tps)
+    finally:
+        await consumer.stop()
+    keys = Keys(settings.redis_prefix, settings.kafka_partitions)
+
+    async def reached() -> bool:
+        marks = [await redis.get(keys.applied(tp.partition)) for tp in tps]
+        return all(ends[tp] == 0 or (m is not None and int(m) >= ends[tp] - 1)
+                   for m, tp in zip(marks, tps, strict=True))
+
+    await eventually(reached, timeout, what="every partition applied to its log's end")
 
 
 def small(settings: Settings, **extra: object) -> Settings:

@@ -15,10 +15,8 @@ import pytest
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer, TopicPartition
 
-from shared.kafka import new_consumer
-from shared.keys import Keys
 from shared.settings import Settings
-from tests.faults.harness import Allow, run_load_through, small
+from tests.faults.harness import Allow, applied_to_the_end, run_load_through, small
 from tests.support import Cluster, eventually
 from tools.services import scrape
 
@@ -74,16 +72,4 @@ async def test_records_of_a_producer_outside_roomcast_are_skipped_and_chat_goes_
         assert proc is not None and proc.alive, f"{proc.name} died"
         assert "undecodable record skipped" in proc.log_path.read_text(), f"{proc.name} logged no skip"
     # No partition stalls behind them: the persister's applied marks reach each log's end.
-    consumer = new_consumer(s)
-    await consumer.start()
-    try:
-        ends = await consumer.end_offsets(tps)
-    finally:
-        await consumer.stop()
-    keys = Keys(s.redis_prefix, s.kafka_partitions)
-
-    async def applied_to_the_end() -> bool:
-        marks = [await redis.get(keys.applied(tp.partition)) for tp in tps]
-        return all(m is not None and int(m) == ends[tp] - 1 for m, tp in zip(marks, tps, strict=True))
-
-    await eventually(applied_to_the_end, 30, what="every partition applied to its end")
+    await applied_to_the_end(s, redis, timeout=30)

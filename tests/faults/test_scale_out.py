@@ -128,7 +128,7 @@ async def test_gateways_and_persisters_join_and_leave_under_load(
         await step("persister 3 joins", add_persister)
 
         def remove_gateway() -> None:
-            victim = cluster.gateways.pop(0)
+            victim, _ = cluster.gateways.pop(0), cluster.hosts.pop(0)
             victim.popen.send_signal(signal.SIGTERM)
             victim.popen.wait(30)
 
