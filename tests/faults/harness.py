@@ -12,7 +12,7 @@ import contextlib
 import itertools
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,6 +70,7 @@ class Load:
         self._senders: list[asyncio.Task[None]] = []
         self._seq = itertools.count()
         self.windows: list[tuple[float, float]] = []  # (start, end) of each fault, monotonic
+        self.foreign: list[Unacked] = []  # written into its rooms by the test itself, not by its clients
 
     async def start(self) -> None:
         for i in range(self.n):
@@ -151,7 +152,8 @@ class Load:
 
     @property
     def unacked(self) -> list[Unacked]:
-        return [u for m in self.members for u in m.unacked]
+        """Every send that got no ack, and what the test wrote itself (each may show up once)."""
+        return [u for m in self.members for u in m.unacked] + self.foreign
 
     def owed(self) -> int:
         """Deliveries still missing (each member, each of its rooms, acks after its join)."""
@@ -189,7 +191,7 @@ class Load:
         """Every send's outcome ("acked", "timeout" or the code it was refused with), and every error
         answer to an attempt ("refusals:<code>"; the client tried `unavailable` ones again)."""
         out: Counter[str] = Counter(acked=len(self.all_acks))
-        out.update(u.outcome for u in self.unacked)
+        out.update(u.outcome for m in self.members for u in m.unacked)
         out.update(f"refusals:{code}" for m in self.members for _, code in m.refusals)
         return out
 
@@ -201,7 +203,8 @@ class Load:
         line = f"sends: {dict(sorted(self.outcomes().items()))}, refusals outside the fault's window: {len(outside)}"
         print(line)
         assert len(refusals) <= allow.refusals and not outside, f"{line}; allowed {allow}"
-        assert len(self.unacked) <= allow.unacked, f"{line}; allowed {allow}; e.g. {self.unacked[:3]}"
+        unacked = [u for m in self.members for u in m.unacked]
+        assert len(unacked) <= allow.unacked, f"{line}; allowed {allow}; e.g. {unacked[:3]}"
 
     def missing(self) -> str:
         """Per member and room, the acked offsets it never received (for failure messages)."""
@@ -264,11 +267,13 @@ def small(settings: Settings, **extra: object) -> Settings:
 
 async def run_load_through(cluster: Cluster, fault: Callable[[], Awaitable[None]], redis: aioredis.Redis,
                            mysql: aiomysql.Pool, allow: Allow, rate: float = 5.0, clients: int = 12,
-                           rooms: int = 4) -> Load:
+                           rooms: int = 4, foreign: Sequence[Unacked] = ()) -> Load:
     """Stream from `clients` clients over every node, run `fault()` meanwhile, then check everything:
-    delivery, storage, and what the fault cost the senders (`allow`)."""
+    delivery, storage, and what the fault cost the senders (`allow`). `foreign`: messages the fault
+    writes into the load's rooms itself (no ack: each may show up once)."""
     load = Load(cluster.settings, [cluster.url(i) for i in range(len(cluster.gateways))],
                 clients=clients, rooms=rooms, rate=rate)
+    load.foreign.extend(foreign)
     await load.start()
     try:
         await asyncio.sleep(1.5)
