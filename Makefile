@@ -8,9 +8,10 @@ STAMP  := $(VENV)/.installed
 .PHONY: system-deps run stop test test-unit test-integration test-e2e test-faults test-k8s lint typecheck bench image clean
 
 # System packages the suite needs (its own Kafka, Redis and MariaDB instances, HAProxy, the browser test,
-# npm for the official AsyncAPI schema the spec test validates against);
+# npm for the official AsyncAPI schema the spec test validates against, faketime for the clock-skew
+# fault test);
 # installed with apt when we are root and one is missing. `make run` installs what it needs itself.
-SYSTEM_BINS := redis-server:redis-server mariadbd:mariadb-server chromium:chromium java:default-jre-headless mvn:maven npm:npm haproxy:haproxy
+SYSTEM_BINS := redis-server:redis-server mariadbd:mariadb-server chromium:chromium java:default-jre-headless mvn:maven npm:npm haproxy:haproxy faketime:faketime
 
 $(STAMP): pyproject.toml client/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

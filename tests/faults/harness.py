@@ -261,6 +261,19 @@ async def applied_to_the_end(settings: Settings, redis: aioredis.Redis, timeout:
     await eventually(reached, timeout, what="every partition applied to its log's end")
 
 
+async def history(client: RoomcastClient, room: str) -> list[Copy]:
+    """The room's messages, oldest first, from paging its history back from the newest page."""
+    pages: list[list[Copy]] = []
+    before = None
+    while True:
+        page = await client.history(room, before=before, limit=100)
+        pages.append([Copy.from_frame(m, "history") for m in page["messages"]])
+        if page["next"] is None:
+            break
+        before = page["next"]
+    return [m for ms in reversed(pages) for m in ms]
+
+
 def small(settings: Settings, **extra: object) -> Settings:
     return settings.model_copy(update={"buffer_cap": 40, "flush_chunk": 20, **extra})
 

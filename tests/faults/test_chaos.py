@@ -27,11 +27,11 @@ from roomcast_client import RoomcastClient
 from shared.mysql import MysqlTarget
 from shared.settings import Settings
 from tests.faults.conftest import Kafka3
-from tests.faults.harness import Allow, run_load_through, small
+from tests.faults.harness import Allow, history, run_load_through, small
 from tests.faults.proxy import TcpProxy
 from tests.support import Cluster, token
 from tools import localstack
-from tools.checker import Copy, check_storage
+from tools.checker import check_storage
 from tools.services import start_gateway, start_sweeper
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(420)]
@@ -161,19 +161,6 @@ class Chaos:
         task = asyncio.create_task(up_later())
         self.background.add(task)
         task.add_done_callback(self.background.discard)
-
-
-async def history(client: RoomcastClient, room: str) -> list[Copy]:
-    """The room's messages, oldest first, from paging its history back from the newest page."""
-    pages: list[list[Copy]] = []
-    before = None
-    while True:
-        page = await client.history(room, before=before, limit=100)
-        pages.append([Copy.from_frame(m, "history") for m in page["messages"]])
-        if page["next"] is None:
-            break
-        before = page["next"]
-    return [m for ms in reversed(pages) for m in ms]
 
 
 @pytest.fixture
