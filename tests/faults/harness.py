@@ -54,6 +54,7 @@ class Member:
     unacked: list[Unacked] = field(default_factory=list)
     refusals: list[tuple[float, str]] = field(default_factory=list)  # (monotonic time, code) per error answer
     latencies: list[float] = field(default_factory=list)
+    trace: list[str] = field(default_factory=list)  # joined and message frames as they came (for failure messages)
 
 
 class Load:
@@ -94,6 +95,10 @@ class Load:
             kind = frame.get("type")
             if kind == "message":
                 member.frames.setdefault(frame["room"], []).append(Copy.from_frame(frame))
+                member.trace.append(f"{frame['room']} {frame['cursor']} {frame['id']}")
+            elif kind == "joined":
+                member.trace.append(f"joined {frame['room']} at {frame['cursor']} recovered={frame.get('recovered')} "
+                                    f"(connection {member.client.reconnects + 1})")
             elif kind == "error" and str(frame.get("ref", "")).startswith(f"{member.name}-"):
                 member.refusals.append((time.monotonic(), frame["code"]))
         return on_frame
@@ -221,11 +226,29 @@ class Load:
                     out.append(f"{m.name}/{room}: {len(lost)} at {lost[0]}..{lost[-1]} (got up to {last})")
         return "; ".join(out)
 
+    def around(self, report: Report) -> str:
+        """What the members got around the first duplicated and the first lost id (failure messages)."""
+        out = []
+        [copied, *_] = report.examples.get("duplicated", [""])
+        for m in self.members:
+            where = [i for i, line in enumerate(m.trace) if copied and line.endswith(copied)]
+            if len(where) > 1:
+                out.append(f"{m.name} got it twice: {m.trace[max(0, where[0] - 3):where[-1] + 1][:40]}")
+                break
+        lost = {a.id: a for a in self.all_acks}.get(report.examples.get("lost", [""])[0])
+        for m in self.members if lost is not None else ():
+            if lost is not None and lost.room in m.rooms and all(c.id != lost.id for c in m.frames.get(lost.room, [])):
+                lines = [line for line in m.trace if line.split()[0] == lost.room or line.startswith("joined")]
+                out.append(f"{m.name} never got {lost.id} at {lost.cursor}: last frames {lines[-12:]}")
+                break
+        return "; ".join(out)
+
     def describe(self) -> str:
         """Per client: reconnects, resume gaps, repeats it dropped, unmatched errors (for failure messages)."""
-        return "; ".join(f"{m.name}: reconnects={m.client.reconnects} gaps={m.client.gaps} "
-                         f"dropped={m.client.duplicates_dropped} errors={m.client.errors}" for m in self.members
-                         if m.client.reconnects or m.client.gaps or m.client.errors or m.client.duplicates_dropped)
+        shown = [f"{m.name}: reconnects={m.client.reconnects} gaps={m.client.gaps} "
+                 f"dropped={m.client.duplicates_dropped} errors={m.client.errors}" for m in self.members
+                 if m.client.reconnects or m.client.gaps or m.client.errors or m.client.duplicates_dropped]
+        return "; ".join(shown[:10]) + (f"; and {len(shown) - 10} more" if len(shown) > 10 else "")
 
     @property
     def total_acked(self) -> int:
@@ -297,7 +320,8 @@ async def run_load_through(cluster: Cluster, fault: Callable[[], Awaitable[None]
         await load.drain(90)
         assert load.total_acked > 50
         delivery = load.delivery()
-        assert delivery.ok, f"delivery: {delivery} ({load.describe()}) missing: {load.missing()}"
+        assert delivery.ok, (f"delivery: {delivery} ({load.describe()}) missing: {load.missing()} "
+                             f"{load.around(delivery)}")
         storage = await load.storage(redis, mysql, timeout=90)
         assert storage.ok, f"storage: {storage}"
         load.check_sends(allow)

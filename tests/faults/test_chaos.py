@@ -41,8 +41,15 @@ FAULTS = ("kill_gateway", "drain_gateway", "kill_persister", "kill_sweeper", "re
 
 
 # Redis, Kafka nodes and MySQL come and go all through the run: sends are refused (`unavailable`) while
-# Redis is away or a produce outlives a broker (577 in a run of each fault once); each is acked in the end.
-REFUSALS_PER_FAULT = 400
+# Redis is away or a produce outlives a broker (577 and 626 in two runs of each fault once at 60 msgs/s,
+# ~1.3 per fault and msg/s); each is acked in the end.
+REFUSALS_PER_FAULT_AND_RATE = 15
+
+
+def scale() -> tuple[int, float]:
+    """(rooms, msgs/s over all clients): CHAOS_ROOMS and CHAOS_RATE; a client per room, each in
+    two rooms (every room has two members)."""
+    return int(os.environ.get("CHAOS_ROOMS", "40")), float(os.environ.get("CHAOS_RATE", "60"))
 
 
 def chaos_plan(rng: random.Random, rounds: int) -> list[str]:
@@ -198,8 +205,11 @@ async def test_faults_in_a_random_order_lose_nothing(
     chaos = Chaos(cluster, sweeper, redis_proc, redis_port, tmp_path / "redis", mysql_proxy, kafka3, log_dir, rng)
     client = aioredis.from_url(settings.redis_url)
     try:
+        rooms, rate = scale()
+        clients = max(12, rooms)
         load = await run_load_through(cluster, lambda: chaos.run(plan), client, mysql,
-                                      Allow(refusals=REFUSALS_PER_FAULT * len(plan)))
+                                      Allow(refusals=int(REFUSALS_PER_FAULT_AND_RATE * rate * len(plan))),
+                                      rate=rate / clients, clients=clients, rooms=rooms)
         async with RoomcastClient([cluster.url(0)], token(settings, "reader")) as reader:
             paged = {room: await history(reader, room) for room in load.rooms}
         # (in order, each once, as acknowledged: pages that overlapped or skipped would show)
