@@ -11,6 +11,9 @@ acked in that room at a later position, once, in cursor order, with the body, us
 client_msg_id it was acknowledged with. Cursors are "partition-offset"; a room lives in one
 partition, so offsets order it.
 
+What the sends cost is checked against what the fault may cost (`Allow`): error answers to send
+attempts, each within a fault's window, and sends that ended without an ack (`check_sends`).
+
 The checks are pure functions over plain data; `stored_messages` is the thin loader for storage.
 """
 
@@ -33,6 +36,18 @@ MYSQL_MESSAGES = (
     "SELECT m.id, m.kafka_partition, m.kafka_offset, m.user_id, m.body, m.created_at, m.client_msg_id "
     "FROM messages m JOIN rooms r ON r.id = m.room_id WHERE r.name = %s ORDER BY m.kafka_offset"
 )
+
+
+@dataclass(frozen=True)
+class Allow:
+    """What a fault may cost the senders. `refusals`: error answers to send attempts (`unavailable`:
+    the client tries again), each within the fault's window (from its start to `grace_s` after its
+    end: a produce the fault caught fails by the producer's timeout); `unacked`: sends that end
+    without an ack (refused for good, or given up)."""
+
+    refusals: int = 0
+    unacked: int = 0
+    grace_s: float = 15.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,3 +299,18 @@ async def stored_messages(redis: Any, mysql_pool: Any, keys: Keys, room: str) ->
         for msg_id, partition, off, user, body, ts, cmid in await cur.fetchall():
             out.append(Copy(msg_id, f"{partition}-{off}", user, body, int(ts), cmid, "mysql"))
     return out
+
+
+def check_sends(unacked: Sequence[Unacked], refusals: Sequence[float], windows: Sequence[tuple[float, float]],
+                allow: Allow) -> list[str]:
+    """What the sends cost beyond `allow` (empty: nothing). `refusals`: when each error answer to a
+    send attempt came; `windows`: (start, end) of each fault, on the same clock."""
+    outside = [t for t in refusals if not any(s <= t <= e + allow.grace_s for s, e in windows)]
+    problems = []
+    if len(refusals) > allow.refusals:
+        problems.append(f"{len(refusals)} refusals, {allow.refusals} allowed")
+    if outside:
+        problems.append(f"{len(outside)} refusals outside the fault's window")
+    if len(unacked) > allow.unacked:
+        problems.append(f"{len(unacked)} sends without an ack, {allow.unacked} allowed, e.g. {list(unacked[:3])}")
+    return problems

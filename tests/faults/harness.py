@@ -26,21 +26,20 @@ from shared.kafka import new_consumer
 from shared.keys import Keys
 from shared.settings import Settings
 from tests.support import Cluster, eventually
-from tools.checker import Ack, Copy, Report, Unacked, check_delivery, check_storage, offset, stored_messages
+from tools.checker import (
+    Ack,
+    Allow,
+    Copy,
+    Report,
+    Unacked,
+    check_delivery,
+    check_sends,
+    check_storage,
+    offset,
+    stored_messages,
+)
 
 SEND_TIMEOUT_S = 60.0  # a send not acked by then is given up (the client stops trying it)
-
-
-@dataclass(frozen=True)
-class Allow:
-    """What a fault may cost the senders. `refusals`: error answers to send attempts (`unavailable`:
-    the client tries again), each within the fault's window (from its start to `grace_s` after its
-    end: a produce the fault caught fails by the producer's timeout); `unacked`: sends that end
-    without an ack (refused for good, or given up)."""
-
-    refusals: int = 0
-    unacked: int = 0
-    grace_s: float = 15.0
 
 
 @dataclass
@@ -203,13 +202,11 @@ class Load:
     def check_sends(self, allow: Allow) -> None:
         """Fails when the fault cost more than `allow` (a refusal outside every window counts as one
         too many)."""
-        refusals = [t for m in self.members for t, _ in m.refusals]
-        outside = [t for t in refusals if not any(s <= t <= e + allow.grace_s for s, e in self.windows)]
-        line = f"sends: {dict(sorted(self.outcomes().items()))}, refusals outside the fault's window: {len(outside)}"
+        line = f"sends: {dict(sorted(self.outcomes().items()))}"
         print(line)
-        assert len(refusals) <= allow.refusals and not outside, f"{line}; allowed {allow}"
-        unacked = [u for m in self.members for u in m.unacked]
-        assert len(unacked) <= allow.unacked, f"{line}; allowed {allow}; e.g. {unacked[:3]}"
+        problems = check_sends([u for m in self.members for u in m.unacked],
+                               [t for m in self.members for t, _ in m.refusals], self.windows, allow)
+        assert not problems, f"{line}: {'; '.join(problems)}; allowed {allow}"
 
     def missing(self) -> str:
         """Per member and room, the acked offsets it never received (for failure messages)."""
