@@ -210,7 +210,8 @@ class Persister:
                 self.flushes.add(room)
                 metrics.FLUSH_ERRORS.inc()
                 wait = backoff.failed()
-                log.warning("flush failed; will retry", extra={"room": room, "error": repr(e), "retry_in": wait})
+                log.warning("flush failed; will retry",
+                            extra={"room": room, "error": repr(e.__cause__ or e), "retry_in": wait})
                 await asyncio.sleep(wait)
 
     async def flush_room(self, room: str) -> None:
@@ -234,7 +235,7 @@ class Persister:
                     await self.rooms.ids(names)
                     await self.buffer.registered(partition, names)
             except Exception as e:
-                log.warning("room registration failed; will retry", extra={"error": repr(e)})
+                log.warning("room registration failed; will retry", extra={"error": repr(e.__cause__ or e)})
                 return
 
     async def _retry_redis(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
