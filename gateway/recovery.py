@@ -73,6 +73,8 @@ async def _resume(node: Node, session: Session, room: str, cursor: str, fail: Ca
     metrics.JOINS.inc()
     session.recovering[room] = []
     position = node.fanout.position(partition)
+    if valid and after is not None and after.offset >= position:
+        session.skip_through(room, after.offset)  # (its last gateway fanned out further than this one)
     replay: Replay = []
     recovered = False
     if valid:

@@ -115,6 +115,24 @@ async def test_resume_with_an_invalid_cursor_is_live_only_and_says_not_recovered
     await p.close()
 
 
+async def test_a_resume_ahead_of_this_gateways_fan_out_gets_no_message_it_had_again(
+        cluster: Cluster, small_buffer: Settings) -> None:
+    """A client's last gateway had fanned out further than the one it resumes on (it died: the
+    gateway fault test saw this): what comes live here up to its cursor, it had. Here its cursor is
+    3 records past what this gateway fanned out."""
+    sender = await Peer.connect(cluster.url(0), token(small_buffer, "alice"))
+    [last] = await send_many(sender, "lobby", 1, "seen")
+    part, end = last["cursor"].split("-")
+    p = await Peer.connect(cluster.url(1), token(small_buffer, "dave"))
+    joined = await p.join("lobby", cursor=f"{part}-{int(end) + 3}")
+    assert joined["recovered"] is True
+    later = await send_many(sender, "lobby", 5, "later")
+    await p.wait_for(lambda f: f["type"] == "message" and f["body"] == "later 4")
+    assert [m["id"] for m in p.messages("lobby")] == [a["id"] for a in later[3:]], "only what it had not"
+    for peer in (sender, p):
+        await peer.close()
+
+
 async def test_a_resend_to_the_other_node_is_acked_with_the_first_ack_and_stored_once(
         cluster: Cluster, small_buffer: Settings, redis: aioredis.Redis, mysql: aiomysql.Pool) -> None:
     from shared.keys import Keys
