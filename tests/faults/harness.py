@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import random
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
@@ -40,6 +41,7 @@ from tools.checker import (
 )
 
 SEND_TIMEOUT_S = 60.0  # a send not acked by then is given up (the client stops trying it)
+STARTING_AT_ONCE = 10  # clients connecting and joining at a time
 
 
 @dataclass
@@ -53,6 +55,7 @@ class Member:
     unacked: list[Unacked] = field(default_factory=list)
     refusals: list[tuple[float, str]] = field(default_factory=list)  # (monotonic time, code) per error answer
     latencies: list[float] = field(default_factory=list)
+    sent: int = 0  # sends started
     trace: list[str] = field(default_factory=list)  # joined and message frames as they came (for failure messages)
 
 
@@ -71,22 +74,29 @@ class Load:
         self._seq = itertools.count()
         self.windows: list[tuple[float, float]] = []  # (start, end) of each fault, monotonic
         self.foreign: list[Unacked] = []  # written into its rooms by the test itself, not by its clients
+        self.started = self.stopped = 0.0  # when sending started and stopped, monotonic
 
     async def start(self) -> None:
-        for i in range(self.n):
-            urls = self.urls[i % len(self.urls):] + self.urls[: i % len(self.urls)]
-            name = f"user-{i}"
-            rooms = [self.rooms[i % len(self.rooms)], self.rooms[(i + 1) % len(self.rooms)]]
-            member = Member(name, None, rooms)  # type: ignore[arg-type]
-            member.client = RoomcastClient(urls, mint_token(self.settings, name), backoff_base=0.1,
-                                           backoff_max=1.0, request_timeout=3.0,
-                                           on_message=_ignore, on_frame=self._recorder(member))
+        """Connect and join every client (a few at a time: 200 one by one take a while), then send."""
+        at_once = asyncio.Semaphore(STARTING_AT_ONCE)
+        self.members = list(await asyncio.gather(*(self._member(i, at_once) for i in range(self.n))))
+        self.started = time.monotonic()
+        self._senders = [asyncio.create_task(self._send_loop(m)) for m in self.members]
+
+    async def _member(self, i: int, at_once: asyncio.Semaphore) -> Member:
+        urls = self.urls[i % len(self.urls):] + self.urls[: i % len(self.urls)]
+        name = f"user-{i}"
+        rooms = [self.rooms[i % len(self.rooms)], self.rooms[(i + 1) % len(self.rooms)]]
+        member = Member(name, None, rooms)  # type: ignore[arg-type]
+        member.client = RoomcastClient(urls, mint_token(self.settings, name), backoff_base=0.1,
+                                       backoff_max=1.0, request_timeout=3.0,
+                                       on_message=_ignore, on_frame=self._recorder(member))
+        async with at_once:
             await member.client.start()
             for room in rooms:
                 joined = await member.client.join(room)
                 member.joined[room] = joined["cursor"]
-            self.members.append(member)
-        self._senders = [asyncio.create_task(self._send_loop(m)) for m in self.members]
+        return member
 
     @staticmethod
     def _recorder(member: Member) -> Callable[[dict[str, Any]], None]:
@@ -100,18 +110,26 @@ class Load:
                                     f"(connection {member.client.reconnects + 1})")
             elif kind == "error" and str(frame.get("ref", "")).startswith(f"{member.name}-"):
                 member.refusals.append((time.monotonic(), frame["code"]))
+            elif kind == "error":  # (a join's, or one without a ref)
+                member.trace.append(f"error {frame.get('code')} ref={frame.get('ref')} ({frame.get('reason')}) "
+                                    f"(connection {member.client.reconnects + 1})")
         return on_frame
 
     async def _send_loop(self, m: Member) -> None:
+        """`rate` sends a second on a fixed schedule (a loop that falls behind sends late, and the
+        achieved rate shows it: `pace`)."""
         interval = 1.0 / self.rate
         in_flight: set[asyncio.Task[None]] = set()
+        due = time.monotonic() + random.uniform(0, interval)  # (the clients' sends spread over the interval)
         try:
             while True:
+                await asyncio.sleep(max(0.0, due - time.monotonic()))
+                due += interval
                 k = next(self._seq)
+                m.sent += 1
                 task = asyncio.create_task(self._send_one(m, m.rooms[k % 2], k))
                 in_flight.add(task)
                 task.add_done_callback(in_flight.discard)
-                await asyncio.sleep(interval)
         except asyncio.CancelledError:
             # stop starting new sends; the ones in flight finish (the client retries them)
             if in_flight:
@@ -133,9 +151,21 @@ class Load:
         m.latencies.append(time.monotonic() - t0)
 
     async def stop_sending(self) -> None:
+        if self._senders and not self.stopped:
+            self.stopped = time.monotonic()
         for t in self._senders:
             t.cancel()
         await asyncio.gather(*self._senders, return_exceptions=True)
+
+    def pace(self) -> str:
+        """The rate asked for and the rate the sends started at, and the ack latency (for the log)."""
+        took = (self.stopped or time.monotonic()) - self.started
+        sent = sum(m.sent for m in self.members)
+        latencies = sorted(x for m in self.members for x in m.latencies) or [0.0]
+        p50, p99 = (latencies[int(q * (len(latencies) - 1))] for q in (0.5, 0.99))
+        return (f"{self.n} clients in {len(self.rooms)} rooms: asked {self.rate * self.n:.0f} msgs/s, sent "
+                f"{sent} in {took:.0f} s ({sent / max(took, 1e-9):.0f} msgs/s); ack latency p50 {p50 * 1000:.0f} ms, "
+                f"p99 {p99 * 1000:.0f} ms, max {latencies[-1]:.1f} s")
 
     @contextlib.asynccontextmanager
     async def fault(self) -> Any:
@@ -235,7 +265,8 @@ class Load:
         lost = {a.id: a for a in self.all_acks}.get(report.examples.get("lost", [""])[0])
         for m in self.members if lost is not None else ():
             if lost is not None and lost.room in m.rooms and all(c.id != lost.id for c in m.frames.get(lost.room, [])):
-                lines = [line for line in m.trace if line.split()[0] == lost.room or line.startswith("joined")]
+                lines = [line for line in m.trace
+                         if line.split()[0] == lost.room or line.startswith(("joined", "error"))]
                 out.append(f"{m.name} never got {lost.id} at {lost.cursor}: last frames {lines[-12:]}")
                 break
         return "; ".join(out)
@@ -314,6 +345,7 @@ async def run_load_through(cluster: Cluster, fault: Callable[[], Awaitable[None]
             await fault()
         await asyncio.sleep(1.5)
         await load.stop_sending()
+        print(load.pace())
         await load.drain(90)
         assert load.total_acked > 50
         delivery = load.delivery()
