@@ -126,8 +126,9 @@ class Load:
                 await asyncio.sleep(max(0.0, due - time.monotonic()))
                 due += interval
                 k = next(self._seq)
-                m.sent += 1
-                task = asyncio.create_task(self._send_one(m, m.rooms[k % 2], k))
+                room = m.rooms[m.sent % 2]  # (its own count: clients on a fixed schedule take turns in a
+                m.sent += 1                 # fixed order, so the parity of k would pin each to one room)
+                task = asyncio.create_task(self._send_one(m, room, k))
                 in_flight.add(task)
                 task.add_done_callback(in_flight.discard)
         except asyncio.CancelledError:
@@ -348,6 +349,8 @@ async def run_load_through(cluster: Cluster, fault: Callable[[], Awaitable[None]
         print(load.pace())
         await load.drain(90)
         assert load.total_acked > 50
+        quiet = sorted(set(load.rooms) - {a.room for a in load.all_acks})
+        assert not quiet, f"rooms the load never wrote into: {quiet[:10]}"
         delivery = load.delivery()
         assert delivery.ok, (f"delivery: {delivery} ({load.describe()}) missing: {load.missing()} "
                              f"{load.around(delivery)}")

@@ -48,6 +48,7 @@ class Resumer:
         self.room, self.frames, self.cursor = room, list[Copy](), ""
         self.settings, self.url = settings, url
         self.client: RoomcastClient | None = None
+        self.joined: dict[str, Any] = {}
 
     def _record(self, frame: dict[str, Any]) -> None:
         if frame.get("type") == "message":
@@ -61,7 +62,7 @@ class Resumer:
         self.client = RoomcastClient(self.url, token(self.settings, "resumer"), on_frame=self._record,
                                      on_message=lambda _: None, request_timeout=30)
         await self.client.start()
-        joined = await self.client.join(self.room, self.cursor)
+        joined = self.joined = await self.client.join(self.room, self.cursor)
         assert joined["recovered"] is True, joined
 
     def check(self, load: Load) -> None:
@@ -175,15 +176,21 @@ async def test_latency_on_the_mysql_path_slows_flushes_and_resumes_and_loses_not
         metrics = f"http://127.0.0.1:{cluster.persister_metrics}/metrics"
         flushed = (await asyncio.to_thread(scrape, metrics))["roomcast_persister_flushed_messages_total"]
 
-        async def flushed_through_it() -> bool:  # (its buffer cap is 40: most of room-0 is in MySQL by then)
+        async def flushed_through_it() -> bool:  # (and a chunk of room-0, part of the resumer's gap)
             now = (await asyncio.to_thread(scrape, metrics))["roomcast_persister_flushed_messages_total"]
-            return now >= flushed + 3 * cluster.settings.flush_chunk
+            async with mysql.acquire() as conn, conn.cursor() as cur:
+                await cur.execute("SELECT COUNT(*) FROM messages m JOIN rooms r ON r.id = m.room_id "
+                                  "WHERE r.name = %s", (resumer.room,))
+                (archived,) = await cur.fetchone()
+            return now >= flushed + 3 * cluster.settings.flush_chunk and archived >= cluster.settings.flush_chunk
 
         await eventually(flushed_through_it, 60, what="flushes through the slow path")
         before, t0 = cluster.resumed(0), time.monotonic()
         await resumer.resume()
         took = time.monotonic() - t0
-        assert (cluster.resumed(0) - before)["mysql"] > 0, "the older part of the gap came from MySQL"
+        served = cluster.resumed(0) - before
+        assert served["mysql"] > 0, (f"the older part of the gap came from MySQL: {served}, from {resumer.cursor}: "
+                                     f"{resumer.joined}, {len(resumer.frames)} frames")
         assert took >= 2 * latency, f"the resume read MySQL through the slow path ({took:.2f} s)"
         proxy.latency = 0.0
 
