@@ -51,8 +51,8 @@ test-e2e: system-deps $(STAMP)
 test-faults: system-deps $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/faults
 
-# The chaos test at 200 rooms (opt-in: `make test` runs it at 40 rooms and 60 msgs/s). 400 msgs/s is
-# what a 2-core machine shared with other work held with room to spare (README, "Fault tests").
+# The chaos test at 200 rooms (opt-in: `make test` runs it at 40 rooms and 60 msgs/s). A 2-core
+# machine shared with other work held 600 msgs/s, 400 with room to spare (README, "Fault tests").
 CHAOS_RATE ?= 400
 test-chaos-scale: system-deps $(STAMP)  ## the chaos test at 200 rooms and CHAOS_RATE msgs/s (~1.5-3 min)
 	CHAOS_ROOMS=200 CHAOS_RATE=$(CHAOS_RATE) $(BIN)/python -m pytest -q -s -p no:cacheprovider \
