@@ -25,7 +25,10 @@ HISTORY_MYSQL_QUERIES = Counter("roomcast_gateway_history_mysql_queries_total",
                                 "MySQL queries made for history pages (single-flight shares one between callers)")
 HISTORY_PARTIAL_PAGES = Counter("roomcast_gateway_history_partial_pages_total",
                                 "History pages served from Redis alone, short, because MySQL did not answer")
-RESUMED = Counter("roomcast_gateway_resumed_messages_total", "Missed messages replayed on a resume")
+RESUMED = Counter("roomcast_gateway_resumed_messages_total",
+                  "Missed messages replayed on a resume, by the store that served them", ["source"])
+for _source in ("redis", "mysql", "kafka"):  # (each series exported from the start, at 0)
+    RESUMED.labels(_source)
 SIGNALS_OUT = Counter("roomcast_gateway_signals_out_total", "Signals produced to the signals topic", ["kind"])
 SIGNALS_IN = Counter("roomcast_gateway_signals_in_total", "Signals consumed from the signals topic", ["kind"])
 SIGNALS_FAILED = Counter("roomcast_gateway_signals_failed_total", "Signals the broker did not take (dropped)")

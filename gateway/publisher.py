@@ -57,6 +57,10 @@ class Publisher:
         self.producer = producer
         self.redis = redis
         self.keys = Keys(settings.redis_prefix, settings.kafka_partitions)
+        # The wait for a produce's answer ends this long after its claim was taken (the hand-over to
+        # the producer counts: it waits up to the request timeout for room in a full batch while a
+        # partition has no leader), then the claim is renewed: so it is renewed before its TTL ends.
+        # Had it lapsed first, a resend would publish a second copy under a new id.
         self._produce_timeout = settings.kafka_request_timeout_ms / 1000 * 2
         self._pending_ttl = int(self._produce_timeout) + 5
         self._acks = AckWriter(redis, settings.dedupe_ttl_s)
@@ -128,7 +132,7 @@ class Publisher:
 
     async def _ack(self, key: str, claim: bytes, msg: Message, delivery: asyncio.Future[Any], t0: float) -> bytes:
         try:
-            md = await asyncio.wait_for(asyncio.shield(delivery), self._produce_timeout)
+            md = await asyncio.wait_for(asyncio.shield(delivery), self._produce_timeout - (time.perf_counter() - t0))
         except TimeoutError as e:
             # The producer still holds the record (it waits out a broker outage), so it may reach
             # Kafka later: the claim stays pending until the producer knows, so a resend meanwhile

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -36,6 +37,8 @@ from shared.message import Message
 from shared.store.entry import dedupe, parse
 from shared.store.events import as_now
 from shared.store.paging import MysqlNeed, log_start, plan, stitch
+
+Replay = list[tuple[str, bytes]]  # (the store that served it: "redis", "mysql" or "kafka", stored entry), oldest first
 
 
 class PersisterBehind(Exception):
@@ -73,7 +76,9 @@ async def _resume(node: Node, session: Session, room: str, cursor: str, fail: Ca
     metrics.JOINS.inc()
     session.recovering[room] = []
     position = node.fanout.position(partition)
-    replay: list[bytes] = []
+    if valid and after is not None and after.offset >= position:
+        session.skip_through(room, after.offset)  # (its last gateway fanned out further than this one)
+    replay: Replay = []
     recovered = False
     if valid:
         assert after is not None
@@ -91,11 +96,12 @@ async def _resume(node: Node, session: Session, room: str, cursor: str, fail: Ca
         return
     session.push(dumps({"type": "joined", "room": room, "cursor": join_point(partition, position),
                         "recovered": recovered, **(read_state or {})}))
-    await session.push_paced([m.frame().decode() for m in as_now([Message.from_entry(raw) for raw in replay])])
+    await session.push_paced([m.frame().decode() for m in as_now([Message.from_entry(raw) for _, raw in replay])])
     # Live frames held meanwhile follow the replay; no await between these pushes and going live.
     for _, frame in session.recovering.pop(room, []):
         session.push(frame)
-    metrics.RESUMED.inc(len(replay))
+    for source, n in Counter(source for source, _ in replay).items():
+        metrics.RESUMED.labels(source).inc(n)
 
 
 async def wait_applied(node: Node, partition: int, offset: int) -> None:
@@ -115,7 +121,7 @@ async def wait_applied(node: Node, partition: int, offset: int) -> None:
         await asyncio.sleep(0.02)
 
 
-async def missed(node: Node, room: str, after: int, before: int, reads: Reads) -> tuple[list[bytes], bool]:
+async def missed(node: Node, room: str, after: int, before: int, reads: Reads) -> tuple[Replay, bool]:
     """Stored entries of `room` with after < offset < before, oldest first, and whether that is
     all of them (False when more than `resume_max_messages` were missed): a history page of the
     range (shared.store.paging), whose MySQL part comes from the log while MySQL is away."""
@@ -123,6 +129,7 @@ async def missed(node: Node, room: str, after: int, before: int, reads: Reads) -
     run, end = await node.buffer.read_run(room, before, limit + 1, after)
     reads.n += len(run)
     page = plan(before, run, end, limit, after)
+    older_from, older_ids = "mysql", set[str]()
     if isinstance(page, MysqlNeed):
         need = page
         try:
@@ -133,22 +140,24 @@ async def missed(node: Node, room: str, after: int, before: int, reads: Reads) -
             if upper - after - 1 > node.settings.resume_kafka_max_records:
                 raise
             logged = await read_room(node.settings, node.keys.partition(room), room, after + 1, upper, reads)
-            older = dedupe(parse(raw) for raw in logged)[::-1]
+            older, older_from = dedupe(parse(raw) for raw in logged)[::-1], "kafka"
+        older_ids = {e.id for e in older}
         page = stitch(run, older, need, limit)
     if page.next is not None:
         return [], False
-    return [e.raw for e in page.entries], True
+    # (a message in both stores is taken from the older one)
+    return [(older_from if e.id in older_ids else "redis", e.raw) for e in page.entries], True
 
 
 async def missed_with_kafka(node: Node, room: str, after: int, before: int, behind: PersisterBehind,
-                            reads: Reads) -> tuple[list[bytes], bool]:
+                            reads: Reads) -> tuple[Replay, bool]:
     """The persister is behind (or down): what it applied comes from storage as usual, the rest
     (mark, before) straight from Kafka, so a resume never depends on the persister being up."""
     mark = behind.mark
     start = log_start(after, mark)
     if before - start > node.settings.resume_kafka_max_records:
         raise Unavailable("too many records to read from the log (the persister is behind or Redis away)")
-    stored: list[bytes] = []
+    stored: Replay = []
     if mark is not None and mark > after:
         stored, complete = await missed(node, room, after, mark + 1, reads)
         if not complete:
@@ -162,7 +171,8 @@ async def missed_with_kafka(node: Node, room: str, after: int, before: int, behi
             raise
         # The persister never applied what retention deleted: it is gone. Replay what is left, honestly.
         recent, complete = await read_room(node.settings, partition, room, gone.log_start, before, reads), False
-    replay = dedupe(parse(raw) for raw in stored + recent)
+    source = {parse(raw).id: store for store, raw in stored}
+    replay = dedupe(parse(raw) for raw in [*(raw for _, raw in stored), *recent])
     if len(replay) > node.settings.resume_max_messages:
         return [], False
-    return [e.raw for e in replay], complete
+    return [(source.get(e.id, "kafka"), e.raw) for e in replay], complete

@@ -36,6 +36,7 @@ class Socket(Protocol):
 
 class Session:
     __slots__ = (
+        "_floors",
         "_queue",
         "_queue_max",
         "_recovering",
@@ -63,6 +64,7 @@ class Session:
         self._wakeup: asyncio.Future[None] | None = None  # set while the sender waits for frames
         self._space: asyncio.Event | None = None  # set while a replay waits for the queue to drain
         self._recovering: dict[str, list[tuple[int, str]]] | None = None
+        self._floors: dict[str, int] | None = None  # room -> the client has every offset up to this
         self._write_now = write_now  # writes a serialised frame to the client at once, if it can
 
     @property
@@ -72,8 +74,17 @@ class Session:
             self._recovering = {}
         return self._recovering
 
+    def skip_through(self, room: str, offset: int) -> None:
+        """The client resumed `room` at `offset`, which this node has not fanned out yet (another
+        node was ahead): live frames up to it are repeats, not sent."""
+        if self._floors is None:
+            self._floors = {}
+        self._floors[room] = offset
+
     def stop_recovering(self, room: str) -> None:
-        """Forget the frames held back for `room` (it was left)."""
+        """Forget the frames held back for `room` and its floor (it was left)."""
+        if self._floors is not None:
+            self._floors.pop(room, None)
         if self._recovering is not None:
             self._recovering.pop(room, None)
             if not self._recovering:
@@ -111,6 +122,11 @@ class Session:
             self.push(frame)
 
     def deliver(self, room: str, offset: int, frame: str, wire: bytes | None = None) -> None:
+        floors = self._floors
+        if floors is not None and room in floors:
+            if offset <= floors[room]:
+                return
+            del floors[room]
         recovering = self._recovering
         held = None if recovering is None else recovering.get(room)
         if held is None:

@@ -15,6 +15,10 @@ FLUSH_ERRORS = Counter("roomcast_persister_flush_errors_total", "Failed chunk mo
 LOG_SKIPPED = Counter("roomcast_persister_log_skipped_records_total",
                       "Records retention deleted before the persister applied them (lost from storage)")
 REDIS_ERRORS = Counter("roomcast_persister_redis_errors_total", "Failed Redis calls (retried)")
+FENCED = Counter("roomcast_persister_fenced_batches_total",
+                 "Batches Redis refused because the partition's applied mark had moved (another persister "
+                 "applied it, or Redis lost data): nothing written, the partition read again from the stored mark")
+OWNED = Gauge("roomcast_persister_partitions", "Partitions this persister owns")
 LAG = Gauge("roomcast_persister_lag_records", "Records between the applied mark and the high-water mark",
             ["partition"])
 BUFFERED = Gauge("roomcast_persister_buffered_messages", "Messages in the Redis lists of the rooms seen since start")

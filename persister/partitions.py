@@ -17,6 +17,9 @@ class Partitions:
     def __iter__(self) -> Iterator[int]:
         return iter(list(self.marks))
 
+    def __len__(self) -> int:
+        return len(self.marks)
+
     def take(self, partition: int, mark: int | None) -> None:
         self.marks[partition] = mark
 

@@ -83,12 +83,14 @@ class Persister:
                 self.flushes.add(room)
             self.archived_events.add(tp.partition)  # (a previous owner may have left some)
             log.info("partition taken", extra={"partition": tp.partition, "mark": mark})
+        metrics.OWNED.set(len(self.partitions))
         if not self.backlog.paused:
             self.consumer.resume(*tps)
         self.flushes.wakeup.set()
 
     def drop_partitions(self, tps: Iterable[TopicPartition]) -> None:
         self.partitions.drop(tp.partition for tp in tps)
+        metrics.OWNED.set(len(self.partitions))
 
     async def read_after(self, tp: TopicPartition, mark: int | None) -> None:
         """Consume the partition from just after its applied mark, or from the log's start without one.
@@ -189,6 +191,8 @@ class Persister:
             await self._applied(fetched.tp, fetched.messages, res)
 
     async def _applied(self, tp: TopicPartition, messages: list[Message], res: Applied) -> None:
+        if res.rewind:
+            metrics.FENCED.inc()
         if tp.partition not in self.partitions:  # revoked during the write (the script kept it consistent)
             return
         if res.rewind:
@@ -238,7 +242,8 @@ class Persister:
                 self.flushes.add(room)
                 metrics.FLUSH_ERRORS.inc()
                 wait = backoff.failed()
-                log.warning("flush failed; will retry", extra={"room": room, "error": repr(e), "retry_in": wait})
+                log.warning("flush failed; will retry",
+                            extra={"room": room, "error": repr(e.__cause__ or e), "retry_in": wait})
                 await asyncio.sleep(wait)
 
     async def flush_room(self, room: str) -> None:
@@ -278,7 +283,7 @@ class Persister:
                     await self.rooms.ids(names)
                     await self.buffer.registered(partition, names)
             except Exception as e:
-                log.warning("room registration failed; will retry", extra={"error": repr(e)})
+                log.warning("room registration failed; will retry", extra={"error": repr(e.__cause__ or e)})
                 return
 
     async def _retry_redis(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:

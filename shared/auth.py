@@ -69,13 +69,15 @@ def verify_token(settings: Settings, token: str | None) -> Identity:
     another HMAC size), `sub`, `exp` and `rooms` are required: a token without a `rooms` claim
     (e.g. one minted for another service with the same secret) is refused, never read as "all rooms".
     With JWT_AUDIENCE / JWT_ISSUER set, `aud` / `iss` are required and must match (PyJWT's checks;
-    without an audience set, a token that names one is refused: it was minted for another service)."""
+    without an audience set, a token that names one is refused: it was minted for another service).
+    A token is valid from its `nbf` (if any) until its `exp`; `iat` is not checked: a gateway whose
+    clock is behind the issuer's refused every fresh token as "not yet valid" for that long."""
     if not token:
         raise AuthError("no token")
     try:
         claims = jwt.decode(token, settings.jwt_secret.get_secret_value(), algorithms=[settings.jwt_algorithm],
                             audience=settings.jwt_audience or None, issuer=settings.jwt_issuer or None,
-                            options={"require": ["sub", "exp", "rooms"]})
+                            options={"require": ["sub", "exp", "rooms"], "verify_iat": False})
     except jwt.PyJWTError as e:
         raise AuthError(str(e)) from e
     user, rooms = claims["sub"], claims["rooms"]

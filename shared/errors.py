@@ -68,3 +68,8 @@ class Unavailable(RoomcastError):
 
 class StoreUnavailable(Unavailable):
     """Redis or MySQL did not answer a read or write of stored messages."""
+
+
+class StoreRefused(RoomcastError):
+    """MySQL refused the rows themselves (a value longer than its column, out of range, a failed
+    constraint): the same write fails again however often it is tried."""

@@ -16,6 +16,7 @@ from ulid import ULID
 
 from shared.cursor import Position
 from shared.store import entry
+from shared.validation import valid_room
 
 
 def new_message_id(at_ms: int | None = None) -> str:
@@ -60,12 +61,20 @@ class Message:
 
     @classmethod
     def from_kafka(cls, value: bytes, partition: int, offset: int) -> Message:
+        """The message a record holds. A record that is not one a gateway writes (not a JSON object,
+        a field missing or of another type, a room name no gateway accepts: a producer outside
+        roomcast) raises ValueError, KeyError or TypeError: it must reach neither clients nor storage."""
         d = orjson.loads(value)
-        kind = d.get("kind", entry.MESSAGE)
+        msg_id, room, user, body, ts, cmid = d["id"], d["room"], d["user"], d["body"], d["ts"], d.get("cmid", "")
+        kind, target, toff = d.get("kind", entry.MESSAGE), d.get("target", ""), d.get("toff", -1)
+        if not (isinstance(msg_id, str) and isinstance(user, str) and isinstance(body, str)
+                and isinstance(cmid, str) and type(ts) is int and isinstance(target, str) and type(toff) is int):
+            raise TypeError("not a roomcast message: a field of another type")
         if kind not in (entry.MESSAGE, entry.EDIT, entry.DELETE):
             raise ValueError(f"unknown record kind {kind!r}")
-        return cls(d["id"], d["room"], d["user"], d["body"], int(d["ts"]), d.get("cmid", ""),
-                   Position(partition, offset), kind, d.get("target", ""), int(d.get("toff", -1)))
+        if not valid_room(room):
+            raise ValueError("not a roomcast message: not a room name")
+        return cls(msg_id, room, user, body, ts, cmid, Position(partition, offset), kind, target, toff)
 
     def entry(self) -> bytes:
         """The stored form (Redis list item, history page item): shared.store.entry."""

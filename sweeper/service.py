@@ -163,7 +163,7 @@ class Sweeper:
             try:
                 await self.sweep_logged(stop)
             except STORE_ERRORS as e:
-                log.warning("sweep failed; next one in the interval", extra={"error": repr(e)})
+                log.warning("sweep failed; next one in the interval", extra={"error": repr(e.__cause__ or e)})
             await _sleep(stop, self.s.sweep_interval_s)
 
     async def sweep_logged(self, stop: asyncio.Event) -> SweepStats:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from shared.mysql import MysqlTarget
 from shared.settings import Settings
 from tools import haproxy, localstack
 from tools.localstack import Proc
-from tools.services import start_gateway, start_persister
+from tools.services import scrape, start_gateway, start_persister
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 30.0, every: float = 0.1,
@@ -48,6 +49,8 @@ class Cluster:
     gateways: list[Proc] = field(default_factory=list)
     persister: Proc | None = None
     persister_metrics: int = 0
+    hosts: list[str] = field(default_factory=list)  # each gateway's address
+    persister_host: str = localstack.LOCALHOST
 
     def start(self, gateways: int = 2, persister: bool = True) -> Cluster:
         for _ in range(gateways):
@@ -56,27 +59,43 @@ class Cluster:
             self.start_persister()
         return self
 
-    def add_gateway(self) -> Proc:
+    def add_gateway(self, settings: Settings | None = None, wrap: Sequence[str] = ()) -> Proc:
+        """One more gateway (with `settings` of its own, e.g. in a network namespace: `wrap`)."""
+        settings = settings or self.settings
         port = localstack.free_port()
-        proc = start_gateway(self.settings, port, self.log_dir, name=f"{self.settings.redis_prefix}-gw{port}")
+        proc = start_gateway(settings, port, self.log_dir, name=f"{settings.redis_prefix}-gw{port}", wrap=wrap)
         self.gateways.append(proc)
+        self.hosts.append(settings.host)
         return proc
 
-    def start_persister(self) -> Proc:
+    def start_persister(self, settings: Settings | None = None, wrap: Sequence[str] = ()) -> Proc:
+        """The persister (with `settings` of its own, e.g. in a network namespace: `wrap`)."""
+        settings = settings or self.settings
         self.persister_metrics = self.persister_metrics or localstack.free_port()
-        self.persister = start_persister(self.settings, self.log_dir, name=f"{self.settings.redis_prefix}-persister",
-                                         metrics_port=self.persister_metrics)
+        self.persister = start_persister(settings, self.log_dir, name=f"{settings.redis_prefix}-persister",
+                                         metrics_port=self.persister_metrics, wrap=wrap)
+        self.persister_host = settings.host
         return self.persister
 
+    @property
+    def persister_http(self) -> str:
+        return f"http://{self.persister_host}:{self.persister_metrics}"
+
     def url(self, i: int) -> str:
-        return f"ws://127.0.0.1:{self.gateways[i].ports[0]}"
+        return f"ws://{self.hosts[i]}:{self.gateways[i].ports[0]}"
 
     def http(self, i: int) -> str:
-        return f"http://127.0.0.1:{self.gateways[i].ports[0]}"
+        return f"http://{self.hosts[i]}:{self.gateways[i].ports[0]}"
 
     def stop(self) -> None:
         for p in [*self.gateways, *([self.persister] if self.persister else [])]:
             p.stop()
+
+    def resumed(self, i: int) -> Counter[str]:
+        """Messages gateway i replayed on resumes so far, by the store that served them (its metric)."""
+        metrics = scrape(f"{self.http(i)}/metrics")
+        return Counter({source: int(metrics[f'roomcast_gateway_resumed_messages_total{{source="{source}"}}'])
+                        for source in ("redis", "mysql", "kafka")})
 
 
 @dataclass

@@ -6,6 +6,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 
 from shared.settings import Settings
@@ -13,14 +14,15 @@ from tools.localstack import LocalStackError, Proc, log_tail, start_process
 
 
 def _start(module: str, name: str, settings: Settings, log_dir: Path, extra: dict[str, str],
-           args: tuple[str, ...] = ()) -> Proc:
+           args: tuple[str, ...] = (), wrap: Sequence[str] = ()) -> Proc:
+    """`wrap`: the command to run it under (the fault tests: `ip netns exec NS`)."""
     env = {**settings.to_env(), "NODE_ID": name, **extra}
-    return start_process(name, [sys.executable, "-m", module, *args], log_dir, env=env, stop_timeout=20)
+    return start_process(name, [*wrap, sys.executable, "-m", module, *args], log_dir, env=env, stop_timeout=20)
 
 
 def start_gateway(settings: Settings, port: int, log_dir: Path, name: str | None = None,
-                  wait: bool = True, **extra: str) -> Proc:
-    proc = _start("gateway", name or f"gateway-{port}", settings, log_dir, {"PORT": str(port), **extra})
+                  wait: bool = True, wrap: Sequence[str] = (), **extra: str) -> Proc:
+    proc = _start("gateway", name or f"gateway-{port}", settings, log_dir, {"PORT": str(port), **extra}, wrap=wrap)
     proc.ports = (port,)
     if wait:
         _ready_or_stop(proc, f"http://{settings.host}:{port}/readyz")
@@ -28,8 +30,8 @@ def start_gateway(settings: Settings, port: int, log_dir: Path, name: str | None
 
 
 def start_persister(settings: Settings, log_dir: Path, name: str = "persister", metrics_port: int = 0,
-                    **extra: str) -> Proc:
-    proc = _start("persister", name, settings, log_dir, {"METRICS_PORT": str(metrics_port), **extra})
+                    wrap: Sequence[str] = (), **extra: str) -> Proc:
+    proc = _start("persister", name, settings, log_dir, {"METRICS_PORT": str(metrics_port), **extra}, wrap=wrap)
     if metrics_port:
         proc.ports = (metrics_port,)
         _ready_or_stop(proc, f"http://{settings.host}:{metrics_port}/metrics")

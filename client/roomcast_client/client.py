@@ -36,6 +36,7 @@ log = logging.getLogger("roomcast.client")
 Frame = dict[str, Any]
 OnMessage = Callable[[Frame], Awaitable[None] | None]
 OnSignal = Callable[[Frame], Awaitable[None] | None]
+OnFrame = Callable[[Frame], None]
 
 TYPING_INTERVAL_S = 3.0  # the server forwards at most one typing signal per user and room this often
 
@@ -110,6 +111,8 @@ class _Room:
     confirmed: int = 0  # the connection whose `joined` frame we last got (0: never joined)
     presence: bool = False  # joined with presence events
     typed: float = -TYPING_INTERVAL_S  # when a typing frame was last sent (monotonic)
+    refused: int = 0  # re-joins refused in a row (their back-off)
+    retry: asyncio.TimerHandle | None = None  # the next re-join after a refusal
     _order: deque[str] = field(default_factory=deque)
     _ids: set[str] = field(default_factory=set)
 
@@ -152,7 +155,11 @@ class RoomcastClient:
     Presence, typing and read state: `join(room, presence=True)` then `presence(room)` and
     `on_presence=` for each `presence_event`; `typing(room)` (throttled here as the server does) and
     `on_typing=`; `read(room, cursor)` and `on_read=` for the user's marks from other devices and
-    other users' receipts; `unread()`. Signals are not replayed after a reconnect: ask again."""
+    other users' receipts; `unread()`. Signals are not replayed after a reconnect: ask again.
+
+    `on_frame=` (sync) sees every frame the server sends, as it arrives, before the client acts on
+    it: repeats and replays the client drops, acks, errors and `joined` frames too (for tracing,
+    and for tests that hold the server to the protocol below the client's own filtering)."""
 
     def __init__(
         self,
@@ -163,6 +170,7 @@ class RoomcastClient:
         backoff_base: float = 0.2,
         backoff_max: float = 5.0,
         on_message: OnMessage | None = None,
+        on_frame: OnFrame | None = None,
         request_timeout: float = 10.0,
         open_timeout: float = 5.0,
         max_queue: int = 10_000,
@@ -187,6 +195,7 @@ class RoomcastClient:
         self._on_signal: dict[str, OnSignal | None] = {"presence_event": on_presence, "typing": on_typing,
                                                        "read": on_read}
         self.user = _subject(token) if isinstance(token, str) else ""  # the token's `sub`
+        self._on_frame = on_frame
         self._timeout, self._open_timeout, self._window = request_timeout, open_timeout, dedupe_window
         self._max_frame = max_frame_bytes
         # without on_message, received messages wait here; a full queue stops reading (back-pressure)
@@ -201,7 +210,6 @@ class RoomcastClient:
         self._by_room: dict[str, deque[asyncio.Future[Frame]]] = {}
         self._out: asyncio.Queue[str] | None = None  # the current connection's outgoing frames
         self._gen = 0
-        self._join_timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
         self._done = False
         self.error: RoomcastError | None = None  # why the client stopped, when it was not closed
@@ -407,7 +415,10 @@ class RoomcastClient:
         try:
             async for raw in ws:
                 healthy = True
-                await self._dispatch(orjson.loads(raw))
+                frame = orjson.loads(raw)
+                if self._on_frame is not None:
+                    self._on_frame(frame)
+                await self._dispatch(frame)
         except ConnectionClosed:
             pass
         finally:
@@ -426,7 +437,8 @@ class RoomcastClient:
         self._out = asyncio.Queue()
         if auth is not None:
             self._out.put_nowait(auth)
-        self._rejoin_unconfirmed(self._gen)
+        for room, state in self._rooms.items():
+            self._write(self._join_frame(room, state))
         for key, waiting in self._requests.items():
             self._requests[key] = deque((t, f) for t, f in waiting if not f.done())
             for text, _ in self._requests[key]:
@@ -435,17 +447,23 @@ class RoomcastClient:
             self._write_send(pending)
         return self._out
 
-    def _rejoin_unconfirmed(self, gen: int) -> None:
-        """(Re-)join every room not confirmed on this connection. Repeated every request_timeout:
-        a re-join nobody awaits may fail for a while (e.g. `unavailable` while storage recovers)."""
-        if gen != self._gen or self._out is None:
+    def _rejoin_later(self, room: str) -> None:
+        """A re-join nobody awaits was refused (e.g. `unavailable` while storage recovers): send it
+        again after a back-off. Only then: a join sent again while the first is still answered would
+        have its replay sent twice."""
+        state = self._rooms.get(room)
+        if state is None or state.confirmed == self._gen:
             return
-        missing = [(room, state) for room, state in self._rooms.items() if state.confirmed != gen]
-        for room, state in missing:
+        state.refused += 1
+        if state.retry is not None:
+            state.retry.cancel()
+        state.retry = asyncio.get_running_loop().call_later(
+            self._backoff(state.refused), self._rejoin, room, state, self._gen)
+
+    def _rejoin(self, room: str, state: _Room, gen: int) -> None:
+        state.retry = None
+        if gen == self._gen and self._rooms.get(room) is state and state.confirmed != gen:
             self._write(self._join_frame(room, state))
-        if missing:
-            self._join_timer = asyncio.get_running_loop().call_later(
-                self._timeout, self._rejoin_unconfirmed, gen)
 
     @staticmethod
     async def _writer(ws: ClientConnection, out: asyncio.Queue[str]) -> None:
@@ -495,7 +513,7 @@ class RoomcastClient:
         room = frame.get("room", "")
         state = self._rooms.get(room)
         if state is not None:
-            state.confirmed = self._gen
+            state.confirmed, state.refused = self._gen, 0
             if not state.cursor:
                 state.set_cursor(frame.get("cursor", ""))
         if frame.get("recovered") is False:
@@ -516,6 +534,8 @@ class RoomcastClient:
             else:  # (`not_joined` answers a leave, which nobody awaits; a re-join's error is retried)
                 self.errors += 1
                 log.warning("server error: %s", err)
+                if isinstance(ref, str) and err.code != "not_joined":
+                    self._rejoin_later(ref)
         elif err.code == "unavailable":  # nothing was published: keep it and try again later
             pending.attempts += 1
             if pending.timer is not None:
@@ -614,7 +634,7 @@ class RoomcastClient:
         self._done, self._out = True, None
         if not isinstance(err, ClientClosed):
             self.error = err
-        for timer in [self._join_timer, *(p.timer for p in self._sends.values())]:
+        for timer in [*(r.retry for r in self._rooms.values()), *(p.timer for p in self._sends.values())]:
             if timer is not None:
                 timer.cancel()
         waiting: list[asyncio.Future[Any]] = [p.future for p in self._sends.values()]

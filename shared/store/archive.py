@@ -7,6 +7,9 @@ to edit, and the sweeper's walk over `rooms`. Any MySQL failure is StoreUnavaila
 Two copies of a message's state can meet (a mover archiving an entry read before an edit changed
 it, while the edit reached MySQL by another way): every write keeps the newer state, a delete for
 good and else the greater `rev` (the offset of the edit that made the state).
+
+A write refused for its rows' data raises StoreRefused (else StoreUnavailable); rows refused so
+are set aside in `unarchived_messages` (shared/store/mover.py).
 """
 
 from __future__ import annotations
@@ -19,9 +22,10 @@ from typing import Any
 
 import aiomysql
 import pymysql
+from pymysql.err import DataError, IntegrityError, MySQLError
 
 from shared.cursor import Position
-from shared.errors import StoreUnavailable
+from shared.errors import StoreRefused, StoreUnavailable
 from shared.message import Message
 from shared.store.entry import DELETE, EDIT, MESSAGE, Entry, parse
 from shared.store.paging import MysqlNeed
@@ -51,6 +55,12 @@ DELETE_SQL = f"UPDATE messages SET {BLANK} WHERE id = %s"
 DELETE_EDITS_SQL = f"UPDATE messages SET {BLANK} WHERE target_id = %s AND kind = 1"
 DELETED_SQL = "SELECT deleted FROM messages WHERE id = %s AND kind = 0"
 STATES_SQL = "SELECT id, body, edited_ts, rev, deleted FROM messages WHERE kind = 0 AND id IN "
+# Unique by position: setting a message aside again (a crash before the trim) is a no-op.
+SET_ASIDE_SQL = (
+    "INSERT INTO unarchived_messages (room_id, kafka_partition, kafka_offset, entry, error, set_aside_at) "
+    "VALUES (%s, %s, %s, %s, %s, %s) ON DUPLICATE KEY UPDATE kafka_offset = kafka_offset"
+)
+CHECK_CONSTRAINT_FAILED = (3819, 4025)  # MySQL's and MariaDB's (pymysql calls them OperationalError)
 
 # A range read backwards on (room_id, kafka_offset): it touches only the rows it returns. The room id
 # comes from a subquery on the unique name, so no lookup round trip and no cache of ids is needed.
@@ -69,6 +79,13 @@ COUNT_SQL = ("SELECT COUNT(*) FROM (SELECT 1 FROM messages WHERE room_id = (SELE
 ROOMS_SQL = "SELECT id, name FROM rooms WHERE id > %s ORDER BY id LIMIT %s"
 
 
+def refused_for_its_data(e: BaseException) -> bool:
+    """MySQL refused the rows themselves: trying them again cannot help. (A deadlock, a lock wait, a
+    read-only server or a lost connection can: those are not.)"""
+    return isinstance(e, DataError | IntegrityError) or (
+        isinstance(e, MySQLError) and bool(e.args) and e.args[0] in CHECK_CONSTRAINT_FAILED)
+
+
 class Archive:
     def __init__(self, pool: aiomysql.Pool, rooms: RoomDirectory | None = None, read_timeout_s: float = 5.0) -> None:
         self._pool = pool
@@ -85,6 +102,8 @@ class Archive:
                         conn.cursor() as cur):
                 yield cur
         except (pymysql.err.Error, OSError, TimeoutError) as e:
+            if not read and refused_for_its_data(e):
+                raise StoreRefused(str(e)) from e
             raise StoreUnavailable("message archive unavailable") from e
 
     async def insert(self, room: str, messages: Sequence[Message]) -> None:
@@ -101,6 +120,12 @@ class Archive:
             await cur.execute(sql, params)
             self.insert_statements += 1
             self.rows_inserted += cur.rowcount  # 1 per new row, 0 per duplicate
+
+    async def set_aside(self, room: str, at: Position, entry: bytes, why: str, now_ms: int) -> None:
+        """Keep a message MySQL refused (its stored entry, whole, and MySQL's reason) out of the way."""
+        room_id = await self.rooms.id(room)
+        async with self._cursor(read=False) as cur:
+            await cur.execute(SET_ASIDE_SQL, (room_id, at.partition, at.offset, entry.decode(), why[:512], now_ms))
 
     async def older(self, room: str, need: MysqlNeed) -> list[Entry]:
         """The newest `need.count` messages of the room with need.after < offset < need.before,

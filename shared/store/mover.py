@@ -10,21 +10,33 @@ crash-safety lives here once:
    movers meet on a room, the second finds its chunk gone and trims nothing it did not archive; when
    an edit or delete changed an entry of the chunk meanwhile, nothing is trimmed and the next move
    archives the entry as it is now (the archive's upsert keeps the newer state).
+
+A row MySQL refuses for its data (a field longer than its column: a record a producer outside
+roomcast wrote) would fail its chunk on every try while the room's list grows: such rows are found
+by halving the chunk, and set aside in `unarchived_messages` (counted, logged) before the trim.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import aiomysql
 import redis.asyncio as aioredis
+from prometheus_client import Counter
 
+from shared.errors import StoreRefused
 from shared.keys import Keys
 from shared.message import Message
 from shared.store.archive import Archive
 from shared.store.buffer import RedisBuffer
 from shared.store.rooms import RoomDirectory
+
+log = logging.getLogger("roomcast.mover")
+SET_ASIDE = Counter("roomcast_unarchived_messages_total",
+                    "Messages MySQL refused for their data, set aside in unarchived_messages")
 
 
 @dataclass
@@ -63,9 +75,31 @@ class Mover:
             messages.append(msg)
         if not chunk:
             return MoveResult(0, len(raw))
-        await self.insert(room, messages)
+        await self.archive_or_set_aside(room, chunk, messages)
         remaining = await self._buffer.trim_if_head(room, chunk, oldest.edits)
         return MoveResult(len(chunk) if remaining >= 0 else 0, remaining)
 
     async def insert(self, room: str, messages: list[Message]) -> None:
         await self.archive.insert(room, messages)
+
+    async def archive_or_set_aside(self, room: str, chunk: list[bytes], messages: list[Message]) -> None:
+        """Insert the chunk's messages; the rows MySQL refuses for their data are found by halving
+        it, and set aside. Any other error (MySQL away, a deadlock, read-only) is raised: the move is
+        tried again later, whole."""
+        try:
+            await self.insert(room, messages)
+        except StoreRefused as e:
+            if len(chunk) == 1:
+                await self.set_aside(room, chunk[0], messages[0], e)
+                return
+            half = len(chunk) // 2
+            await self.archive_or_set_aside(room, chunk[:half], messages[:half])
+            await self.archive_or_set_aside(room, chunk[half:], messages[half:])
+
+    async def set_aside(self, room: str, entry: bytes, msg: Message, why: StoreRefused) -> None:
+        assert msg.position is not None
+        await self.archive.set_aside(room, msg.position, entry, why.reason, int(time.time() * 1000))
+        SET_ASIDE.inc()
+        log.error("message set aside: MySQL refused it", extra={
+            "room": room, "partition": msg.position.partition, "offset": msg.position.offset,
+            "error": why.reason[:200]})

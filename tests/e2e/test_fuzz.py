@@ -47,7 +47,7 @@ from shared.settings import Settings
 from shared.validation import valid_room
 from tests.support import Cluster, eventually, token
 from tests.support_spec import frame_errors
-from tools.checker import Ack, check_delivery, check_storage, stored_ids, stored_messages
+from tools.checker import Ack, Copy, check_delivery, check_storage, stored_ids, stored_messages
 from tools.services import scrape
 
 pytestmark = pytest.mark.timeout(180)
@@ -370,17 +370,18 @@ class Chatter:
         self.name = name
         self.client = RoomcastClient(url, tok, reconnect=False, on_message=self.on_message)
         self.joined_at: dict[str, str] = {}
-        self.received: dict[str, list[tuple[str, str]]] = {}
-        self.acks: list[asyncio.Future[dict[str, Any]]] = []
+        self.received: dict[str, list[Copy]] = {}
+        self.acks: list[tuple[asyncio.Future[dict[str, Any]], str]] = []  # (the ack to come, the body sent)
 
     def on_message(self, m: dict[str, Any]) -> None:
-        self.received.setdefault(m["room"], []).append((m["id"], m["cursor"]))
+        self.received.setdefault(m["room"], []).append(Copy.from_frame(m))
 
     async def chat(self, stop: asyncio.Event) -> None:
         rng = random.Random(self.name)
         i = 0
         while not stop.is_set():
-            self.acks.append(self.client.send_nowait(BG_ROOMS[i % 2], f"{self.name} says {i} {'✓' * rng.randrange(3)}"))
+            body = f"{self.name} says {i} {'✓' * rng.randrange(3)}"
+            self.acks.append((self.client.send_nowait(BG_ROOMS[i % 2], body), body))
             i += 1
             await asyncio.sleep(rng.uniform(0.05, 0.15))
 
@@ -500,7 +501,7 @@ async def test_fuzzed_frames_never_hurt_the_node_or_other_clients(
 
     stop.set()
     await asyncio.gather(*chatting)
-    acked = [Ack.from_frame(await asyncio.wait_for(f, 30)) for c in chatters for f in c.acks]
+    acked = [Ack.from_frame(await asyncio.wait_for(f, 30), c.name, body) for c in chatters for f, body in c.acks]
     assert len(acked) > 100
 
     async def delivered() -> bool:
@@ -534,8 +535,8 @@ async def test_fuzzed_frames_never_hurt_the_node_or_other_clients(
         return True
 
     await eventually(persisted, 60, what="the persister caught up")
-    stored = {room: stored_ids(await stored_messages(redis, mysql, keys, room)) for room in BG_ROOMS}
-    report = check_storage({room: [a.id for a in acked if a.room == room] for room in BG_ROOMS}, stored)
+    stored = {room: await stored_messages(redis, mysql, keys, room) for room in BG_ROOMS}
+    report = check_storage(acked, stored)
     assert report.ok, str(report)
 
     # Every acked body, fuzzed or weird, stored and served exactly as sent.

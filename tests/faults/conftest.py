@@ -10,14 +10,17 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
+from shared.mysql import MysqlTarget
 from shared.settings import Settings
 from tests.faults.netns import HostNet
+from tests.faults.proxy import TcpProxy
 from tools.localkafka import KafkaCluster, KafkaNode
 
 # Faster failure detection than production's defaults (9 s broker session, 30 s replica lag), so
@@ -35,6 +38,7 @@ class Kafka3:
     cluster: KafkaCluster
     net: HostNet
     cut: set[int] = field(default_factory=set)
+    silent_towards: set[int] = field(default_factory=set)  # hosts every node drops its packets to
 
     @property
     def bootstrap(self) -> str:
@@ -50,6 +54,18 @@ class Kafka3:
     def rejoin(self, node_id: int) -> None:
         self.net.join(node_id)
         self.cut.discard(node_id)
+
+    def cut_from(self, host: int) -> None:
+        """A partition between Kafka and one host of the network (an Outpost): every node drops what
+        it sends there, so the host's connects and requests go unanswered (no reset, no error)."""
+        for node in self.cluster.nodes:
+            self.net.blackhole(node.node_id, host)
+        self.silent_towards.add(host)
+
+    def reach(self, host: int) -> None:
+        for node in self.cluster.nodes:
+            self.net.unblackhole(node.node_id, host)
+        self.silent_towards.discard(host)
 
     async def leader_of(self, tp: TopicPartition) -> int:
         """The node leading `tp` now (asked again until the cluster names one)."""
@@ -102,6 +118,8 @@ class Kafka3:
     def heal(self) -> None:
         for node_id in list(self.cut):
             self.rejoin(node_id)
+        for host in list(self.silent_towards):
+            self.reach(host)
         for node in self.cluster.nodes:
             if not self.cluster.running(node.node_id):
                 self.cluster.start_node(node.node_id)
@@ -128,3 +146,48 @@ async def kafka3(kafka3_session: Kafka3) -> AsyncIterator[Kafka3]:
     kafka3_session.heal()
     yield kafka3_session
     await asyncio.to_thread(kafka3_session.heal)
+
+
+@dataclass
+class Outpost:
+    """A host of its own on the fault tests' network, for a service to run in (`wrap` its command):
+    it reaches Kafka over the network, and Redis and MySQL through proxies in the root namespace, so
+    Kafka can be cut from it alone (`kafka.cut_from(outpost.host)`) while its stores stay reachable."""
+
+    kafka: Kafka3
+    host: int
+    redis: TcpProxy
+    mysql: TcpProxy
+
+    @property
+    def address(self) -> str:
+        return self.kafka.net.address(self.host)
+
+    @property
+    def wrap(self) -> list[str]:
+        return ["ip", "netns", "exec", self.kafka.net.namespace(self.host)]
+
+    def settings(self, base: Settings) -> Settings:
+        """`base` (the fault tests' Kafka already) for a service in this host."""
+        mysql = MysqlTarget.from_dsn(base.mysql_dsn)
+        via = self.kafka.net.bridge_address
+        return base.model_copy(update={
+            "host": self.address, "redis_url": f"redis://{via}:{self.redis.port}/{urlsplit(base.redis_url).path[1:]}",
+            "mysql_dsn": f"mysql://{mysql.user}:{mysql.password}@{via}:{self.mysql.port}/{mysql.database}"})
+
+
+@pytest.fixture
+async def outpost(kafka3: Kafka3, migrated: Settings) -> AsyncIterator[Outpost]:
+    """A new host on the fault tests' network, with proxies to this test's Redis and MySQL."""
+    redis_at, mysql_at = urlsplit(migrated.redis_url), MysqlTarget.from_dsn(migrated.mysql_dsn)
+    via = kafka3.net.bridge_address
+    redis = await TcpProxy(redis_at.hostname or "127.0.0.1", redis_at.port or 6379, host=via).start()
+    mysql = await TcpProxy(mysql_at.host, mysql_at.port, host=via).start()
+    host = await asyncio.to_thread(kafka3.net.add_host)
+    try:
+        yield Outpost(kafka3, host, redis, mysql)
+    finally:
+        kafka3.reach(host)
+        kafka3.net.remove_host(host)
+        await redis.close()
+        await mysql.close()

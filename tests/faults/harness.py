@@ -1,25 +1,47 @@
 """Load for the fault tests: clients on every node stream messages into a few rooms while a test
-breaks something; afterwards the checker compares acks, deliveries and storage."""
+breaks something; afterwards the checker compares every send's outcome with what the server sent
+each client (every frame, below the client library's own filtering) and with what is stored.
+
+Every send ends acked, refused with a named error, or given up after SEND_TIMEOUT_S; each fault
+test says what its fault may cost (`Allow`) and fails beyond that."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import itertools
+import random
 import time
-from collections.abc import Awaitable, Callable
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiomysql
 import redis.asyncio as aioredis
-from roomcast_client import RoomcastClient
+from aiokafka import TopicPartition
+from roomcast_client import RoomcastClient, RoomcastError
 
 from shared.auth import mint_token
+from shared.kafka import new_consumer
 from shared.keys import Keys
 from shared.settings import Settings
-from tests.support import Cluster
-from tools.checker import Ack, Report, check_delivery, check_storage, offset, stored_ids, stored_messages
+from tests.support import Cluster, eventually
+from tools.checker import (
+    Ack,
+    Allow,
+    Copy,
+    Report,
+    Unacked,
+    check_delivery,
+    check_sends,
+    check_storage,
+    offset,
+    stored_messages,
+)
+
+SEND_TIMEOUT_S = 60.0  # a send not acked by then is given up (the client stops trying it)
+STARTING_AT_ONCE = 10  # clients connecting and joining at a time
 
 
 @dataclass
@@ -28,9 +50,13 @@ class Member:
     client: RoomcastClient
     rooms: list[str]
     joined: dict[str, str] = field(default_factory=dict)  # room -> cursor at the first join
-    received: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+    frames: dict[str, list[Copy]] = field(default_factory=dict)  # room -> message frames, as sent
     acks: list[Ack] = field(default_factory=list)
+    unacked: list[Unacked] = field(default_factory=list)
+    refusals: list[tuple[float, str]] = field(default_factory=list)  # (monotonic time, code) per error answer
     latencies: list[float] = field(default_factory=list)
+    sent: int = 0  # sends started
+    trace: list[str] = field(default_factory=list)  # joined and message frames as they came (for failure messages)
 
 
 class Load:
@@ -46,78 +72,133 @@ class Load:
         self.members: list[Member] = []
         self._senders: list[asyncio.Task[None]] = []
         self._seq = itertools.count()
-        self.errors: list[BaseException] = []
-        self.bodies: dict[str, str] = {}  # message id -> body, of every message received
-        self.given_up: dict[str, str] = {}  # body -> room, of sends that never got an ack
+        self.windows: list[tuple[float, float]] = []  # (start, end) of each fault, monotonic
+        self.foreign: list[Unacked] = []  # written into its rooms by the test itself, not by its clients
+        self.started = self.stopped = 0.0  # when sending started and stopped, monotonic
 
     async def start(self) -> None:
-        for i in range(self.n):
-            urls = self.urls[i % len(self.urls):] + self.urls[: i % len(self.urls)]
-            name = f"user-{i}"
-            rooms = [self.rooms[i % len(self.rooms)], self.rooms[(i + 1) % len(self.rooms)]]
-            member = Member(name, None, rooms)  # type: ignore[arg-type]
-            member.client = RoomcastClient(urls, mint_token(self.settings, name), backoff_base=0.1,
-                                           backoff_max=1.0, request_timeout=3.0,
-                                           on_message=self._collector(member))
+        """Connect and join every client (a few at a time: 200 one by one take a while), then send."""
+        at_once = asyncio.Semaphore(STARTING_AT_ONCE)
+        self.members = list(await asyncio.gather(*(self._member(i, at_once) for i in range(self.n))))
+        self.started = time.monotonic()
+        self._senders = [asyncio.create_task(self._send_loop(m)) for m in self.members]
+
+    async def _member(self, i: int, at_once: asyncio.Semaphore) -> Member:
+        urls = self.urls[i % len(self.urls):] + self.urls[: i % len(self.urls)]
+        name = f"user-{i}"
+        rooms = [self.rooms[i % len(self.rooms)], self.rooms[(i + 1) % len(self.rooms)]]
+        member = Member(name, None, rooms)  # type: ignore[arg-type]
+        member.client = RoomcastClient(urls, mint_token(self.settings, name), backoff_base=0.1,
+                                       backoff_max=1.0, request_timeout=3.0,
+                                       on_message=_ignore, on_frame=self._recorder(member))
+        async with at_once:
             await member.client.start()
             for room in rooms:
                 joined = await member.client.join(room)
                 member.joined[room] = joined["cursor"]
-            self.members.append(member)
-        self._senders = [asyncio.create_task(self._send_loop(m)) for m in self.members]
+        return member
 
-    def _collector(self, member: Member) -> Any:
-        def on_message(frame: dict[str, Any]) -> None:
-            member.received.setdefault(frame["room"], []).append((frame["id"], frame["cursor"]))
-            self.bodies[frame["id"]] = frame["body"]
-        return on_message
+    @staticmethod
+    def _recorder(member: Member) -> Callable[[dict[str, Any]], None]:
+        def on_frame(frame: dict[str, Any]) -> None:
+            kind = frame.get("type")
+            if kind == "message":
+                member.frames.setdefault(frame["room"], []).append(Copy.from_frame(frame))
+                member.trace.append(f"{frame['room']} {frame['cursor']} {frame['id']}")
+            elif kind == "joined":
+                member.trace.append(f"joined {frame['room']} at {frame['cursor']} recovered={frame.get('recovered')} "
+                                    f"(connection {member.client.reconnects + 1})")
+            elif kind == "error" and str(frame.get("ref", "")).startswith(f"{member.name}-"):
+                member.refusals.append((time.monotonic(), frame["code"]))
+            elif kind == "error":  # (a join's, or one without a ref)
+                member.trace.append(f"error {frame.get('code')} ref={frame.get('ref')} ({frame.get('reason')}) "
+                                    f"(connection {member.client.reconnects + 1})")
+        return on_frame
 
     async def _send_loop(self, m: Member) -> None:
+        """`rate` sends a second on a fixed schedule (a loop that falls behind sends late, and the
+        achieved rate shows it: `pace`)."""
         interval = 1.0 / self.rate
         in_flight: set[asyncio.Task[None]] = set()
+        due = time.monotonic() + random.uniform(0, interval)  # (the clients' sends spread over the interval)
         try:
             while True:
+                await asyncio.sleep(max(0.0, due - time.monotonic()))
+                due += interval
                 k = next(self._seq)
-                task = asyncio.create_task(self._send_one(m, m.rooms[k % 2], k))
+                room = m.rooms[m.sent % 2]  # (its own count: clients on a fixed schedule take turns in a
+                m.sent += 1                 # fixed order, so the parity of k would pin each to one room)
+                task = asyncio.create_task(self._send_one(m, room, k))
                 in_flight.add(task)
                 task.add_done_callback(in_flight.discard)
-                await asyncio.sleep(interval)
         except asyncio.CancelledError:
             # stop starting new sends; the ones in flight finish (the client retries them)
             if in_flight:
-                await asyncio.wait(in_flight, timeout=60)
+                await asyncio.wait(in_flight)
             raise
 
     async def _send_one(self, m: Member, room: str, k: int) -> None:
+        cmid, body = f"{m.name}-{k}", f"{m.name}:{k}"
         t0 = time.monotonic()
         try:
-            ack = await asyncio.wait_for(m.client.send(room, f"{m.name}:{k}"), 60)
-        except Exception as e:  # a send that never got an ack promises nothing; note why
-            self.errors.append(e)
-            self.given_up[f"{m.name}:{k}"] = room
+            ack = await asyncio.wait_for(m.client.send(room, body, client_msg_id=cmid), SEND_TIMEOUT_S)
+        except TimeoutError:
+            m.unacked.append(Unacked(room, m.name, cmid, body, "timeout"))
             return
-        m.acks.append(Ack.from_frame(ack))
+        except RoomcastError as e:
+            m.unacked.append(Unacked(room, m.name, cmid, body, e.code))
+            return
+        m.acks.append(Ack.from_frame(ack, m.name, body))
         m.latencies.append(time.monotonic() - t0)
 
     async def stop_sending(self) -> None:
+        if self._senders and not self.stopped:
+            self.stopped = time.monotonic()
         for t in self._senders:
             t.cancel()
         await asyncio.gather(*self._senders, return_exceptions=True)
+
+    def pace(self) -> str:
+        """The rate asked for and the rate the sends started at, and the ack latency (for the log)."""
+        took = (self.stopped or time.monotonic()) - self.started
+        sent = sum(m.sent for m in self.members)
+        latencies = sorted(x for m in self.members for x in m.latencies) or [0.0]
+        p50, p99 = (latencies[int(q * (len(latencies) - 1))] for q in (0.5, 0.99))
+        return (f"{self.n} clients in {len(self.rooms)} rooms: asked {self.rate * self.n:.0f} msgs/s, sent "
+                f"{sent} in {took:.0f} s ({sent / max(took, 1e-9):.0f} msgs/s); ack latency p50 {p50 * 1000:.0f} ms, "
+                f"p99 {p99 * 1000:.0f} ms, max {latencies[-1]:.1f} s")
+
+    @contextlib.asynccontextmanager
+    async def fault(self) -> Any:
+        """Marks the fault's window: refusals are allowed inside it only (see Allow)."""
+        start = time.monotonic()
+        try:
+            yield
+        finally:
+            self.windows.append((start, time.monotonic()))
 
     @property
     def acked(self) -> dict[str, list[Ack]]:
         return {m.name: m.acks for m in self.members}
 
+    @property
+    def all_acks(self) -> list[Ack]:
+        return [a for m in self.members for a in m.acks]
+
+    @property
+    def unacked(self) -> list[Unacked]:
+        """Every send that got no ack, and what the test wrote itself (each may show up once)."""
+        return [u for m in self.members for u in m.unacked] + self.foreign
+
     def owed(self) -> int:
         """Deliveries still missing (each member, each of its rooms, acks after its join)."""
         by_room: dict[str, set[str]] = {}
-        for m in self.members:
-            for a in m.acks:
-                by_room.setdefault(a.room, set()).add(a.id)
+        for a in self.all_acks:
+            by_room.setdefault(a.room, set()).add(a.id)
         missing = 0
         for m in self.members:
             for room in m.rooms:
-                got = {i for i, _ in m.received.get(room, [])}
+                got = {c.id for c in m.frames.get(room, [])}
                 missing += len(by_room.get(room, set()) - got)
         return missing
 
@@ -126,66 +207,81 @@ class Load:
         while self.owed() and time.monotonic() < deadline:
             await asyncio.sleep(0.2)
 
-    def maybe(self) -> dict[str, str]:
-        """id -> room of the messages received whose send was given up on (it may have reached Kafka
-        all the same): allowed once, never owed."""
-        return {msg_id: self.given_up[body] for msg_id, body in self.bodies.items() if body in self.given_up}
-
     def delivery(self) -> Report:
-        return check_delivery(self.acked, {m.name: m.received for m in self.members},
-                              {m.name: m.joined for m in self.members}, maybe=self.maybe())
+        return check_delivery(self.acked, {m.name: m.frames for m in self.members},
+                              {m.name: m.joined for m in self.members}, unacked=self.unacked)
 
     async def storage(self, redis: aioredis.Redis, mysql: aiomysql.Pool, timeout: float = 60.0) -> Report:
-        """Storage against the acks, once the persister has had time to catch up."""
+        """Storage against the sends, once the persister has had time to catch up."""
         keys = Keys(self.settings.redis_prefix, self.settings.kafka_partitions)
-        by_room = self.acked_by_room()
         deadline = time.monotonic() + timeout
         while True:
-            stored = {r: stored_ids(await stored_messages(redis, mysql, keys, r)) for r in self.rooms}
-            report = check_storage(by_room, stored, self.maybe())
+            stored = {r: await stored_messages(redis, mysql, keys, r) for r in self.rooms}
+            report = check_storage(self.all_acks, stored, self.unacked)
             if report.ok or time.monotonic() > deadline:
                 return report
             await asyncio.sleep(0.5)
 
-    def acked_by_room(self) -> dict[str, set[str]]:
-        by_room: dict[str, set[str]] = {r: set() for r in self.rooms}
-        for m in self.members:
-            for a in m.acks:
-                by_room[a.room].add(a.id)
-        return by_room
+    def outcomes(self) -> Counter[str]:
+        """Every send's outcome ("acked", "timeout" or the code it was refused with), and every error
+        answer to an attempt ("refusals:<code>"; the client tried `unavailable` ones again)."""
+        out: Counter[str] = Counter(acked=len(self.all_acks))
+        out.update(u.outcome for m in self.members for u in m.unacked)
+        out.update(f"refusals:{code}" for m in self.members for _, code in m.refusals)
+        return out
+
+    def check_sends(self, allow: Allow) -> None:
+        """Fails when the fault cost more than `allow` (a refusal outside every window counts as one
+        too many)."""
+        line = f"sends: {dict(sorted(self.outcomes().items()))}"
+        print(line)
+        problems = check_sends([u for m in self.members for u in m.unacked],
+                               [t for m in self.members for t, _ in m.refusals], self.windows, allow)
+        assert not problems, f"{line}: {'; '.join(problems)}; allowed {allow}"
 
     def missing(self) -> str:
         """Per member and room, the acked offsets it never received (for failure messages)."""
-        acks = {a.id: a for m in self.members for a in m.acks}
+        acks = {a.id: a for a in self.all_acks}
         out = []
         for m in self.members:
             for room in m.rooms:
-                got = {i for i, _ in m.received.get(room, [])}
+                got = {c.id for c in m.frames.get(room, [])}
                 since = offset(m.joined.get(room, ""))
                 lost = sorted(offset(a.cursor) for a in acks.values()
                               if a.room == room and a.id not in got and offset(a.cursor) > since)
                 if lost:
-                    last = max((offset(c) for _, c in m.received.get(room, [])), default=-1)
+                    last = max((offset(c.cursor) for c in m.frames.get(room, [])), default=-1)
                     out.append(f"{m.name}/{room}: {len(lost)} at {lost[0]}..{lost[-1]} (got up to {last})")
         return "; ".join(out)
 
-    def unacked(self) -> str:
-        """Received ids no ack named, with the body they carry and the id that body was acked with."""
-        acked = {a.id for m in self.members for a in m.acks}
-        acked_body = {self.bodies.get(a.id): a.id for m in self.members for a in m.acks}
-        out = [f"{msg_id} {body!r} (acked as {acked_body.get(body)})"
-               for msg_id, body in self.bodies.items() if msg_id not in acked]
-        return "; ".join(out[:5])
+    def around(self, report: Report) -> str:
+        """What the members got around the first duplicated and the first lost id (failure messages)."""
+        out = []
+        [copied, *_] = report.examples.get("duplicated", [""])
+        for m in self.members:
+            where = [i for i, line in enumerate(m.trace) if copied and line.endswith(copied)]
+            if len(where) > 1:
+                out.append(f"{m.name} got it twice: {m.trace[max(0, where[0] - 3):where[-1] + 1][:40]}")
+                break
+        lost = {a.id: a for a in self.all_acks}.get(report.examples.get("lost", [""])[0])
+        for m in self.members if lost is not None else ():
+            if lost is not None and lost.room in m.rooms and all(c.id != lost.id for c in m.frames.get(lost.room, [])):
+                lines = [line for line in m.trace
+                         if line.split()[0] == lost.room or line.startswith(("joined", "error"))]
+                out.append(f"{m.name} never got {lost.id} at {lost.cursor}: last frames {lines[-12:]}")
+                break
+        return "; ".join(out)
 
     def describe(self) -> str:
-        """Per client: reconnects, resume gaps, unmatched errors (for failure messages)."""
-        return "; ".join(f"{m.name}: reconnects={m.client.reconnects} gaps={m.client.gaps} "
-                         f"errors={m.client.errors}" for m in self.members
-                         if m.client.reconnects or m.client.gaps or m.client.errors)
+        """Per client: reconnects, resume gaps, repeats it dropped, unmatched errors (for failure messages)."""
+        shown = [f"{m.name}: reconnects={m.client.reconnects} gaps={m.client.gaps} "
+                 f"dropped={m.client.duplicates_dropped} errors={m.client.errors}" for m in self.members
+                 if m.client.reconnects or m.client.gaps or m.client.errors or m.client.duplicates_dropped]
+        return "; ".join(shown[:10]) + (f"; and {len(shown) - 10} more" if len(shown) > 10 else "")
 
     @property
     def total_acked(self) -> int:
-        return sum(len(m.acks) for m in self.members)
+        return len(self.all_acks)
 
     async def close(self) -> None:
         await self.stop_sending()
@@ -194,28 +290,73 @@ class Load:
                 await m.client.close()
 
 
+def _ignore(frame: dict[str, Any]) -> None:
+    """Messages are recorded as the server sent them (on_frame); the client's own stream is unused."""
+
+
+async def applied_to_the_end(settings: Settings, redis: aioredis.Redis, timeout: float = 60.0) -> None:
+    """Until the persister has applied every partition up to its log's end (nothing stuck)."""
+    tps = [TopicPartition(settings.kafka_topic, p) for p in range(settings.kafka_partitions)]
+    consumer = new_consumer(settings)
+    await consumer.start()
+    try:
+        ends = await consumer.end_offsets(tps)
+    finally:
+        await consumer.stop()
+    keys = Keys(settings.redis_prefix, settings.kafka_partitions)
+
+    async def reached() -> bool:
+        marks = [await redis.get(keys.applied(tp.partition)) for tp in tps]
+        return all(ends[tp] == 0 or (m is not None and int(m) >= ends[tp] - 1)
+                   for m, tp in zip(marks, tps, strict=True))
+
+    await eventually(reached, timeout, what="every partition applied to its log's end")
+
+
+async def history(client: RoomcastClient, room: str) -> list[Copy]:
+    """The room's messages, oldest first, from paging its history back from the newest page."""
+    pages: list[list[Copy]] = []
+    before = None
+    while True:
+        page = await client.history(room, before=before, limit=100)
+        pages.append([Copy.from_frame(m, "history") for m in page["messages"]])
+        if page["next"] is None:
+            break
+        before = page["next"]
+    return [m for ms in reversed(pages) for m in ms]
+
+
 def small(settings: Settings, **extra: object) -> Settings:
     return settings.model_copy(update={"buffer_cap": 40, "flush_chunk": 20, **extra})
 
 
 async def run_load_through(cluster: Cluster, fault: Callable[[], Awaitable[None]], redis: aioredis.Redis,
-                           mysql: aiomysql.Pool, rate: float = 5.0) -> Load:
-    """Stream from 12 clients over every node, run `fault()` meanwhile, then check everything."""
+                           mysql: aiomysql.Pool, allow: Allow, rate: float = 5.0, clients: int = 12,
+                           rooms: int = 4, foreign: Sequence[Unacked] = ()) -> Load:
+    """Stream from `clients` clients over every node, run `fault()` meanwhile, then check everything:
+    delivery, storage, and what the fault cost the senders (`allow`). `foreign`: messages the fault
+    writes into the load's rooms itself (no ack: each may show up once)."""
     load = Load(cluster.settings, [cluster.url(i) for i in range(len(cluster.gateways))],
-                clients=12, rooms=4, rate=rate)
+                clients=clients, rooms=rooms, rate=rate)
+    load.foreign.extend(foreign)
     await load.start()
     try:
         await asyncio.sleep(1.5)
-        await fault()
+        async with load.fault():
+            await fault()
         await asyncio.sleep(1.5)
         await load.stop_sending()
+        print(load.pace())
         await load.drain(90)
         assert load.total_acked > 50
+        quiet = sorted(set(load.rooms) - {a.room for a in load.all_acks})
+        assert not quiet, f"rooms the load never wrote into: {quiet[:10]}"
         delivery = load.delivery()
         assert delivery.ok, (f"delivery: {delivery} ({load.describe()}) missing: {load.missing()} "
-                             f"unacked: {load.unacked()}")
+                             f"{load.around(delivery)}")
         storage = await load.storage(redis, mysql, timeout=90)
         assert storage.ok, f"storage: {storage}"
+        load.check_sends(allow)
     finally:
         await load.close()
     return load

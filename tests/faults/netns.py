@@ -75,20 +75,47 @@ class HostNet:
     def address(self, i: int) -> str:
         return f"{self.subnet}.{10 + i}"
 
+    @property
+    def bridge_address(self) -> str:
+        """The root namespace on the bridge: what a host reaches the machine's own services through."""
+        return f"{self.subnet}.1"
+
     def up(self) -> HostNet:
         remove_stale()
         ip("link", "add", self.bridge, "type", "bridge")
-        ip("addr", "add", f"{self.subnet}.1/24", "dev", self.bridge)
+        ip("addr", "add", f"{self.bridge_address}/24", "dev", self.bridge)
         ip("link", "set", self.bridge, "up")
         for i in range(1, self.hosts + 1):
-            ns = self.namespace(i)
-            ip("netns", "add", ns)
-            ip("link", "add", self.link(i), "type", "veth", "peer", "name", "eth0", "netns", ns)
-            ip("link", "set", self.link(i), "master", self.bridge, "up")
-            ip("-n", ns, "addr", "add", f"{self.address(i)}/24", "dev", "eth0")
-            ip("-n", ns, "link", "set", "eth0", "up")
-            ip("-n", ns, "link", "set", "lo", "up")
+            self._add(i)
         return self
+
+    def _add(self, i: int) -> None:
+        ns = self.namespace(i)
+        ip("netns", "add", ns)
+        ip("link", "add", self.link(i), "type", "veth", "peer", "name", "eth0", "netns", ns)
+        ip("link", "set", self.link(i), "master", self.bridge, "up")
+        ip("-n", ns, "addr", "add", f"{self.address(i)}/24", "dev", "eth0")
+        ip("-n", ns, "link", "set", "eth0", "up")
+        ip("-n", ns, "link", "set", "lo", "up")
+
+    def add_host(self) -> int:
+        """One more host on the bridge; returns its number."""
+        self.hosts += 1
+        self._add(self.hosts)
+        return self.hosts
+
+    def remove_host(self, i: int) -> None:
+        with contextlib.suppress(RuntimeError):
+            ip("netns", "del", self.namespace(i))
+        ip("link", "del", self.link(i), check=False)
+
+    def blackhole(self, on: int, towards: int) -> None:
+        """Host `on` silently drops what it sends to host `towards` (no reset, no ICMP): seen from
+        `towards`, `on` has gone quiet."""
+        ip("-n", self.namespace(on), "route", "add", "blackhole", f"{self.address(towards)}/32")
+
+    def unblackhole(self, on: int, towards: int) -> None:
+        ip("-n", self.namespace(on), "route", "del", "blackhole", f"{self.address(towards)}/32", check=False)
 
     def cut(self, i: int) -> None:
         """Host i loses the network: whatever it sends or is sent is dropped."""

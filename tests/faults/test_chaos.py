@@ -8,7 +8,11 @@ a dependency is away. Afterwards nothing acknowledged is lost, duplicated or out
 delivered, stored, or paged back through history.
 
 A failure names its seed and plan; `CHAOS_SEED=N` runs that plan again, `CHAOS_ROUNDS` sets its
-length (default: each fault once; more rounds draw the extra faults at random)."""
+length (default: each fault once; more rounds draw the extra faults at random).
+
+Scale: `CHAOS_ROOMS` rooms (a client per room, each in two rooms) sending `CHAOS_RATE` msgs/s in
+all. The default is what the whole suite can afford; `make test-chaos-scale` runs it at 200 rooms
+and the highest rate this machine held (README, "Fault tests")."""
 
 from __future__ import annotations
 
@@ -27,17 +31,35 @@ from roomcast_client import RoomcastClient
 from shared.mysql import MysqlTarget
 from shared.settings import Settings
 from tests.faults.conftest import Kafka3
-from tests.faults.harness import run_load_through, small
+from tests.faults.harness import Allow, history, run_load_through, small
 from tests.faults.proxy import TcpProxy
-from tests.support import Cluster, offset, token
+from tests.support import Cluster, token
 from tools import localstack
 from tools.checker import check_storage
 from tools.services import start_gateway, start_sweeper
 
-pytestmark = [pytest.mark.faults, pytest.mark.timeout(420)]
-
 FAULTS = ("kill_gateway", "drain_gateway", "kill_persister", "kill_sweeper", "restart_redis", "cut_mysql",
           "kill_broker", "cut_broker")
+
+
+# Redis, Kafka nodes and MySQL come and go all through the run: sends are refused (`unavailable`) while
+# Redis is away or a produce outlives a broker, and each client tries its pending sends again at its
+# back-off, so refusals grow with the clients and the outages' length: 1.2 per fault and client seen
+# at 40 clients (60 msgs/s), 3.6-5.3 at 200 clients (200-500 msgs/s). Each is acked in the end.
+REFUSALS_PER_FAULT_AND_CLIENT = 15
+
+
+def scale() -> tuple[int, float]:
+    """(rooms, msgs/s over all clients): CHAOS_ROOMS and CHAOS_RATE. The default keeps the test at
+    about a minute of the suite's 20; `make test-chaos-scale` runs 200 rooms (README)."""
+    return int(os.environ.get("CHAOS_ROOMS", "40")), float(os.environ.get("CHAOS_RATE", "60"))
+
+
+ROOMS, RATE = scale()
+CLIENTS = max(12, ROOMS)  # (each in two rooms: every room has two members)
+# (the load's clients start, and the checks read every room's storage and history, in time that
+# grows with the rooms)
+pytestmark = [pytest.mark.faults, pytest.mark.timeout(420 + 3 * ROOMS)]
 
 
 def chaos_plan(rng: random.Random, rounds: int) -> list[str]:
@@ -158,23 +180,6 @@ class Chaos:
         task.add_done_callback(self.background.discard)
 
 
-async def history_ids(client: RoomcastClient, room: str) -> list[str]:
-    """The room's ids, oldest first, from paging its history back from the newest page; their
-    positions must grow."""
-    pages: list[list[tuple[str, int]]] = []
-    before = None
-    while True:
-        page = await client.history(room, before=before, limit=100)
-        pages.append([(m["id"], offset(m["cursor"])) for m in page["messages"]])
-        if page["next"] is None:
-            break
-        before = page["next"]
-    messages = [m for ms in reversed(pages) for m in ms]
-    positions = [off for _, off in messages]
-    assert positions == sorted(set(positions)), f"{room}: history pages out of order or overlapping"
-    return [msg_id for msg_id, _ in messages]
-
-
 @pytest.fixture
 async def mysql_proxy(migrated: Settings) -> AsyncIterator[TcpProxy]:
     target = MysqlTarget.from_dsn(migrated.mysql_dsn)
@@ -210,11 +215,14 @@ async def test_faults_in_a_random_order_lose_nothing(
     chaos = Chaos(cluster, sweeper, redis_proc, redis_port, tmp_path / "redis", mysql_proxy, kafka3, log_dir, rng)
     client = aioredis.from_url(settings.redis_url)
     try:
-        load = await run_load_through(cluster, lambda: chaos.run(plan), client, mysql)
+        load = await run_load_through(cluster, lambda: chaos.run(plan), client, mysql,
+                                      Allow(refusals=REFUSALS_PER_FAULT_AND_CLIENT * CLIENTS * len(plan)),
+                                      rate=RATE / CLIENTS, clients=CLIENTS, rooms=ROOMS)
         async with RoomcastClient([cluster.url(0)], token(settings, "reader")) as reader:
-            paged = {room: await history_ids(reader, room) for room in load.rooms}
-        history = check_storage(load.acked_by_room(), paged, load.maybe())
-        assert history.ok, f"history paged back: {history}"
+            paged = {room: await history(reader, room) for room in load.rooms}
+        # (in order, each once, as acknowledged: pages that overlapped or skipped would show)
+        report = check_storage(load.all_acks, paged, load.unacked)
+        assert report.ok, f"history paged back: {report}"
         assert not chaos.crashed(), f"services died on their own: {chaos.crashed()}"
     except BaseException as e:
         e.add_note(f"CHAOS_SEED={seed}: plan {plan}, done {chaos.done}")

@@ -20,8 +20,9 @@ from shared.kafka import new_consumer
 from shared.keys import Keys
 from shared.settings import Settings
 from tests.faults.conftest import Kafka3
-from tests.faults.harness import run_load_through, small
+from tests.faults.harness import Allow, run_load_through, small
 from tests.support import Cluster, Peer, token
+from tools.checker import Unacked, check_storage, stored_messages
 
 
 async def set_topic_config(kafka3: Kafka3, topic: str, name: str, value: str) -> None:
@@ -42,6 +43,15 @@ async def end_offset(settings: Settings, tp: TopicPartition) -> int:
         await consumer.stop()
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(300)]
+
+# What each fault may cost the senders (refusals: `unavailable` answers, each within the fault's window;
+# the client sends a refused send again, and every send must end acked). Measured in one run each:
+# leader killed 0 (the producer retries on the new leader within its timeout), two of three killed 506,
+# rolling restart 0 (controlled shutdowns move leaders first), leader cut off 12.
+ALLOW_LEADER_KILLED = Allow()
+ALLOW_TWO_KILLED = Allow(refusals=2000)
+ALLOW_ROLLING_RESTART = Allow()
+ALLOW_LEADER_CUT_OFF = Allow(refusals=300)
 
 
 @pytest.fixture
@@ -67,7 +77,7 @@ async def test_the_partition_leader_killed_under_load_loses_nothing(
         await asyncio.sleep(2)
         await asyncio.to_thread(kafka3.cluster.start_node, leader)
 
-    await run_load_through(cluster, kill_the_leader, redis, mysql)
+    await run_load_through(cluster, kill_the_leader, redis, mysql, ALLOW_LEADER_KILLED)
     await kafka3.wait_in_sync(tp.topic)
 
 
@@ -89,10 +99,15 @@ async def test_two_of_three_brokers_killed_refuse_sends_and_traffic_resumes_when
         await asyncio.sleep(2)
         await asyncio.to_thread(kafka3.cluster.start_node, other)
 
-    load = await run_load_through(cluster, kill_two, redis, mysql)
-    refused = sum(m.client.resends for m in load.members)
-    assert refused > 0, "sends were refused (unavailable) while only one broker was alive"
-    assert not load.errors, "every send was acknowledged once two brokers were back (the client resent it)"
+    # Every send is acknowledged in the end (the client sends a refused one again); the refusals all
+    # come while one broker is alive, or from produces caught by the kill (failed by the timeout).
+    load = await run_load_through(cluster, kill_two, redis, mysql, ALLOW_TWO_KILLED)
+    assert load.outcomes()["refusals:unavailable"] > 0, "sends were refused (unavailable) while one broker was alive"
+    # The probe's refused send may still have been written when the replicas came back: once at most.
+    keys = Keys(cluster.settings.redis_prefix, cluster.settings.kafka_partitions)
+    probe = check_storage([], {"probe": await stored_messages(redis, mysql, keys, "probe")},
+                          [Unacked("probe", "probe", "probe-1", "alone?", "unavailable")])
+    assert probe.ok, f"the probe's refused send: {probe}"
 
 
 async def test_too_few_in_sync_replicas_refuse_a_send_with_unavailable_never_an_ack(
@@ -128,8 +143,7 @@ async def test_a_rolling_restart_under_load_loses_nothing(
             await asyncio.to_thread(kafka3.cluster.start_node, node)
             await kafka3.wait_in_sync(topic)
 
-    load = await run_load_through(cluster, roll, redis, mysql)
-    assert not load.errors
+    await run_load_through(cluster, roll, redis, mysql, ALLOW_ROLLING_RESTART)
 
 
 async def test_a_leader_cut_off_the_network_loses_nothing(
@@ -143,5 +157,5 @@ async def test_a_leader_cut_off_the_network_loses_nothing(
         await asyncio.sleep(8)
         kafka3.rejoin(leader)
 
-    await run_load_through(cluster, partition_the_leader, redis, mysql)
+    await run_load_through(cluster, partition_the_leader, redis, mysql, ALLOW_LEADER_CUT_OFF)
     await kafka3.wait_in_sync(tp.topic)

@@ -20,7 +20,8 @@ from websockets.exceptions import ConnectionClosed
 
 from gateway.limits import inbound_bucket
 from shared.settings import Settings
-from tests.support import Cluster, token
+from tests.support import Cluster, eventually, token
+from tools.services import scrape
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -145,7 +146,13 @@ async def test_a_flooding_client_is_rate_limited_and_others_keep_their_latency(
     assert flooder.stdin is not None and flooder.stdout is not None
     try:
         assert (await asyncio.wait_for(flooder.stdout.readline(), 20)).strip() == b"flooding"
-        await asyncio.sleep(0.5)  # well into the flood
+        inbound = inbound_bucket(migrated)
+
+        async def well_into_the_flood() -> bool:  # its inbound burst spent: read at the bounded pace now
+            metrics = await asyncio.to_thread(scrape, f"{cluster.http(0)}/metrics")
+            return metrics.get('roomcast_gateway_error_frames_total{code="rate_limited"}', 0) >= inbound.burst
+
+        await eventually(well_into_the_flood, 20, what="the flood to use up its inbound burst")
         t_flood = time.monotonic()
         loaded = await measure(senders, arrivals, "flood")
         flood_s = time.monotonic() - t_flood
@@ -165,7 +172,6 @@ async def test_a_flooding_client_is_rate_limited_and_others_keep_their_latency(
     span = counts["acked_until"] - counts["acked_from"] + 0.1
     assert counts["ack"] <= migrated.send_burst + migrated.send_rate_per_s * span + 1, counts
     assert all(1 <= h <= 1000 / migrated.send_rate_per_s + 1 for h in counts["hints"])
-    inbound = inbound_bucket(migrated)
     answered = counts["ack"] + counts["rate_limited"]
     assert answered <= inbound.burst + inbound.rate * (counts["seconds"] + 1), counts
     print(f"\nflooder: {counts['sent']} sends in {counts['seconds']:.1f}s "

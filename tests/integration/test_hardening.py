@@ -159,12 +159,15 @@ async def test_the_protocol_version_is_required(gw: str, hard: Settings) -> None
 
 
 async def test_a_token_expiring_during_a_connection_closes_it_1008_even_when_idle(gw: str, hard: Settings) -> None:
-    p = await Peer.connect(gw, token(hard, "ex-fay", ttl_s=2))
+    tok = token(hard, "ex-fay", ttl_s=2)
+    expires_at = jwt.decode(tok, options={"verify_signature": False})["exp"]
+    p = await Peer.connect(gw, tok)
     assert (await p.join("lobby"))["type"] == "joined"
-    t0 = time.monotonic()
-    code, reason = await closed(p, timeout=5)  # idle: nothing sent after the join
+    code, reason = await closed(p, timeout=30)  # idle: nothing sent after the join
     assert (code, reason) == (1008, "token expired")
-    assert time.monotonic() - t0 < 4.5  # (exp is in whole seconds: at most 2 s were left)
+    # Not before the token expired; the hub's timer ticks each second, and a loaded machine may be
+    # late by a few more: what matters is that it closes at all, idle.
+    assert expires_at <= time.time() < expires_at + 10
 
 
 # --- Origin
@@ -309,25 +312,27 @@ async def test_connections_per_user_are_limited(gw: str, hard: Settings) -> None
         return sum(p._reader.done() for p in attempts) >= 3
 
     await eventually(three_refused, 10, what="3 connections refused")
-    await asyncio.sleep(0.2)  # room for a 4th refusal to show up
+    # A refused connection is closed before it reads a frame: one that answers a ping stays open.
+    answered = await asyncio.gather(*(reply(p, {"type": "ping"}) for p in attempts if not p._reader.done()),
+                                    return_exceptions=True)
+    assert answered == [{"type": "pong"}] * CONNS_MAX, answered
     open_ = [p for p in attempts if not p._reader.done()]
     refused = [p for p in attempts if p._reader.done()]
     assert len(open_) == CONNS_MAX
     for p in refused:
         assert (p.ws.close_code, p.ws.close_reason) == (1013, "too many connections for this user")
-    for p in open_:
-        assert await reply(p, {"type": "ping"}) == {"type": "pong"}
     other = await Peer.connect(gw, token(hard, "li-ned"))  # another user is not affected
     assert await reply(other, {"type": "ping"}) == {"type": "pong"}
     await open_[0].close()
 
     async def one_more() -> bool:
         p = await Peer.connect(gw, tok)
-        await asyncio.sleep(0.1)
-        ok = not p._reader.done()
-        if ok:
-            open_.append(p)
-        return ok
+        try:
+            await reply(p, {"type": "ping"})  # (a refused connection is closed before it reads a frame)
+        except (AssertionError, websockets.ConnectionClosed):
+            return False
+        open_.append(p)
+        return True
 
     await eventually(one_more, 5, every=0.1, what="a freed connection slot")
     for p in [*open_[1:], other]:

@@ -96,3 +96,45 @@ async def test_a_resend_after_a_lost_answer_is_delivered_and_stored_once(
     finally:
         await lost.producer.stop()
         cluster.stop()
+
+
+class SlowHandOver:
+    """A real producer that takes `hand_over_s` to take a record (a full batch waiting for a leader)
+    and answers `late_s` after that (the record reached Kafka, the answer came late)."""
+
+    def __init__(self, settings: Settings, hand_over_s: float, late_s: float) -> None:
+        self.producer = new_producer(settings)
+        self.hand_over_s, self.late_s = hand_over_s, late_s
+
+    async def send(self, topic: str, value: bytes, key: bytes, partition: int) -> asyncio.Future[Any]:
+        await asyncio.sleep(self.hand_over_s)
+        metadata = await (await self.producer.send(topic, value, key=key, partition=partition))
+        answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().call_later(self.late_s, answer.set_result, metadata)
+        return answer
+
+
+async def test_a_slow_hand_over_keeps_the_claim_so_a_resend_is_not_a_second_copy(
+        migrated: Settings, log_dir: Path, redis: aioredis.Redis) -> None:
+    """The wait for a produce's answer counts from the claim: the claim (TTL: produce timeout + 5 s)
+    is renewed before it lapses even when the hand-over took longer than the margin. A claim that
+    lapsed let the client's resend publish a second copy under a new id (seen with two of three
+    brokers down: sends waited ~5 s for room in a full batch)."""
+    cluster = Cluster(migrated, log_dir).start(gateways=1, persister=False)
+    fast = migrated.model_copy(update={"kafka_request_timeout_ms": 1000})  # produce timeout 2 s, claim TTL 7 s
+    slow = SlowHandOver(fast, hand_over_s=5.5, late_s=4.0)  # answered 9.5 s after the claim
+    await slow.producer.start()
+    publisher = Publisher(fast, slow, redis)
+    try:
+        first = await publisher.send("alice", ROOM, "k-2", "slow")
+        with pytest.raises(Unavailable):  # no answer within the produce timeout: the client is told to resend
+            await first
+        async with RoomcastClient(cluster.url(0), token(migrated, "alice")) as alice:
+            ack = await alice.send(ROOM, "slow", client_msg_id="k-2")  # the resend, while the first is pending
+            marker = await alice.send(ROOM, "after")
+        copies = [r for r in await records_of_the_room(migrated, marker["cursor"]) if r["cmid"] == "k-2"]
+        assert [c["id"] for c in copies] == [ack["id"]], "one copy: the resend waited for the first one's answer"
+    finally:
+        await publisher.close()
+        await slow.producer.stop()
+        cluster.stop()

@@ -187,17 +187,26 @@ async def test_two_sweepers_at_once_are_exactly_once(settings: Settings, redis: 
     await assert_stores(s, redis, mysql, world.new, world.old)
 
 
+def chunks_done() -> float:
+    return REGISTRY.get_sample_value("roomcast_sweeper_chunk_seconds_count") or 0.0
+
+
 async def test_stop_event_ends_a_sweep_promptly(settings: Settings, redis: aioredis.Redis,
                                                 mysql: aiomysql.Pool) -> None:
     s = settings.model_copy(update={"sweep_pause_s": 5.0, "sweep_chunk": 10})
     await seed_world(s, redis, mysql)
     stop = asyncio.Event()
+    before = chunks_done()
     task = asyncio.create_task(new_sweeper(s, redis, mysql).sweep(stop))
-    await asyncio.sleep(0.5)  # first chunk done, now in the 5 s pause
+
+    async def first_chunk_done() -> bool:
+        return chunks_done() > before
+
+    await eventually(first_chunk_done, 30, every=0.01, what="the first chunk")  # now in the 5 s pause
     started = time.monotonic()
     stop.set()
-    stats = await asyncio.wait_for(task, 2)
-    assert time.monotonic() - started < 0.5
+    stats = await asyncio.wait_for(task, s.sweep_pause_s)
+    assert time.monotonic() - started < s.sweep_pause_s / 2, "the pause was cut short, not waited out"
     assert not stats.complete and stats.chunks == 1
 
 

@@ -46,6 +46,7 @@ class FakeServer:
         self.error_code: str | None = None  # answer sends with this error
         self.replay_overlap = 0  # replay this many messages before the join cursor too
         self.failed_joins = 0  # answer this many joins with `error unavailable`
+        self.join_delay = 0.0  # seconds before a join is answered (a resume waiting for storage)
         self.forbidden: set[str] = set()  # rooms whose joins and history get `error forbidden`
         self.failed_histories = 0  # answer this many history requests with `error unavailable`
         self.join_cursor: str | None = None  # the `joined` cursor to answer instead of "0-N"
@@ -120,6 +121,7 @@ class FakeServer:
             await ws.send('{"type":"pong"}')
 
     async def on_join(self, ws: ServerConnection, room: str, cursor: str | None) -> None:
+        await asyncio.sleep(self.join_delay)
         if self.failed_joins:
             self.failed_joins -= 1
             await self.refuse_request(ws, "unavailable", room)
@@ -332,6 +334,19 @@ async def test_drops_repeated_ids_and_stale_cursors(server: FakeServer) -> None:
     assert [m["body"] for m in got] == ["a", "b"]
 
 
+async def test_on_frame_sees_every_frame_before_the_client_filters_them(server: FakeServer) -> None:
+    raw: list[Frame] = []
+    async with fast(server.url, "t", on_frame=raw.append) as c:
+        await c.join("r")
+        first = await server.publish("r", "a")
+        await server.deliver(first)  # a repeat: dropped by the client, seen by on_frame
+        await c.send("r", "b", client_msg_id="k-b")
+        got = await take(c, 2)
+    assert [m["body"] for m in got] == ["a", "b"]
+    assert [(f["type"], f.get("body")) for f in raw if f["type"] != "pong"] == [
+        ("joined", None), ("message", "a"), ("message", "a"), ("message", "b"), ("ack", None)]
+
+
 async def test_unavailable_sends_are_kept_and_retried(server: FakeServer) -> None:
     server.unavailable = 3
     async with fast(server.url, "t") as c:
@@ -488,6 +503,23 @@ async def test_a_rejoin_answered_by_an_error_is_repeated(server: FakeServer) -> 
         assert c.errors == 1
     assert server.joins("r")[1:] == [{"type": "join", "room": "r", "cursor": "0-1"}] * 2
     assert m2["body"] == "m2"
+
+
+async def test_a_rejoin_slow_to_be_answered_is_not_sent_again(server: FakeServer) -> None:
+    """Sent again while the first is still answered, a resuming join would have its replay sent
+    twice (the chaos test at 400 msgs/s saw 23-374 messages delivered twice so)."""
+    async with fast(server.url, request_timeout=0.2) as c:
+        await c.join("r")
+        await server.publish("r", "m1")
+        await take(c, 1)
+        server.join_delay = 1.0  # five request timeouts
+        await server.kick(1012)
+        await until(lambda: len(server.joins("r")) == 2)
+        server.join_delay = 0.0
+        await server.publish("r", "m2")
+        [m2] = await take(c, 1)  # (after the re-join's answer: a second re-join would have come by then)
+    assert server.joins("r")[1:] == [{"type": "join", "room": "r", "cursor": "0-1"}]
+    assert (m2["body"], c.duplicates_dropped) == ("m2", 0)
 
 
 async def test_a_refused_join_raises_its_error_and_is_not_rejoined(server: FakeServer) -> None:

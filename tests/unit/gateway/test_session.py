@@ -149,6 +149,29 @@ async def test_too_many_frames_held_back_close_the_session_4008() -> None:
     assert s.close_code == Close.TOO_SLOW
 
 
+async def test_a_client_resumed_ahead_of_this_node_gets_no_live_repeat() -> None:
+    """Its last gateway fanned out up to 11 before it died; this one is at 10: the resume replays
+    nothing, and 10 and 11, still to come live here, are repeats (the fault oracle saw them)."""
+    s, sock = session()
+    sender = asyncio.create_task(s.run_sender())
+    s.recovering["r"] = []  # as recovery.resume does
+    s.skip_through("r", 11)
+    s.deliver("r", 10, "live10")
+    for _, frame in s.recovering.pop("r", []):
+        s.push(frame)
+    for offset in (11, 12, 13):
+        s.deliver("r", offset, f"live{offset}")
+    s.deliver("other", 5, "other5")  # (other rooms as ever)
+    await until(lambda: len(sock.sent) == 3)
+    assert sock.sent == ["live12", "live13", "other5"]
+    s.skip_through("r", 20)
+    s.stop_recovering("r")  # left: its floor goes too
+    s.deliver("r", 14, "live14")
+    await until(lambda: len(sock.sent) == 4)
+    s.close(Close.NORMAL)
+    await asyncio.wait_for(sender, 1)
+
+
 def test_leaving_a_recovering_room_forgets_its_held_frames() -> None:
     s, _ = session()
     s.recovering["r"] = [(1, "f1")]

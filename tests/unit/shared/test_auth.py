@@ -1,5 +1,7 @@
 """Token checks that need no process: the rooms claim's size, audience and issuer (the gateway
-answers each refusal 1008: tests/integration/test_security.py)."""
+answers each refusal 1008: tests/integration/test_security.py); token times: valid from `nbf` (if
+any) until `exp`, whatever `iat` says (the issuer's clock may be ahead of the gateway's:
+tests/faults/test_clock_skew.py)."""
 
 from __future__ import annotations
 
@@ -64,3 +66,15 @@ def test_minted_tokens_carry_the_audience_and_issuer_set() -> None:
     assert (claims["aud"], claims["iss"]) == ("chat", "https://idp")
     assert "aud" not in jwt.decode(mint_token(settings(), "bo"), SECRET, algorithms=["HS256"])
     assert verify_token(s, mint_token(s, "bo")).user == "bo"
+
+
+def test_a_token_issued_by_a_clock_ahead_of_ours_is_accepted() -> None:
+    now = int(time.time())
+    assert verify_token(settings(), signed(iat=now + 30, exp=now + 600)).user == "ann"
+
+
+@pytest.mark.parametrize("times", [{"exp": -5}, {"exp": 600, "nbf": 600}])
+def test_an_expired_or_not_yet_valid_token_is_refused(times: dict[str, int]) -> None:
+    now = int(time.time())
+    with pytest.raises(AuthError):
+        verify_token(settings(), signed(**{k: now + v for k, v in times.items()}))
