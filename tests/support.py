@@ -59,11 +59,12 @@ class Cluster:
             self.start_persister()
         return self
 
-    def add_gateway(self, settings: Settings | None = None, wrap: Sequence[str] = ()) -> Proc:
-        """One more gateway (with `settings` of its own, e.g. in a network namespace: `wrap`)."""
+    def add_gateway(self, settings: Settings | None = None, wrap: Sequence[str] = (), **env: str) -> Proc:
+        """One more gateway (with `settings` of its own, e.g. in a network namespace: `wrap`; `env`:
+        more of its environment, e.g. METRICS_PORT)."""
         settings = settings or self.settings
         port = localstack.free_port()
-        proc = start_gateway(settings, port, self.log_dir, name=f"{settings.redis_prefix}-gw{port}", wrap=wrap)
+        proc = start_gateway(settings, port, self.log_dir, name=f"{settings.redis_prefix}-gw{port}", wrap=wrap, **env)
         self.gateways.append(proc)
         self.hosts.append(settings.host)
         return proc

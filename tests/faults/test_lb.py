@@ -228,6 +228,7 @@ async def test_a_gateway_cut_off_from_kafka_is_taken_out_and_gets_no_new_clients
         deaf = await asyncio.to_thread(start_gateway, settings.model_copy(
             update={"kafka_bootstrap": f"127.0.0.1:{proxy.port}"}), port, log_dir, f"{settings.redis_prefix}-deaf")
         cluster.gateways.append(deaf)
+        cluster.hosts.append(settings.host)
         lb = Lb.start(cluster, tmp_path)
 
         await proxy.cut()

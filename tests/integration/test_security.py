@@ -39,7 +39,7 @@ from shared.settings import Settings
 from tests.conftest import ROOT
 from tests.support import Cluster, delete_keys, drop_database, eventually, isolated_settings, partition_of, token
 from tools import localstack
-from tools.services import scrape, start_gateway
+from tools.services import scrape
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -74,9 +74,8 @@ def gws(sec: Settings, log_dir: Path) -> Iterator[tuple[Cluster, list[str]]]:
     metrics = []
     try:
         for _ in range(2):
-            port, metrics_port = localstack.free_ports(2)
-            c.gateways.append(start_gateway(sec, port, log_dir, name=f"{sec.redis_prefix}-gw{port}",
-                                            METRICS_PORT=str(metrics_port)))
+            metrics_port = localstack.free_port()
+            c.add_gateway(METRICS_PORT=str(metrics_port))
             metrics.append(f"http://127.0.0.1:{metrics_port}/metrics")
         c.start_persister()
         yield c, metrics
