@@ -32,9 +32,10 @@ EXAMPLES = 5  # ids kept per kind of problem
 LRANGE_CHUNK = 500
 KINDS = ("lost", "duplicated", "out_of_order", "unexpected", "changed")
 
-MYSQL_MESSAGES = (
-    "SELECT m.id, m.kafka_partition, m.kafka_offset, m.user_id, m.body, m.created_at, m.client_msg_id "
-    "FROM messages m JOIN rooms r ON r.id = m.room_id WHERE r.name = %s ORDER BY m.kafka_offset"
+MYSQL_MESSAGES = (  # (kind 0: messages; edit and delete events are rows too)
+    "SELECT m.id, m.kafka_partition, m.kafka_offset, m.user_id, m.body, m.created_at, m.client_msg_id, "
+    "m.edited_ts IS NOT NULL, m.deleted "
+    "FROM messages m JOIN rooms r ON r.id = m.room_id WHERE r.name = %s AND m.kind = 0 ORDER BY m.kafka_offset"
 )
 
 
@@ -81,7 +82,8 @@ class Unacked:
 @dataclass(frozen=True, slots=True)
 class Copy:
     """One copy of a message: a `message` frame as a subscriber got it, a stored entry (`source`
-    "redis" or "mysql") or a history item."""
+    "redis" or "mysql") or a history item. A message edited since shows its latest body (`edited`);
+    a deleted one is a tombstone (`deleted`: no body, user or client_msg_id)."""
 
     id: str
     cursor: str
@@ -90,11 +92,19 @@ class Copy:
     ts: int = 0
     cmid: str = ""
     source: str = ""
+    edited: bool = False
+    deleted: bool = False
 
     @classmethod
     def from_frame(cls, frame: Mapping[str, Any], source: str = "") -> Copy:
-        return cls(frame["id"], frame["cursor"], frame["user"], frame["body"], int(frame["ts"]),
-                   frame.get("cmid", ""), source)
+        return cls(frame["id"], frame["cursor"], frame.get("user", ""), frame.get("body", ""),
+                   int(frame.get("ts", 0)), frame.get("cmid", ""), source, "edited_ts" in frame,
+                   bool(frame.get("deleted")))
+
+    @property
+    def state(self) -> tuple[str, bool] | None:
+        """What edits and deletes made of it: (body, edited), or None for a tombstone."""
+        return None if self.deleted else (self.body, self.edited)
 
 
 @dataclass
@@ -157,8 +167,8 @@ class _Sends:
         if ack is not None:
             if ack.room != room:
                 report.count("unexpected", copy.id)
-            elif (copy.user, copy.body, copy.ts, copy.cursor, copy.cmid) != (
-                    ack.user, ack.body, ack.ts, ack.cursor, ack.client_msg_id):
+            elif _as_sent(copy) != _as_sent(Copy(ack.id, ack.cursor, ack.user, ack.body, ack.ts, ack.client_msg_id,
+                                                 edited=copy.edited, deleted=copy.deleted)):
                 report.count("changed", copy.id)
             return
         send = (copy.user, copy.cmid)
@@ -166,7 +176,7 @@ class _Sends:
             report.count("duplicated", copy.id)
         elif (unacked := self.unacked.get(send)) is None or unacked.room != room:
             report.count("unexpected", copy.id)
-        elif copy.body != unacked.body:
+        elif not (copy.edited or copy.deleted) and copy.body != unacked.body:
             report.count("changed", copy.id)
         else:
             self.unacked_ids.setdefault(send, set()).add(copy.id)
@@ -175,6 +185,14 @@ class _Sends:
         for ids in self.unacked_ids.values():
             if len(ids) > 1:
                 report.count("duplicated", min(ids), len(ids) - 1)
+
+
+def _as_sent(copy: Copy) -> tuple[object, ...]:
+    """What of a copy must be as its send was acked: all of it; an edited one's body is an edit's
+    (the final-state oracle judges it); a tombstone keeps only its position."""
+    if copy.deleted:
+        return (copy.cursor,)
+    return (copy.user, copy.body if not copy.edited else None, copy.ts, copy.cursor, copy.cmid)
 
 
 def check_delivery(
@@ -293,11 +311,14 @@ async def stored_messages(redis: Any, mysql_pool: Any, keys: Keys, room: str) ->
     out: list[Copy] = []
     for page in reversed(pages):
         for raw in page:
-            out.append(Copy.from_frame(orjson.loads(raw), "redis"))
+            fields = orjson.loads(raw)
+            if "kind" not in fields:  # (an edit or delete event: not a message)
+                out.append(Copy.from_frame(fields, "redis"))
     async with mysql_pool.acquire() as conn, conn.cursor() as cur:
         await cur.execute(MYSQL_MESSAGES, (room,))
-        for msg_id, partition, off, user, body, ts, cmid in await cur.fetchall():
-            out.append(Copy(msg_id, f"{partition}-{off}", user, body, int(ts), cmid, "mysql"))
+        for msg_id, partition, off, user, body, ts, cmid, edited, deleted in await cur.fetchall():
+            out.append(Copy(msg_id, f"{partition}-{off}", user, body, int(ts), cmid, "mysql", bool(edited),
+                            bool(deleted)))
     return out
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import aiomysql
 import redis.asyncio as aioredis
 from aiokafka import TopicPartition
-from roomcast_client import RoomcastClient, RoomcastError
+from roomcast_client import RoomcastClient, RoomcastError, apply
 
 from shared.auth import mint_token
 from shared.kafka import new_consumer
@@ -42,6 +42,23 @@ from tools.checker import (
 
 SEND_TIMEOUT_S = 60.0  # a send not acked by then is given up (the client stops trying it)
 STARTING_AT_ONCE = 10  # clients connecting and joining at a time
+RESUME_ROOMS = 50  # rooms per connection of the fresh resume (under max_rooms_per_conn)
+
+# A message's final state, as every path must show it in the end: (body, edited), or None: deleted.
+State = tuple[str, bool] | None
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """An edit or delete of one of the member's own acked messages (`target`), and its outcome:
+    "acked" (`cursor`: the event's position), "timeout" or the code it was refused with."""
+
+    kind: str  # "edit" or "delete"
+    target: Ack
+    client_msg_id: str
+    body: str  # (an edit's new body; "" for a delete)
+    outcome: str
+    cursor: str = ""
 
 
 @dataclass
@@ -56,15 +73,21 @@ class Member:
     refusals: list[tuple[float, str]] = field(default_factory=list)  # (monotonic time, code) per error answer
     latencies: list[float] = field(default_factory=list)
     sent: int = 0  # sends started
+    raw: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # room -> message/edit/delete frames, as sent
+    mine: list[Ack] = field(default_factory=list)  # its acked messages it may still edit or delete
+    busy: set[str] = field(default_factory=set)  # ids of its messages with an edit or delete in flight
+    changes: list[Change] = field(default_factory=list)
     trace: list[str] = field(default_factory=list)  # joined and message frames as they came (for failure messages)
 
 
 class Load:
-    """`clients` clients split over `urls`, each in two of `rooms` rooms, each sending `rate` msgs/s."""
+    """`clients` clients split over `urls`, each in two of `rooms` rooms, each sending `rate` msgs/s;
+    of those operations, the fractions `edits` and `deletes` change one of its own acked messages."""
 
     def __init__(self, settings: Settings, urls: list[str], clients: int = 20, rooms: int = 4,
-                 rate: float = 5.0) -> None:
+                 rate: float = 5.0, edits: float = 0.0, deletes: float = 0.0) -> None:
         self.settings = settings
+        self.edits, self.deletes = edits, deletes
         self.urls = urls
         self.rooms = [f"room-{i}" for i in range(rooms)]
         self.n = clients
@@ -102,6 +125,8 @@ class Load:
     def _recorder(member: Member) -> Callable[[dict[str, Any]], None]:
         def on_frame(frame: dict[str, Any]) -> None:
             kind = frame.get("type")
+            if kind in ("message", "edit", "delete"):
+                member.raw.setdefault(frame["room"], []).append(frame)
             if kind == "message":
                 member.frames.setdefault(frame["room"], []).append(Copy.from_frame(frame))
                 member.trace.append(f"{frame['room']} {frame['cursor']} {frame['id']}")
@@ -126,9 +151,14 @@ class Load:
                 await asyncio.sleep(max(0.0, due - time.monotonic()))
                 due += interval
                 k = next(self._seq)
-                room = m.rooms[m.sent % 2]  # (its own count: clients on a fixed schedule take turns in a
-                m.sent += 1                 # fixed order, so the parity of k would pin each to one room)
-                task = asyncio.create_task(self._send_one(m, room, k))
+                roll, free = random.random(), [a for a in m.mine if a.id not in m.busy]
+                if free and roll < self.deletes + self.edits:
+                    kind = "delete" if roll < self.deletes else "edit"
+                    task = asyncio.create_task(self._change(m, kind, random.choice(free), k))
+                else:
+                    room = m.rooms[m.sent % 2]  # (its own count: clients on a fixed schedule take turns in a
+                    m.sent += 1                 # fixed order, so the parity of k would pin each to one room)
+                    task = asyncio.create_task(self._send_one(m, room, k))
                 in_flight.add(task)
                 task.add_done_callback(in_flight.discard)
         except asyncio.CancelledError:
@@ -149,7 +179,28 @@ class Load:
             m.unacked.append(Unacked(room, m.name, cmid, body, e.code))
             return
         m.acks.append(Ack.from_frame(ack, m.name, body))
+        m.mine.append(m.acks[-1])
         m.latencies.append(time.monotonic() - t0)
+
+    async def _change(self, m: Member, kind: str, target: Ack, k: int) -> None:
+        """Edit or delete `target`. A message whose change got no ack is left alone afterwards (that
+        change may or may not have happened: the oracle allows either)."""
+        cmid, body = f"{m.name}-{k}", f"{target.body} edit {k}" if kind == "edit" else ""
+        m.busy.add(target.id)
+        if kind == "delete":
+            m.mine.remove(target)
+        change = (m.client.edit(target.room, target.id, body, client_msg_id=cmid) if kind == "edit"
+                  else m.client.delete(target.room, target.id, client_msg_id=cmid))
+        try:
+            ack = await asyncio.wait_for(change, SEND_TIMEOUT_S)
+        except (TimeoutError, RoomcastError) as e:
+            m.changes.append(Change(kind, target, cmid, body, getattr(e, "code", "timeout")))
+            if target in m.mine:
+                m.mine.remove(target)
+            return
+        finally:
+            m.busy.discard(target.id)
+        m.changes.append(Change(kind, target, cmid, body, "acked", ack["cursor"]))
 
     async def stop_sending(self) -> None:
         if self._senders and not self.stopped:
@@ -190,6 +241,97 @@ class Load:
         """Every send that got no ack, and what the test wrote itself (each may show up once)."""
         return [u for m in self.members for u in m.unacked] + self.foreign
 
+    def unacked_changes(self) -> list[Unacked]:
+        """Every edit and delete that got no ack, as the sends without one (Allow.unacked counts both)."""
+        return [Unacked(c.target.room, m.name, c.client_msg_id, c.body, c.outcome)
+                for m in self.members for c in m.changes if c.outcome != "acked"]
+
+    def final_states(self) -> dict[str, set[State]]:
+        """Every acked message's final state, as its acked edits and deletes make it in cursor order
+        (a delete final), or also as a change without an ack could have left it."""
+        changes = sorted(((offset(c.cursor), c) for m in self.members for c in m.changes if c.outcome == "acked"),
+                         key=lambda oc: oc[0])
+        final: dict[str, State] = {a.id: (a.body, False) for a in self.all_acks}
+        for _, c in changes:
+            if final[c.target.id] is not None:
+                final[c.target.id] = (c.body, True) if c.kind == "edit" else None
+        allowed = {msg_id: {state} for msg_id, state in final.items()}
+        for m in self.members:
+            for c in m.changes:
+                if c.outcome != "acked" and final[c.target.id] is not None:
+                    allowed[c.target.id].add((c.body, True) if c.kind == "edit" else None)
+        return allowed
+
+    def deleted_bodies(self) -> set[str]:
+        """Every body a message deleted for sure had (sent or edited in): none may be left anywhere."""
+        gone = {msg_id for msg_id, states in self.final_states().items() if states == {None}}
+        bodies = {a.body for a in self.all_acks if a.id in gone}
+        return bodies | {c.body for m in self.members for c in m.changes if c.target.id in gone and c.body}
+
+    def wrong(self, view: dict[str, State], ids: set[str] | None = None) -> list[tuple[str, object, set[State]]]:
+        """The acked messages of `ids` (default all) that `view` does not show in a final state the
+        oracle allows: (id, as shown, as allowed)."""
+        allowed = self.final_states()
+        return [(msg_id, view.get(msg_id, "missing"), allowed[msg_id])
+                for msg_id in sorted(allowed if ids is None else ids)
+                if view.get(msg_id, "missing") not in allowed[msg_id]]
+
+    def check_final(self, what: str, view: dict[str, State], ids: set[str] | None = None) -> None:
+        wrong = self.wrong(view, ids)
+        assert not wrong, (f"{what}: {len(wrong)} of {len(self.all_acks if ids is None else ids)} not as the "
+                           f"oracle has them, e.g. {wrong[:3]}")
+
+    def live_views(self) -> dict[str, tuple[dict[str, State], set[str]]]:
+        """Per member: every frame it got applied in order, and the acked messages it is owed."""
+        out = {}
+        for m in self.members:
+            messages: dict[str, dict[str, Any]] = {}
+            for room in m.rooms:
+                for frame in m.raw.get(room, []):
+                    apply(messages, frame)
+            owed = {a.id for a in self.all_acks if a.room in m.rooms and offset(a.cursor) > offset(m.joined[a.room])}
+            out[m.name] = (state_of(messages), owed)
+        return out
+
+    async def resumed(self, url: str, timeout: float = 60.0) -> dict[str, State]:
+        """Every room replayed to a fresh client from the earliest join cursor, every frame applied
+        in order, once the replay has reached every room's last acked message or change."""
+        start = {room: min((m.joined[room] for m in self.members if room in m.joined), key=offset)
+                 for room in self.rooms}
+        last: dict[str, int] = {}
+        for cursor, room in [(a.cursor, a.room) for a in self.all_acks] + [
+                (c.cursor, c.target.room) for m in self.members for c in m.changes if c.outcome == "acked"]:
+            last[room] = max(last.get(room, -1), offset(cursor))
+        frames: dict[str, list[dict[str, Any]]] = {}
+
+        def on_frame(frame: dict[str, Any]) -> None:
+            if frame.get("type") in ("message", "edit", "delete"):
+                frames.setdefault(frame["room"], []).append(frame)
+
+        tok = mint_token(self.settings, "resumer")
+        clients = [RoomcastClient([url], tok, on_message=_ignore, on_frame=on_frame)
+                   for _ in range(0, len(self.rooms), RESUME_ROOMS)]
+        try:
+            for i, client in enumerate(clients):
+                await client.start()
+                for room in self.rooms[i * RESUME_ROOMS:(i + 1) * RESUME_ROOMS]:
+                    joined = await client.join(room, cursor=start[room])
+                    assert joined["recovered"] is True, f"the resume of {room} from {start[room]}: {joined}"
+
+            async def replayed() -> bool:
+                return all(any(offset(f["cursor"]) >= last[room] for f in frames.get(room, []))
+                           for room in last)
+
+            await eventually(replayed, timeout, what="the fresh resume replayed to every room's last change")
+        finally:
+            for client in clients:
+                await client.close()
+        messages: dict[str, dict[str, Any]] = {}
+        for room_frames in frames.values():
+            for frame in room_frames:
+                apply(messages, frame)
+        return state_of(messages)
+
     def owed(self) -> int:
         """Deliveries still missing (each member, each of its rooms, acks after its join)."""
         by_room: dict[str, set[str]] = {}
@@ -227,6 +369,7 @@ class Load:
         answer to an attempt ("refusals:<code>"; the client tried `unavailable` ones again)."""
         out: Counter[str] = Counter(acked=len(self.all_acks))
         out.update(u.outcome for m in self.members for u in m.unacked)
+        out.update(f"{c.kind}:{c.outcome}" for m in self.members for c in m.changes)
         out.update(f"refusals:{code}" for m in self.members for _, code in m.refusals)
         return out
 
@@ -235,7 +378,7 @@ class Load:
         too many)."""
         line = f"sends: {dict(sorted(self.outcomes().items()))}"
         print(line)
-        problems = check_sends([u for m in self.members for u in m.unacked],
+        problems = check_sends([u for m in self.members for u in m.unacked] + self.unacked_changes(),
                                [t for m in self.members for t, _ in m.refusals], self.windows, allow)
         assert not problems, f"{line}: {'; '.join(problems)}; allowed {allow}"
 
@@ -290,6 +433,11 @@ class Load:
                 await m.client.close()
 
 
+def state_of(messages: dict[str, dict[str, Any]]) -> dict[str, State]:
+    """id -> final state of messages as the client library's apply() leaves them."""
+    return {msg_id: None if m.get("deleted") else (m["body"], "edited_ts" in m) for msg_id, m in messages.items()}
+
+
 def _ignore(frame: dict[str, Any]) -> None:
     """Messages are recorded as the server sent them (on_frame); the client's own stream is unused."""
 
@@ -332,12 +480,14 @@ def small(settings: Settings, **extra: object) -> Settings:
 
 async def run_load_through(cluster: Cluster, fault: Callable[[], Awaitable[None]], redis: aioredis.Redis,
                            mysql: aiomysql.Pool, allow: Allow, rate: float = 5.0, clients: int = 12,
-                           rooms: int = 4, foreign: Sequence[Unacked] = ()) -> Load:
+                           rooms: int = 4, foreign: Sequence[Unacked] = (), edits: float = 0.0,
+                           deletes: float = 0.0) -> Load:
     """Stream from `clients` clients over every node, run `fault()` meanwhile, then check everything:
     delivery, storage, and what the fault cost the senders (`allow`). `foreign`: messages the fault
-    writes into the load's rooms itself (no ack: each may show up once)."""
+    writes into the load's rooms itself (no ack: each may show up once). `edits`, `deletes`: the
+    fractions of the load's operations that change its own messages (see Load)."""
     load = Load(cluster.settings, [cluster.url(i) for i in range(len(cluster.gateways))],
-                clients=clients, rooms=rooms, rate=rate)
+                clients=clients, rooms=rooms, rate=rate, edits=edits, deletes=deletes)
     load.foreign.extend(foreign)
     await load.start()
     try:

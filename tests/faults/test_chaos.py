@@ -4,8 +4,12 @@ and started again on its port, the persister or the sweeper (retention 3 s: it m
 MySQL all along) killed and started again, and outages of a few seconds while the next faults go
 on: Redis killed, then restarted on its AOF; MySQL cut off, then back; a Kafka node killed, then
 started again; a Kafka node cut off the network, then joined again. So services also start while
-a dependency is away. Afterwards nothing acknowledged is lost, duplicated or out of order,
-delivered, stored, or paged back through history.
+a dependency is away. The clients also edit (1 in 8 operations) and delete (1 in 16) their own
+acknowledged messages. Afterwards nothing acknowledged is lost, duplicated or out of order,
+delivered, stored, or paged back through history; and every acknowledged message ends as its
+acknowledged edits and deletes make it (latest edit, or a tombstone) in the history paged back,
+in Redis and MySQL, in a fresh resume from the start and in each client's live view (every frame
+it got applied in order), with no deleted body left anywhere.
 
 A failure names its seed and plan; `CHAOS_SEED=N` runs that plan again, `CHAOS_ROUNDS` sets its
 length (default: each fault once; more rounds draw the extra faults at random).
@@ -24,18 +28,20 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import aiomysql
+import orjson
 import pytest
 import redis.asyncio as aioredis
 from roomcast_client import RoomcastClient
 
+from shared.keys import Keys
 from shared.mysql import MysqlTarget
 from shared.settings import Settings
 from tests.faults.conftest import Kafka3
-from tests.faults.harness import Allow, history, run_load_through, small
+from tests.faults.harness import Allow, Load, applied_to_the_end, history, run_load_through, small
 from tests.faults.proxy import TcpProxy
-from tests.support import Cluster, token
+from tests.support import Cluster, eventually, token
 from tools import localstack
-from tools.checker import check_storage
+from tools.checker import check_storage, stored_messages
 from tools.services import start_gateway, start_sweeper
 
 FAULTS = ("kill_gateway", "drain_gateway", "kill_persister", "kill_sweeper", "restart_redis", "cut_mysql",
@@ -47,6 +53,7 @@ FAULTS = ("kill_gateway", "drain_gateway", "kill_persister", "kill_sweeper", "re
 # back-off, so refusals grow with the clients and the outages' length: 1.2 per fault and client seen
 # at 40 clients (60 msgs/s), 3.6-5.3 at 200 clients (200-500 msgs/s). Each is acked in the end.
 REFUSALS_PER_FAULT_AND_CLIENT = 15
+EDITS, DELETES = 1 / 8, 1 / 16  # of the operations: the rest are sends
 
 
 def scale() -> tuple[int, float]:
@@ -217,12 +224,14 @@ async def test_faults_in_a_random_order_lose_nothing(
     try:
         load = await run_load_through(cluster, lambda: chaos.run(plan), client, mysql,
                                       Allow(refusals=REFUSALS_PER_FAULT_AND_CLIENT * CLIENTS * len(plan)),
-                                      rate=RATE / CLIENTS, clients=CLIENTS, rooms=ROOMS)
+                                      rate=RATE / CLIENTS, clients=CLIENTS, rooms=ROOMS, edits=EDITS,
+                                      deletes=DELETES)
         async with RoomcastClient([cluster.url(0)], token(settings, "reader")) as reader:
             paged = {room: await history(reader, room) for room in load.rooms}
         # (in order, each once, as acknowledged: pages that overlapped or skipped would show)
         report = check_storage(load.all_acks, paged, load.unacked)
         assert report.ok, f"history paged back: {report}"
+        await final_states_agree(load, client, mysql, cluster.url(1))
         assert not chaos.crashed(), f"services died on their own: {chaos.crashed()}"
     except BaseException as e:
         e.add_note(f"CHAOS_SEED={seed}: plan {plan}, done {chaos.done}")
@@ -233,3 +242,40 @@ async def test_faults_in_a_random_order_lose_nothing(
         chaos.sweeper.stop()
         chaos.redis.stop()
     assert chaos.done == plan
+
+
+async def final_states_agree(load: Load, redis: aioredis.Redis, mysql: aiomysql.Pool, url: str) -> None:
+    """Once the persister has applied every record (to Redis, and the edits and deletes it queued
+    for MySQL), every path shows each acked message as its acked edits and deletes left it; no
+    deleted body is stored."""
+    keys = Keys(load.settings.redis_prefix, load.settings.kafka_partitions)
+    await applied_to_the_end(load.settings, redis)
+
+    async def archived_events_applied() -> bool:
+        return not any([await redis.llen(keys.archived_events(p)) for p in range(load.settings.kafka_partitions)])
+
+    await eventually(archived_events_applied, 60, every=0.5, what="the edits and deletes queued for MySQL applied")
+    async with RoomcastClient([url], token(load.settings, "reader")) as reader:
+        paged = {room: await history(reader, room) for room in load.rooms}
+    outcomes = load.outcomes()
+    assert outcomes["edit:acked"] > 0 and outcomes["delete:acked"] > 0, f"no edits or deletes: {outcomes}"
+    states = load.final_states()
+    print(f"final states: {len(states)} messages, {sum(None in s for s in states.values())} deleted, "
+          f"{sum(any(s and s[1] for s in ss) for ss in states.values())} edited, "
+          f"{sum(len(ss) > 1 for ss in states.values())} with a change that got no ack")
+    load.check_final("history paged back", {c.id: c.state for copies in paged.values() for c in copies})
+    stored = [c for room in load.rooms for c in await stored_messages(redis, mysql, keys, room)]
+    for source in ("redis", "mysql"):
+        copies = {c.id: c.state for c in stored if c.source == source}
+        load.check_final(f"stored in {source}", copies, set(copies) & set(load.final_states()))
+    load.check_final("a fresh resume from the start", await load.resumed(url))
+    for name, (view, owed) in load.live_views().items():
+        load.check_final(f"{name}'s live view", view, owed)
+    gone = load.deleted_bodies()
+    assert gone, "no message ended deleted"
+    for room in load.rooms:
+        left = [e for e in await redis.lrange(keys.msgs(room), 0, -1) if orjson.loads(e).get("body") in gone]
+        assert not left, f"a deleted body in Redis: {left[:3]}"
+    async with mysql.acquire() as conn, conn.cursor() as cur:
+        await cur.execute("SELECT body FROM messages WHERE body <> ''")
+        assert not {row[0] for row in await cur.fetchall()} & gone, "a deleted body in MySQL"

@@ -193,3 +193,24 @@ def test_refusals_beyond_the_allowance_or_outside_the_fault_window_fail() -> Non
     assert check_sends([], [101.0, 124.0], window, Allow(refusals=2)) == []  # (15 s grace after the end)
     assert check_sends([], [101.0, 102.0, 103.0], window, Allow(refusals=2)) == ["3 refusals, 2 allowed"]
     assert check_sends([], [99.0, 126.0], window, Allow(refusals=2)) == ["2 refusals outside the fault's window"]
+
+
+def test_edited_and_deleted_copies_are_held_to_what_edits_and_deletes_keep() -> None:
+    """An edited copy has another body (the final-state oracle judges it) but its send's user, ts,
+    cursor and client_msg_id; a tombstone (no body, user or ts) only its position. Anything else
+    they change is caught."""
+    tombstone = Copy.from_frame({"type": "message", "id": "room-0-id104", "cursor": "0-104", "deleted": True})
+    assert tombstone.deleted and tombstone.state is None
+    for where in ("frames", "stored", "paged"):
+        run = recorded_run()
+        held = run.frames["user-0"] if where == "frames" else getattr(run, where)
+        i = next(i for i, c in enumerate(held["room-0"]) if c.id == "room-0-id104")
+        edited = replace(held["room-0"][i], body="edited", edited=True)
+        assert edited.state == ("edited", True)
+        for copy, changed in [(edited, False), (replace(tombstone, source=edited.source), False),
+                              (replace(edited, user="user-2"), True), (replace(edited, ts=1), True),
+                              (replace(tombstone, cursor="0-999", source=edited.source), True)]:
+            held["room-0"][i] = copy
+            report = run.delivery() if where == "frames" else run.storage() if where == "stored" else run.history()
+            # (a moved tombstone is out of order too)
+            assert report.changed == 1 if changed else report.ok, f"{copy} in {where}: {report}"
