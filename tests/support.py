@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
+import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
@@ -286,3 +288,19 @@ def token(settings: Settings, user: str, **kw: Any) -> str:
 
 def offset(cursor: str) -> int:
     return int(cursor.split("-", 1)[1])
+
+
+def rest_history(http: str, room: str, tok: str, limit: int) -> list[dict[str, Any]]:
+    """Every message of `room` through the REST history (`http`: a gateway), paged back `limit` at
+    a time, oldest first."""
+    out: list[dict[str, Any]] = []
+    before = ""
+    while True:
+        req = urllib.request.Request(f"{http}/rooms/{room}/messages?limit={limit}&before={before}",
+                                     headers={"Authorization": f"Bearer {tok}"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            page = json.loads(r.read())
+        out = page["messages"] + out
+        if page["next"] is None:
+            return out
+        before = page["next"]

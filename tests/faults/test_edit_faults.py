@@ -9,9 +9,7 @@ and no deleted body is left in Redis or MySQL."""
 from __future__ import annotations
 
 import asyncio
-import json
 import random
-import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +23,7 @@ from roomcast_client import RoomcastClient, RoomcastError, apply
 from shared.keys import Keys
 from shared.settings import Settings
 from tests.faults.proxy import TcpProxy
-from tests.support import Cluster, eventually, token
+from tests.support import Cluster, eventually, rest_history, token
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(300)]
 
@@ -101,20 +99,6 @@ def view(messages: list[dict[str, Any]] | dict[str, dict[str, Any]]) -> dict[str
     return {m["id"]: ("deleted",) if m.get("deleted") else (m["body"], "edited_ts" in m) for m in items}
 
 
-def rest_history(cluster: Cluster, tok: str) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
-    before = ""
-    while True:
-        req = urllib.request.Request(f"{cluster.http(0)}/rooms/{ROOM}/messages?limit=13&before={before}",
-                                     headers={"Authorization": f"Bearer {tok}"})
-        with urllib.request.urlopen(req, timeout=10) as r:
-            page = json.loads(r.read())
-        out = page["messages"] + out
-        if page["next"] is None:
-            return out
-        before = page["next"]
-
-
 async def test_edits_and_deletes_survive_a_killed_persister_and_a_cut_mysql(
         cluster: tuple[Cluster, TcpProxy], redis: aioredis.Redis, mysql: aiomysql.Pool) -> None:
     c, mysql_proxy = cluster
@@ -164,7 +148,7 @@ async def test_edits_and_deletes_survive_a_killed_persister_and_a_cut_mysql(
         mark = await redis.get(keys.applied(keys.partition(ROOM)))
         if mark is None or int(mark) < last or await redis.llen(keys.archived_events(keys.partition(ROOM))):
             return False
-        return view(await asyncio.to_thread(rest_history, c, token(s, "x"))) == expected
+        return view(await asyncio.to_thread(rest_history, c.http(0), ROOM, token(s, "x"), 13)) == expected
 
     await eventually(settled, 60, every=0.5, what="history as the oracle has it")
     async with mysql.acquire() as conn, conn.cursor() as cur:

@@ -6,8 +6,6 @@ exactly the server's history."""
 from __future__ import annotations
 
 import dataclasses
-import json
-import urllib.request
 from typing import Any
 
 import aiomysql
@@ -24,7 +22,7 @@ from shared.store.buffer import RedisBuffer
 from shared.store.entry import DELETE, EDIT
 from shared.store.mover import Mover
 from shared.store.rooms import RoomDirectory
-from tests.support import Cluster, Peer, delete_keys, eventually, token
+from tests.support import Cluster, Peer, delete_keys, eventually, rest_history, token
 
 ROOM = "edits.room"
 SECRET = "secret"  # in the bodies that are deleted: never seen again anywhere
@@ -58,20 +56,6 @@ def state(m: dict[str, Any]) -> tuple[Any, ...]:
 
 def view(msgs: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
     return sorted((state(m) for m in msgs), key=lambda s: int(s[1].split("-")[1]))
-
-
-def rest_history(cluster: Cluster, tok: str) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
-    before = ""
-    while True:
-        req = urllib.request.Request(f"{cluster.http(1)}/rooms/{ROOM}/messages?limit=7&before={before}",
-                                     headers={"Authorization": f"Bearer {tok}"})
-        with urllib.request.urlopen(req, timeout=10) as r:
-            page = json.loads(r.read())
-        out = page["messages"] + out
-        if page["next"] is None:
-            return out
-        before = page["next"]
 
 
 async def ws_history(peer: Peer) -> list[dict[str, Any]]:
@@ -170,7 +154,7 @@ async def test_edits_and_deletes_agree_on_every_path(cluster: Cluster, redis: ai
     assert live["user"] == "carol" and int(live["cursor"].split("-")[1]) > int(acks[-1]["cursor"].split("-")[1])
 
     history = await ws_history(bob)
-    assert view(history) == view(rest_history(cluster, bob_tok)), "WebSocket and REST history agree"
+    assert view(history) == view(rest_history(cluster.http(1), ROOM, bob_tok, 7)), "WebSocket and REST history agree"
     by_id = {m["id"]: m for m in history}
     assert by_id[ids[1]]["body"] == "fixed 1" and by_id[ids[1]]["edited_ts"] == first["ts"]
     assert by_id[ids[35]]["body"] == "fixed 35"
