@@ -294,7 +294,7 @@ def test_every_message_in_either_store_or_both_is_stored_once(where: list[str]) 
 
 
 # --- the loader
-Row = tuple[str, int, int, str, str, int, str]
+Row = tuple[str, int, int, str, str, int, str, bool, bool]
 
 
 class FakeRedis:
@@ -356,8 +356,8 @@ def entry(i: int) -> bytes:
 
 
 def row(i: int) -> Row:
-    """A MySQL row of `entry(i)`: id, partition, offset, user, body, ts, client_msg_id."""
-    return (f"m{i}", 2, i, "u", "b", i, f"k{i}")
+    """A MySQL row of `entry(i)`: id, partition, offset, user, body, ts, client_msg_id, edited, deleted."""
+    return (f"m{i}", 2, i, "u", "b", i, f"k{i}", False, False)
 
 
 async def test_stored_messages_reads_redis_in_chunks_then_mysql() -> None:
