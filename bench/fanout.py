@@ -83,6 +83,7 @@ class Fanout:
         self.lat: list[int] = []
         self.dups = self.stale = self.misrouted = 0
         self.acked = self.send_errors = 0
+        self.acked_ever = 0  # over every step and the warm-up (acked is per step)
         self.last_rx = now_ns()
         self.pad = "x" * args.body_bytes
         self.watch = Watch(parse_watch(args.watch))
@@ -181,6 +182,7 @@ class Fanout:
             self.send_errors += 1
         else:
             self.acked += 1
+            self.acked_ever += 1
 
     def disconnects(self) -> int:
         return sum(1 for c in self.clients if c.error is not None)
@@ -190,7 +192,8 @@ class Fanout:
         while time.monotonic() - t0 < limit_s and (now_ns() - self.last_rx) / 1e9 < quiet_s:  # noqa: ASYNC110
             await asyncio.sleep(0.1)
 
-    async def step(self, rate: float, duration: float) -> dict[str, Any]:
+    async def step(self, rate: float, duration: float, until: asyncio.Event | None = None) -> dict[str, Any]:
+        """Send at `rate` for `duration` s (or until `until` is set), then wait for the deliveries."""
         a, R, S = self.a, self.a.rooms, self.a.subs
         await self.settle()
         self.run_id += 1
@@ -208,7 +211,7 @@ class Fanout:
         last_rss = t0
         while sent < total:
             now = time.monotonic()
-            if now - t0 > duration * 1.25 + 1:
+            if now - t0 > duration * 1.25 + 1 or (until is not None and until.is_set()):
                 break
             if now - last_rss > 0.5:
                 last_rss = now
@@ -226,7 +229,8 @@ class Fanout:
                 sent += 1
                 if sent % 64 == 0:
                     await asyncio.sleep(0)
-        send_s = max(duration, time.monotonic() - t0)
+        stopped_early = until is not None and until.is_set()
+        send_s = time.monotonic() - t0 if stopped_early else max(duration, time.monotonic() - t0)
         usage = self.watch.stop()
         expected = sent * S
         t_end = time.monotonic()
@@ -299,7 +303,8 @@ class Fanout:
             await self.producer.stop()
         await asyncio.gather(*(c.close() for c in self.clients), return_exceptions=True)
 
-    async def main(self) -> dict[str, Any]:
+    async def start(self) -> dict[str, Any]:
+        """Connect every client and warm up (before the first step)."""
         a = self.a
         raise_nofile(a.rooms * (a.subs + 1) + 1000)
         setup = await self.connect()
@@ -307,6 +312,11 @@ class Fanout:
               f"subscribers ready {setup['subscribers_ready']:.2%}", file=sys.stderr, flush=True)
         gc.collect()
         gc.freeze()
+        return setup
+
+    async def main(self) -> dict[str, Any]:
+        a = self.a
+        setup = await self.start()
         out: dict[str, Any] = {"workload": "fanout", **meta(), "rooms": a.rooms, "subs": a.subs, "direct": a.direct,
                                "body_bytes": a.body_bytes, "urls": a.url, "setup": setup}
         try:
@@ -350,6 +360,20 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--placement", choices=("spread", "room"), default="spread",
                    help="spread: a room's subscribers round-robin over the gateways (the peer layout); "
                         "room: all of room r's subscribers and its sender on gateway r mod N")
+
+
+def load_args(url: list[str], watch: list[str], **options: Any) -> argparse.Namespace:
+    """This workload's options at their defaults, with `options` (e.g. rate=400) and the cluster's
+    gateways and processes: for running its load from another workload (history, persist)."""
+    p = argparse.ArgumentParser()
+    add_args(p)
+    args = p.parse_args([])
+    args.url, args.watch = url, watch
+    for name, value in options.items():
+        if not hasattr(args, name):
+            raise ValueError(f"fanout has no option {name!r}")
+        setattr(args, name, value)
+    return args
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
