@@ -25,6 +25,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,10 +69,22 @@ def bench_settings(base: Settings | None = None, **updates: Any) -> Settings:
     return base.model_copy(update=defaults)
 
 
+@contextlib.contextmanager
+def pinned(cpus: set[int]) -> Iterator[None]:
+    """This thread on `cpus` meanwhile: the processes it starts inherit them (threads included)."""
+    own = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, own)
+
+
 @dataclass
 class Cluster:
     settings: Settings
     work: Path
+    server_cpus: set[int] = field(default_factory=lambda: {0})
     procs: dict[str, Proc] = field(default_factory=dict)
     gateway_ports: list[int] = field(default_factory=list)
     persister_metrics_port: int = 0
@@ -89,6 +102,15 @@ class Cluster:
 
     def gateway_pids(self) -> dict[str, int]:
         return {name: p.pid for name, p in self.procs.items() if name.startswith("gateway")}
+
+    def start_persister(self) -> Proc:
+        """Start the persister (again, after a stop: a fresh process, its metrics from zero), pinned
+        like the other servers; returns once its metrics answer."""
+        self.persister_metrics_port = localstack.free_port()
+        with pinned(self.server_cpus):
+            proc = start_persister(self.settings, self.work / "logs", metrics_port=self.persister_metrics_port)
+        self.procs["persister"] = proc
+        return proc
 
     def env(self) -> dict[str, str]:
         return self.settings.to_env()
@@ -134,7 +156,7 @@ def start_cluster(settings: Settings | None = None, *, server_cpus: set[int] | N
     kafka_port, controller_port, redis_port = localstack.free_ports(3)
     s = bench_settings(settings, kafka_bootstrap=f"{LOCALHOST}:{kafka_port}",
                        redis_url=f"redis://{LOCALHOST}:{redis_port}/0", **updates)
-    cluster = Cluster(s, work)
+    cluster = Cluster(s, work, server_cpus)
     own = os.sched_getaffinity(0)
     try:
         os.sched_setaffinity(0, server_cpus)  # children inherit it
@@ -144,8 +166,7 @@ def start_cluster(settings: Settings | None = None, *, server_cpus: set[int] | N
         cluster.procs["redis"] = localstack.start_redis(redis_port, work / "redis", logs, appendonly=True)
         _empty_bench_db(s)
         if persister:
-            cluster.persister_metrics_port = localstack.free_port()
-            cluster.procs["persister"] = start_persister(s, logs, metrics_port=cluster.persister_metrics_port)
+            cluster.start_persister()
         for i in range(gateways):
             port = localstack.free_port()
             name = f"gateway-{'abcdefgh'[i]}"

@@ -18,6 +18,7 @@ from typing import Any
 import psutil
 
 from shared.auth import mint_token
+from shared.mysql import MysqlTarget
 from shared.settings import Settings
 
 
@@ -204,15 +205,16 @@ def maybe_cluster(args: argparse.Namespace, settings: Settings, **kw: Any) -> It
                             **kw, **updates)
     with cluster:
         args.url = cluster.urls
-        args.watch = [f"{n}={p}" for n, p in cluster.pids().items()] + shared_mariadb() + args.watch
+        mysql_port = MysqlTarget.from_dsn(cluster.settings.mysql_dsn).port
+        args.watch = [f"{n}={p}" for n, p in cluster.pids().items()] + shared_mariadb(mysql_port) + args.watch
         args.cluster_obj = cluster
         yield cluster.settings
 
 
-def shared_mariadb() -> list[str]:
+def shared_mariadb(port: int | None = None) -> list[str]:
     """The machine's mariadbd (the bench database lives there; not ours, not pinned, and other
-    databases on it may be busy): watched so the MySQL part of the pipeline shows up at all."""
-    for proc in psutil.process_iter(["name"]):
-        if proc.info["name"] in ("mariadbd", "mysqld"):
-            return [f"mariadb-shared={proc.pid}"]
-    return []
+    databases on it may be busy): watched so the MySQL part of the pipeline shows up at all. With
+    several (a test suite's own beside it), the one started with --port=`port`."""
+    servers = [proc for proc in psutil.process_iter(["name", "cmdline"]) if proc.info["name"] in ("mariadbd", "mysqld")]
+    on_port = [proc for proc in servers if f"--port={port}" in (proc.info["cmdline"] or [])]
+    return [f"mariadb-shared={proc.pid}" for proc in (on_port or servers)[:1]]
