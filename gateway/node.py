@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import aiomysql
 import redis.asyncio as aioredis
+from aiokafka import AIOKafkaProducer
 
 from gateway.drain import Drain
 from gateway.fanout import Fanout
@@ -18,7 +19,6 @@ from gateway.publisher import Publisher
 from gateway.quota import Quota, Senders, UserState
 from gateway.readstate import ReadState
 from gateway.signals import Signals
-from shared.kafka import SendProducer
 from shared.keys import Keys
 from shared.settings import Settings
 from shared.store.archive import Archive
@@ -53,7 +53,7 @@ class Node:
     keys: Keys
     hub: Hub
     fanout: Fanout
-    producer: SendProducer
+    producer: AIOKafkaProducer
     publisher: Publisher
     redis: aioredis.Redis
     mysql: aiomysql.Pool

@@ -22,6 +22,7 @@ from collections.abc import Awaitable
 from typing import Any
 
 import redis.asyncio as aioredis
+from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from redis.exceptions import RedisError
 
@@ -29,7 +30,6 @@ from gateway import metrics
 from shared.auth import Identity
 from shared.cursor import Position
 from shared.errors import BadRequest, Err, Forbidden, Unavailable
-from shared.kafka import SendProducer
 from shared.keys import Keys
 from shared.message import Message, new_message_id
 from shared.redisconn import run_scripts
@@ -52,7 +52,7 @@ def check_send(settings: Settings, identity: Identity, room: str, body: str) -> 
 
 
 class Publisher:
-    def __init__(self, settings: Settings, producer: SendProducer, redis: aioredis.Redis) -> None:
+    def __init__(self, settings: Settings, producer: AIOKafkaProducer, redis: aioredis.Redis) -> None:
         self.s = settings
         self.producer = producer
         self.redis = redis

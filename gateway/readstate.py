@@ -16,6 +16,7 @@ from typing import Any
 
 import aiomysql
 import redis.asyncio as aioredis
+from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from redis.exceptions import RedisError
 
@@ -23,7 +24,6 @@ from gateway.presence import Presence
 from gateway.signals import Signals
 from shared.cursor import Position
 from shared.errors import BadRequest, Err, StoreUnavailable, Unavailable
-from shared.kafka import SendProducer
 from shared.keys import Keys
 from shared.reads import ROOMS_MAX, ReadCache, ReadMark
 from shared.settings import Settings
@@ -42,7 +42,7 @@ NO_UPPER = 2**63 - 1
 
 class ReadState:
     def __init__(self, settings: Settings, keys: Keys, redis: aioredis.Redis, mysql: aiomysql.Pool,
-                 producer: SendProducer, signals: Signals, presence: Presence) -> None:
+                 producer: AIOKafkaProducer, signals: Signals, presence: Presence) -> None:
         self.s = settings
         self.keys = keys
         self.producer = producer

@@ -11,7 +11,6 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -20,7 +19,6 @@ from prometheus_client import Counter
 from tenacity import AsyncRetrying, before_sleep_log, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from shared.message import Message
-from shared.rdproducer import RdProducer
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -76,29 +74,7 @@ async def wait_for_topic(settings: Settings) -> None:
             await ensure_topic(settings)
 
 
-class SendProducer(Protocol):
-    """What the send path uses of a producer (aiokafka's, or shared.rdproducer's on librdkafka)."""
-
-    async def start(self) -> None: ...
-    async def stop(self) -> None: ...
-    async def send(self, topic: str, value: bytes, key: bytes | None = None,
-                   partition: int | None = None) -> asyncio.Future[Any]: ...
-
-
-def new_producer(settings: Settings) -> SendProducer:
-    """The send path's producer: acks=all, idempotent, on the client KAFKA_PRODUCER names."""
-    if settings.kafka_producer == "librdkafka":
-        return RdProducer({
-            "bootstrap.servers": settings.kafka_bootstrap,
-            "acks": "all",
-            "enable.idempotence": True,
-            "linger.ms": settings.kafka_linger_ms,
-            "request.timeout.ms": settings.kafka_request_timeout_ms,
-            "socket.nagle.disable": True,  # (aiokafka's sockets have TCP_NODELAY too)
-            "partitioner": "murmur2_random",  # (the Java client's and aiokafka's, for a send without a partition)
-            "client.id": f"roomcast-{settings.name}",
-            "logger": logging.getLogger("roomcast.rdkafka"),
-        }, start_timeout_s=settings.kafka_request_timeout_ms / 1000)
+def new_producer(settings: Settings) -> AIOKafkaProducer:
     return AIOKafkaProducer(
         bootstrap_servers=settings.kafka_bootstrap,
         acks="all",
