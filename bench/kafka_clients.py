@@ -131,8 +131,9 @@ class RdTail:
 
     def read(self) -> None:
         while not self.halt.is_set():
-            if records := self.consumer.consume(5000, 0.5):
-                self.loop.call_soon_threadsafe(self.count, records)
+            # (poll first: `consume` waits for a full batch or its timeout; then what is queued)
+            if (first := self.consumer.poll(0.5)) is not None:
+                self.loop.call_soon_threadsafe(self.count, [first, *self.consumer.consume(4999, 0)])
 
     def count(self, records: list[Any]) -> None:
         self.got += len(records)

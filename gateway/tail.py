@@ -168,7 +168,10 @@ class RdTail:
             while not self._halt.is_set():
                 if not self._ahead.acquire(timeout=0.5):
                     continue  # (the loop has not taken the last batches yet)
-                records = self._consumer.consume(self.MAX_BATCH, 0.5)
+                # (poll first: `consume` waits for a full batch or its timeout, whichever comes
+                # first; then take at once what else is already queued)
+                first = self._consumer.poll(0.5)
+                records = [first, *self._consumer.consume(self.MAX_BATCH - 1, 0)] if first is not None else []
                 if records:
                     self._loop.call_soon_threadsafe(self._arrive, records)
                 else:
