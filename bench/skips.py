@@ -33,8 +33,8 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from bench.cluster import parse_cpus
 from gateway.fanout import Fanout
 from gateway.hub import Hub
+from gateway.tail import new_tail
 from shared.auth import Identity
-from shared.kafka import new_consumer
 from shared.message import Message
 from shared.settings import Settings
 from tools import localstack
@@ -87,20 +87,16 @@ async def consume_all(settings: Settings, args: argparse.Namespace, hub_kind: st
     if hub_kind == "all":
         for r in range(args.rooms):
             hub.join(f"room-{r}", Sink(f"u{r}"))  # type: ignore[arg-type]
-    fanout = Fanout(settings, hub, new_consumer(settings, fetch_max_wait_ms=100))
-    await fanout.consumer.start()
-    from shared.kafka import all_partitions
-
-    fanout.tps = await all_partitions(fanout.consumer, TOPIC)
-    fanout.consumer.assign(fanout.tps)
-    await fanout.consumer.seek_to_beginning(*fanout.tps)
+    fanout = Fanout(settings, hub, new_tail(settings))
+    fanout.positions = await fanout.tail.start(at_beginning=True)
+    fanout.partitions = sorted(fanout.positions)
     if hub_kind == "decode-all":
         # decode every record, then find no member (the fan-out before the key check)
         hub.has_room_key = lambda key: True  # type: ignore[method-assign]
-    ends = await fanout.consumer.end_offsets(fanout.tps)
+    ends = {p: await fanout.broker_end(p) for p in fanout.partitions}
     cpu0, t0 = time.process_time(), time.perf_counter()
     task = asyncio.create_task(fanout.run())
-    while any(fanout.position(tp.partition) < ends[tp] for tp in fanout.tps):  # noqa: ASYNC110 (a poll)
+    while any(fanout.position(p) < end for p, end in ends.items()):  # noqa: ASYNC110 (a poll)
         await asyncio.sleep(0.02)
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - t0
     task.cancel()
@@ -117,6 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rooms", type=int, default=100)
     p.add_argument("--partitions", type=int, default=8)
     p.add_argument("--reps", type=int, default=3, help="runs of each hub (alternating)")
+    p.add_argument("--client", choices=("librdkafka", "aiokafka"), default="librdkafka", help="KAFKA_FANOUT_CLIENT")
     p.add_argument("--broker-cpus", type=parse_cpus, default={0})
     p.add_argument("--gen-cpus", type=parse_cpus, default={1})
     args = p.parse_args(argv)
@@ -126,7 +123,8 @@ def main(argv: list[str] | None = None) -> None:
         kafka = KafkaCluster.local(Path(work), Path(work) / "logs", [(ports[0], ports[1])])
         with kafka.start():
             os.sched_setaffinity(0, args.gen_cpus)
-            settings = Settings(kafka_bootstrap=kafka.bootstrap, kafka_topic=TOPIC)
+            settings = Settings(kafka_bootstrap=kafka.bootstrap, kafka_topic=TOPIC, kafka_fanout_client=args.client,
+                                kafka_fetch_max_wait_ms=100)
             asyncio.run(produce(kafka.bootstrap, args))
             results = []
             for _ in range(args.reps):

@@ -33,6 +33,7 @@ from gateway.quota import Quota
 from gateway.readstate import ReadState
 from gateway.rest import publish, room_messages, room_presence
 from gateway.signals import Signals, new_signal_producer
+from gateway.tail import new_tail
 from shared.kafka import new_consumer, new_producer, wait_for_topic
 from shared.keys import Keys
 from shared.mysql import create_pool
@@ -55,7 +56,7 @@ def create_app(settings: Settings, drain: Drain | None = None) -> Starlette:
         producer = new_producer(settings)
         await producer.start()
         hub = Hub()
-        fanout = Fanout(settings, hub, new_consumer(settings))
+        fanout = Fanout(settings, hub, new_tail(settings))
         await fanout.start()
         keys = Keys(settings.redis_prefix, settings.kafka_partitions)
         signals = Signals(settings, hub, new_signal_producer(settings), new_consumer(settings))

@@ -9,12 +9,10 @@ import logging
 import time
 from collections import OrderedDict
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
-
 from gateway import metrics
 from gateway.hub import Hub
+from gateway.tail import Tail
 from gateway.wire import text_frame
-from shared.kafka import all_partitions, fetch
 from shared.settings import Settings
 
 log = logging.getLogger("roomcast.gateway.fanout")
@@ -38,36 +36,32 @@ class RecentIds:
 
 
 class Fanout:
-    def __init__(self, settings: Settings, hub: Hub, consumer: AIOKafkaConsumer) -> None:
+    def __init__(self, settings: Settings, hub: Hub, tail: Tail) -> None:
         self.s = settings
         self.hub = hub
-        self.consumer = consumer
+        self.tail = tail
+        self.partitions: list[int] = []
         self.positions: dict[int, int] = {}  # partition -> next offset this node will deliver
-        self.tps: list[TopicPartition] = []
         self.recent = RecentIds(50_000)
         self.started = False
         self.failed: BaseException | None = None  # set when the consume loop died
         self.last_poll = time.monotonic()  # the consume loop came round (even with nothing new)
         self.last_advance = time.monotonic()  # a record was consumed
-        self.started_ms = 0.0  # wall clock (ms), as aiokafka stamps fetch answers
+        self.started_ms = 0.0  # wall clock (ms), as the tail stamps fetch answers
 
     async def start(self) -> None:
-        await self.consumer.start()
-        self.tps = await all_partitions(self.consumer, self.s.kafka_topic)
-        self.consumer.assign(self.tps)
-        await self.consumer.seek_to_end(*self.tps)
-        for tp in self.tps:
-            self.positions[tp.partition] = await self.consumer.position(tp)
+        self.positions = await self.tail.start()
+        self.partitions = sorted(self.positions)
         self.started = True
         self.started_ms = time.time() * 1000
-        log.info("fan-out consuming", extra={"partitions": len(self.tps)})
+        log.info("fan-out consuming", extra={"partitions": len(self.partitions)})
 
     async def stop(self) -> None:
-        await self.consumer.stop()
+        await self.tail.stop()
 
     async def run(self) -> None:
         while True:
-            batch = await fetch(self.consumer, timeout_ms=1000, max_records=5000, wanted=self.hub.has_room_key)
+            batch = await self.tail.fetch(self.hub.has_room_key)
             self.last_poll = time.monotonic()
             if not batch:
                 continue
@@ -89,20 +83,18 @@ class Fanout:
 
     def end(self, partition: int) -> int:
         """The partition's end (the offset its next record will get) as this node last saw it."""
-        tp = TopicPartition(self.s.kafka_topic, partition)
-        return max(self.position(partition), self.consumer.highwater(tp) or 0)
+        return max(self.position(partition), self.tail.highwater(partition) or 0)
 
     async def broker_end(self, partition: int) -> int:
         """The partition's end as the broker has it now (one request)."""
-        tp = TopicPartition(self.s.kafka_topic, partition)
-        return int((await self.consumer.end_offsets([tp]))[tp])
+        return await self.tail.broker_end(partition)
 
     def lag_by_partition(self) -> dict[int, int]:
         """Records between this node's position and the high-water mark of the last fetch."""
         out = {}
-        for tp in self.tps:
-            high = self.consumer.highwater(tp)
-            out[tp.partition] = max(0, high - self.positions.get(tp.partition, 0)) if high is not None else 0
+        for partition in self.partitions:
+            high = self.tail.highwater(partition)
+            out[partition] = max(0, high - self.positions.get(partition, 0)) if high is not None else 0
         return out
 
     def lag(self) -> int:
@@ -110,9 +102,8 @@ class Fanout:
 
     def broker_silence_s(self) -> float:
         """Seconds since the broker last answered a fetch, for the partition answered longest ago.
-        aiokafka stamps a partition whenever an answer brings its high-water mark, records or not;
-        a broker that is cut off answers nothing, so the lag looks like 0 while nothing arrives."""
-        stamps = [self.consumer.last_poll_timestamp(tp) or self.started_ms for tp in self.tps]
+        A broker that is cut off answers nothing, so the lag looks like 0 while nothing arrives."""
+        stamps = [self.tail.answered_ms(p) or self.started_ms for p in self.partitions]
         return max(0.0, time.time() * 1000 - min(stamps)) / 1000 if stamps else 0.0
 
     def ready(self) -> tuple[bool, str]:

@@ -132,12 +132,19 @@ def decode(tp: TopicPartition, records: list[ConsumerRecord[bytes, bytes]],
     for r in records:
         if wanted is not None and not wanted(r.key):
             continue
-        try:
-            messages.append(Message.from_kafka(r.value, r.partition, r.offset))
-        except (ValueError, KeyError, TypeError):  # a producer outside roomcast: never a crash loop
-            UNDECODABLE.inc()
-            log.error("undecodable record skipped", extra={"partition": r.partition, "offset": r.offset})
+        if (msg := decode_one(r.value, r.partition, r.offset)) is not None:
+            messages.append(msg)
     return Fetched(tp, messages, records[0].offset, records[-1].offset + 1)
+
+
+def decode_one(value: bytes | None, partition: int, offset: int) -> Message | None:
+    """The record as a message; None (counted, logged) when it is not a roomcast message."""
+    try:
+        return Message.from_kafka(value, partition, offset)  # type: ignore[arg-type]  # (None: undecodable)
+    except (ValueError, KeyError, TypeError):  # a producer outside roomcast: never a crash loop
+        UNDECODABLE.inc()
+        log.error("undecodable record skipped", extra={"partition": partition, "offset": offset})
+        return None
 
 
 async def fetch(consumer: AIOKafkaConsumer, *tps: TopicPartition, timeout_ms: int, max_records: int | None,

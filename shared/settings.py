@@ -33,6 +33,9 @@ class Settings(BaseSettings):
         0, ge=0, description="Producer batching delay; records still batch while a request is in flight"
     )
     kafka_request_timeout_ms: int = Field(5000, ge=100)
+    kafka_fanout_client: Literal["librdkafka", "aiokafka"] = Field(
+        "librdkafka", description="The fan-out's reader of the log; librdkafka costs a gateway less CPU per record"
+    )
     kafka_startup_wait_s: float = Field(
         300.0, ge=0, description="How long a starting gateway or persister waits for the broker before it exits"
     )

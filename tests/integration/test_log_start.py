@@ -6,11 +6,13 @@ applied instead of pretending, and stores what the log still holds."""
 from __future__ import annotations
 
 import aiomysql
+import pytest
 import redis.asyncio as aioredis
 from aiokafka import TopicPartition
 
 from gateway.fanout import Fanout
 from gateway.hub import Hub
+from gateway.tail import new_tail
 from persister import metrics
 from persister.service import Persister
 from shared.kafka import ensure_topic, fetch, new_consumer
@@ -24,15 +26,18 @@ from tests.support import delete_before, produce_messages
 ROOM = "log-start-room"
 
 
-async def test_a_starting_fanout_begins_at_the_end_of_every_partition(migrated: Settings) -> None:
-    await ensure_topic(migrated)
-    keys = Keys(migrated.redis_prefix, migrated.kafka_partitions)
-    tp = TopicPartition(migrated.kafka_topic, keys.partition(ROOM))
-    await produce_messages(migrated, tp, ROOM, 5)
-    fanout = Fanout(migrated, Hub(), new_consumer(migrated))
+@pytest.mark.parametrize("client", ["librdkafka", "aiokafka"])
+async def test_a_starting_fanout_begins_at_the_end_of_every_partition(migrated: Settings, client: str) -> None:
+    s = migrated.model_copy(update={"kafka_fanout_client": client})
+    await ensure_topic(s)
+    keys = Keys(s.redis_prefix, s.kafka_partitions)
+    tp = TopicPartition(s.kafka_topic, keys.partition(ROOM))
+    await produce_messages(s, tp, ROOM, 5)
+    fanout = Fanout(s, Hub(), new_tail(s))
     await fanout.start()
     try:
-        assert fanout.positions == {p: 5 if p == tp.partition else 0 for p in range(migrated.kafka_partitions)}
+        assert fanout.positions == {p: 5 if p == tp.partition else 0 for p in range(s.kafka_partitions)}
+        assert fanout.lag() == 0 and await fanout.broker_end(tp.partition) == 5
     finally:
         await fanout.stop()
 

@@ -4,28 +4,26 @@ from __future__ import annotations
 
 import time
 
-from aiokafka import TopicPartition
-
 from gateway.fanout import Fanout
 from gateway.hub import Hub
 from shared.settings import Settings
 
 
-class FakeConsumer:  # the unit's edge: only what Fanout.ready reads
+class FakeTail:  # the unit's edge: only what Fanout.ready reads
     def __init__(self, highwater: dict[int, int]) -> None:
         self.high = highwater
-        self.answered_ms: dict[int, float] = {p: time.time() * 1000 for p in highwater}  # last fetch answer
+        self.answered: dict[int, float] = {p: time.time() * 1000 for p in highwater}  # last fetch answer
 
-    def highwater(self, tp: TopicPartition) -> int | None:
-        return self.high.get(tp.partition)
+    def highwater(self, partition: int) -> int | None:
+        return self.high.get(partition)
 
-    def last_poll_timestamp(self, tp: TopicPartition) -> float | None:
-        return self.answered_ms.get(tp.partition)
+    def answered_ms(self, partition: int) -> float | None:
+        return self.answered.get(partition)
 
 
 def fanout(high: dict[int, int], positions: dict[int, int], **settings: object) -> Fanout:
-    f = Fanout(Settings(ready_max_lag=100, ready_stall_s=5.0, **settings), Hub(), FakeConsumer(high))  # type: ignore[arg-type]
-    f.tps = [TopicPartition("t", p) for p in high]
+    f = Fanout(Settings(ready_max_lag=100, ready_stall_s=5.0, **settings), Hub(), FakeTail(high))  # type: ignore[arg-type]
+    f.partitions = list(high)
     f.positions = dict(positions)
     f.started = True
     f.started_ms = time.time() * 1000
@@ -53,7 +51,7 @@ def test_lagging_without_advancing_is_not_ready_but_lagging_while_advancing_is()
     f.last_advance = time.monotonic() - 10
     ok, reason = f.ready()
     assert not ok and "not advancing" in reason
-    f.consumer.high[0] = 10  # type: ignore[attr-defined]  # caught up: nothing to deliver, silence is fine
+    f.tail.high[0] = 10  # type: ignore[attr-defined]  # caught up: nothing to deliver, silence is fine
     assert f.ready()[0] is True
 
 
@@ -72,16 +70,16 @@ def test_lag_is_reported_per_partition() -> None:
 
 def test_a_broker_that_stopped_answering_fetches_is_not_ready_even_with_no_known_lag() -> None:
     f = fanout({0: 10, 1: 10}, {0: 10, 1: 10})
-    f.consumer.answered_ms[1] = time.time() * 1000 - 8000  # type: ignore[attr-defined]  # cut off 8 s ago
+    f.tail.answered[1] = time.time() * 1000 - 8000  # type: ignore[attr-defined]  # cut off 8 s ago
     ok, reason = f.ready()
     assert not ok and "no fetch answered by the broker for 8s" in reason
-    f.consumer.answered_ms[1] = time.time() * 1000  # type: ignore[attr-defined]  # it answers again
+    f.tail.answered[1] = time.time() * 1000  # type: ignore[attr-defined]  # it answers again
     assert f.ready() == (True, "ok")
 
 
 def test_a_partition_never_answered_counts_from_the_start() -> None:
     f = fanout({0: 0}, {0: 0})
-    del f.consumer.answered_ms[0]  # type: ignore[attr-defined]
+    del f.tail.answered[0]  # type: ignore[attr-defined]
     assert f.ready()[0] is True
     f.started_ms -= 6000
     assert f.ready()[0] is False
