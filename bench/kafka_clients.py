@@ -17,9 +17,9 @@ of its own) over --seconds after a second of warm-up. 200-byte values keyed by o
   future on the loop (RdSender). The issue's bar for a different client on the send path: 1.5x, and
   the fault suite passing unchanged (it did not: bench/README.md).
 - tail: this script produces --rate records per second while the process reads all 8 partitions
-  at the tail (fetch wait 500 ms, as the fan-out) and counts them: aiokafka's getmany (the fan-out's
-  call), or a librdkafka Consumer whose `consume` runs on a thread of its own and hands each batch
-  to the loop (RdTail).
+  at the tail with the gateway fan-out's reader (gateway.tail.new_tail, KAFKA_FANOUT_CLIENT=aiokafka
+  or librdkafka; fetch wait 500 ms) and counts them, no room wanted (the client's cost: fetching,
+  and each record's key checked).
 
 (confluent_kafka.aio.AIOProducer, the library's own asyncio wrapper, is not measured: it holds
 sends for up to a second to produce them in batches of up to 1,000 (ack p99 9.6 s here), and with
@@ -44,11 +44,11 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from confluent_kafka import OFFSET_END, Consumer, Producer
-from confluent_kafka import TopicPartition as RdPartition
+from confluent_kafka import Producer
 
 from bench.cluster import parse_cpus
-from shared.kafka import all_partitions, new_consumer, new_producer
+from gateway.tail import new_tail
+from shared.kafka import new_producer
 from shared.settings import Settings
 from tools import localstack
 from tools.localkafka import KafkaCluster
@@ -114,36 +114,6 @@ def settle(future: asyncio.Future[Any], err: Any, msg: Any) -> None:
             future.set_result((msg.partition(), msg.offset()))
 
 
-class RdTail:
-    """A librdkafka Consumer at the end of every partition; a thread of its own runs `consume` and
-    hands each batch to the loop, which counts it."""
-
-    def __init__(self, boot: str) -> None:
-        self.consumer = Consumer({"bootstrap.servers": boot, "group.id": "kafka-clients-bench",
-                                  "enable.auto.commit": False, "fetch.wait.max.ms": 500,
-                                  "socket.nagle.disable": True})
-        self.consumer.assign([RdPartition(TOPIC, p, OFFSET_END) for p in range(PARTITIONS)])
-        self.loop = asyncio.get_running_loop()
-        self.got = 0
-        self.halt = threading.Event()
-        self.reader = threading.Thread(target=self.read, daemon=True)
-        self.reader.start()
-
-    def read(self) -> None:
-        while not self.halt.is_set():
-            # (poll first: `consume` waits for a full batch or its timeout; then what is queued)
-            if (first := self.consumer.poll(0.5)) is not None:
-                self.loop.call_soon_threadsafe(self.count, [first, *self.consumer.consume(4999, 0)])
-
-    def count(self, records: list[Any]) -> None:
-        self.got += len(records)
-
-    async def stop(self) -> None:
-        self.halt.set()
-        await asyncio.to_thread(self.reader.join)
-        self.consumer.close()
-
-
 async def paced(rate: int, count: int, send: Any) -> None:
     """Start `send(i)` at `rate` per second (open loop), `count` times; wait for all of them."""
     tasks: set[asyncio.Task[None]] = set()
@@ -189,39 +159,25 @@ async def produce_child(client: str, boot: str, rate: int, seconds: float) -> di
 
 
 async def tail_child(client: str, boot: str, seconds: float) -> dict[str, float]:
-    """Count the records arriving at the tail of every partition; CPU over `seconds` after warm-up."""
-    if client == "aiokafka":
-        consumer = new_consumer(settings(boot))
-        await consumer.start()
-        consumer.assign(await all_partitions(consumer, TOPIC))
-        await consumer.seek_to_end()
-        counted = [0]
-        halt = asyncio.Event()
+    """The fan-out's reader of the log (gateway.tail) at the tail of every partition, no room wanted
+    (the client's cost: fetching, and each record's key checked); CPU over `seconds` after warm-up."""
+    tail = new_tail(settings(boot).model_copy(update={"kafka_fanout_client": client}))
+    await tail.start()
+    got = 0
+    halt = asyncio.Event()
 
-        async def read() -> None:
-            while not halt.is_set():
-                batch = await consumer.getmany(timeout_ms=1000, max_records=5000)
-                counted[0] += sum(len(records) for records in batch.values())
-        reader = asyncio.create_task(read())
-
-        def got() -> int:
-            return counted[0]
-
-        async def stop() -> None:
-            halt.set()
-            await reader
-            await consumer.stop()
-    else:
-        rd = RdTail(boot)
-
-        def got() -> int:
-            return rd.got
-        stop = rd.stop
+    async def read() -> None:
+        nonlocal got
+        while not halt.is_set():
+            got += sum(f.next_offset - f.first_offset for f in await tail.fetch(lambda key: False))
+    reader = asyncio.create_task(read())
     await asyncio.sleep(WARM_UP_S)
-    got0, cpu0, wall0 = got(), time.process_time(), time.perf_counter()
+    got0, cpu0, wall0 = got, time.process_time(), time.perf_counter()
     await asyncio.sleep(seconds)
-    n, cpu, wall = got() - got0, time.process_time() - cpu0, time.perf_counter() - wall0
-    await stop()
+    n, cpu, wall = got - got0, time.process_time() - cpu0, time.perf_counter() - wall0
+    halt.set()
+    await reader
+    await tail.stop()
     return {"records": n, "cpu_us_per_record": cpu / max(n, 1) * 1e6, "cpu_pct": 100 * cpu / wall}
 
 

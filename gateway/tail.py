@@ -2,8 +2,9 @@
 with what the node's readiness asks of it (the high-water marks, when the broker last answered).
 
 Two clients behind one interface (KAFKA_FANOUT_CLIENT): librdkafka (confluent-kafka), whose
-fetching runs on threads of its own in C and costs a node ~6x less CPU per record at the tail than
-aiokafka (`python -m bench.kafka_clients --workload tail`), and aiokafka (the sends stay on aiokafka:
+fetching runs on threads of its own in C and costs a node ~2.6x less CPU per record at the tail than
+aiokafka (`python -m bench.kafka_clients --workload tail`; +7.5 % deliveries per gateway CPU-second
+in `roomcast bench fanout`), and aiokafka (the sends stay on aiokafka:
 librdkafka's producer failed the fault suite, bench/README.md).
 """
 
