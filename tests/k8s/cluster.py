@@ -27,6 +27,7 @@ import secrets
 import shutil
 import ssl
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -408,3 +409,45 @@ def pods_during(cp: ControlPlane, action: Callable[[], object], done: Callable[[
             why = {f"{e['involvedObject']['namespace']}/{e['involvedObject']['name']}": e["message"] for e in events}
             raise AssertionError(f"not done after {timeout} s; pods not ready: {waiting}; the scheduler said:\n"
                                  + "\n".join(f"{k}: {why[k]}" for k in waiting if k in why))
+
+
+@contextlib.contextmanager
+def recorded(cp: ControlPlane, path: str) -> Iterator[list[dict[str, dict[str, Any]]]]:
+    """Every state of the objects at `path` ("namespace/name" -> object) while the block runs.
+
+    Lists first, then a thread follows the watch from the listed version until the block ends;
+    the window open when it ends covers the block's last change.
+    """
+    listed = cp.get(path)
+    objects = {_key(o): o for o in listed["items"]}
+    states = [dict(objects)]
+    stop = threading.Event()
+    failed: list[BaseException] = []
+
+    def follow(version: str) -> None:
+        try:
+            while not stop.is_set():
+                for event in cp.watch(path, version):
+                    obj = event["object"]
+                    version = obj["metadata"]["resourceVersion"]
+                    if event["type"] == "ERROR":
+                        raise AssertionError(f"watch of {path} failed: {obj}")
+                    if event["type"] == "BOOKMARK":
+                        continue
+                    if event["type"] == "DELETED":
+                        objects.pop(_key(obj), None)
+                    else:
+                        objects[_key(obj)] = obj
+                    states.append(dict(objects))
+        except BaseException as e:  # re-raised in the test's thread
+            failed.append(e)
+
+    thread = threading.Thread(target=follow, args=(listed["metadata"]["resourceVersion"],), daemon=True)
+    thread.start()
+    try:
+        yield states
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+    if failed:
+        raise failed[0]
