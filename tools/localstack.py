@@ -149,6 +149,7 @@ class Proc:
     log_path: Path
     stop_timeout: float = 10.0
     ports: tuple[int, ...] = field(default=())
+    _gone: bool = field(default=False, repr=False)  # the whole group: its id may be reused after
 
     @property
     def pid(self) -> int:
@@ -159,26 +160,46 @@ class Proc:
         return self.popen.poll() is None
 
     def stop(self, timeout: float | None = None) -> int:
-        """SIGTERM, wait up to ``timeout`` s (default ``stop_timeout``), then SIGKILL.
+        """SIGTERM to its process group, wait up to ``timeout`` s (default ``stop_timeout``) for all
+        of it, then SIGKILL. The group, not the PID: a wrapper such as `faketime` forks the real
+        server, which the wrapper's death would otherwise leave running.
 
         Safe to call any number of times. Returns the exit code.
         """
+        if self._gone:
+            return self.popen.wait()
+        deadline = time.monotonic() + (self.stop_timeout if timeout is None else timeout)
         if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)  # no-op if it has just exited
-            try:
-                self.popen.wait(self.stop_timeout if timeout is None else timeout)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-        return self._reaped()
+            self._signal_group(signal.SIGTERM)
+        while self._group_alive() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return self.kill()
 
     def kill(self) -> int:
-        """SIGKILL and reap (for fault tests: no shutdown hooks run). Safe to call twice."""
-        if self.popen.poll() is None:
-            self.popen.kill()
-        return self._reaped()
-
-    def _reaped(self) -> int:
+        """SIGKILL its process group and reap (for fault tests: no shutdown hooks run). Safe to call twice."""
+        if not self._gone:
+            self._signal_group(signal.SIGKILL)
+            self.popen.wait()
+            deadline = time.monotonic() + 5
+            while self._group_alive() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            self._gone = True
         return self.popen.wait()
+
+    def _signal_group(self, sig: signal.Signals) -> None:
+        # (its own session: the group's id is its PID, still reserved while unreaped)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.popen.pid, sig)
+
+    def _group_alive(self) -> bool:
+        """Whether a process of its group still runs (a zombie does not: init reaps an orphan's late)."""
+        self.popen.poll()
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                fields = stat.read_text().rsplit(")", 1)[1].split()  # (state, ppid, pgrp, ...)
+                if int(fields[2]) == self.popen.pid and fields[0] != "Z":
+                    return True
+        return False
 
     def write_pidfile(self, path: Path) -> None:
         """Record the PID so another shell (``make stop``) can stop this process."""
