@@ -180,6 +180,8 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server-cpus", default="0")
     p.add_argument("--gen-cpus", default="1")
     p.add_argument("--fetch-wait", type=int, help="with --cluster: KAFKA_FETCH_MAX_WAIT_MS of every consumer")
+    p.add_argument("--warm-up", type=float, default=30.0,
+                   help="with --cluster: seconds of traffic warming the broker's JVM first (bench/cluster.py); 0: cold")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="with --cluster: another setting for the cluster, e.g. kafka_linger_ms=5")
 
@@ -202,7 +204,7 @@ def maybe_cluster(args: argparse.Namespace, settings: Settings, **kw: Any) -> It
         if field.annotation in (int, float, bool):
             updates[k] = field.annotation(v) if field.annotation is not bool else v.lower() == "true"
     cluster = start_cluster(settings, server_cpus=parse_cpus(args.server_cpus), gen_cpus=parse_cpus(args.gen_cpus),
-                            **kw, **updates)
+                            warm_up_s=args.warm_up, **kw, **updates)
     with cluster:
         args.url = cluster.urls
         mysql_port = MysqlTarget.from_dsn(cluster.settings.mysql_dsn).port

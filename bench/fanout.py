@@ -80,7 +80,8 @@ class Fanout:
         self.keys = Keys(settings.redis_prefix, settings.kafka_partitions)
         self.producer: AIOKafkaProducer | None = None  # with --direct, instead of the senders
         self.run_id = 0
-        self.lat: list[int] = []
+        self.lat: list[int] = []  # send -> delivery, ns
+        self.ack_lat: list[int] = []  # send -> ack, ns: the send path's share of `lat`
         self.dups = self.stale = self.misrouted = 0
         self.acked = self.send_errors = 0
         self.acked_ever = 0  # over every step and the warm-up (acked is per step)
@@ -166,7 +167,8 @@ class Fanout:
             fut: asyncio.Future[Any] = asyncio.ensure_future(self.produce(room, body))
         else:
             fut = self.senders[room].send_nowait(f"room-{room}", body)
-        fut.add_done_callback(self._acked)
+        sent_ns = now_ns()
+        fut.add_done_callback(lambda f: self._acked(f, sent_ns))
 
     async def produce(self, room: int, body: str) -> None:
         assert self.producer is not None
@@ -177,12 +179,13 @@ class Fanout:
                                             partition=self.keys.partition(name))
         await delivery
 
-    def _acked(self, fut: asyncio.Future[Frame]) -> None:
+    def _acked(self, fut: asyncio.Future[Frame], sent_ns: int) -> None:
         if fut.cancelled() or fut.exception() is not None:
             self.send_errors += 1
         else:
             self.acked += 1
             self.acked_ever += 1
+            self.ack_lat.append(now_ns() - sent_ns)
 
     def disconnects(self) -> int:
         return sum(1 for c in self.clients if c.error is not None)
@@ -198,7 +201,7 @@ class Fanout:
         await self.settle()
         self.run_id += 1
         run = self.run_id
-        self.lat = []
+        self.lat, self.ack_lat = [], []
         self.dups = self.stale = self.misrouted = self.acked = self.send_errors = 0
         for s in self.subs:
             s.seen = set()
@@ -248,7 +251,8 @@ class Fanout:
             "lost": expected - delivered, "duplicated": self.dups, "misrouted": self.misrouted,
             "stale": self.stale, "disconnects": self.disconnects() - disc0,
             "client_dups_dropped": sum(c.duplicates_dropped for c in self.clients) - client_dups0,
-            "drain_s": round(time.monotonic() - t_end, 2), **latency_summary(self.lat), **usage,
+            "drain_s": round(time.monotonic() - t_end, 2), **latency_summary(self.lat),
+            **{f"ack_{k}": v for k, v in latency_summary(self.ack_lat).items()}, **usage,
         }
         gw_cpu = sum(v["cpu_pct"] for n, v in usage["procs"].items() if n.startswith("gateway"))
         if gw_cpu > 0:
@@ -262,7 +266,8 @@ class Fanout:
     def report_step(self, r: dict[str, Any]) -> None:
         procs = " ".join(f"{n}={v['cpu_pct']}%/{v['rss_mb']}MB" for n, v in r["procs"].items())
         print(f"rate={r['target_rate']:.0f} sent/s={r['sent_rate']} deliv/s={r['delivered_rate']} "
-              f"p50={r['p50_ms']} p95={r['p95_ms']} p99={r['p99_ms']} max={r['max_ms']} lost={r['lost']} "
+              f"p50={r['p50_ms']} p95={r['p95_ms']} p99={r['p99_ms']} max={r['max_ms']} "
+              f"ack p50={r['ack_p50_ms']} p99={r['ack_p99_ms']} lost={r['lost']} "
               f"dup={r['duplicated']} held={r['held']} | {procs} cores={r['core_busy_pct']}", flush=True)
 
     async def max_search(self) -> dict[str, Any]:
