@@ -157,16 +157,20 @@ def _empty_bench_db(settings: Settings) -> None:
         conn.close()
 
 
+async def create_topic(bootstrap: str, topic: str, partitions: int) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, partitions, 1)])
+    finally:
+        await admin.close()
+
+
 async def warm_broker(bootstrap: str, seconds: float, partitions: int = 8, readers: int = 4) -> int:
     """The cluster's kind of traffic on WARM_UP_TOPIC for `seconds`, so the broker's JIT has compiled
     its paths: small idempotent acks=all produce requests, consumer groups at the tail (fetches that
     wait for the next record, offset commits), librdkafka readers. Returns the records read."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(WARM_UP_TOPIC, partitions, 1)])
-    finally:
-        await admin.close()
+    await create_topic(bootstrap, WARM_UP_TOPIC, partitions)
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, linger_ms=0)
     consumers = [AIOKafkaConsumer(WARM_UP_TOPIC, bootstrap_servers=bootstrap, group_id=f"{WARM_UP_TOPIC}-{i}",
                                   enable_auto_commit=False) for i in range(readers)]

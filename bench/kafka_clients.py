@@ -43,10 +43,9 @@ from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from confluent_kafka import Producer
 
-from bench.cluster import parse_cpus
+from bench.cluster import create_topic, parse_cpus
 from gateway.tail import new_tail
 from shared.kafka import new_producer
 from shared.settings import Settings
@@ -200,17 +199,8 @@ def local_kafka(cpus: set[int]) -> Iterator[str]:
         kafka = KafkaCluster.local(Path(work), Path(work) / "logs", [(ports[0], ports[1])])
         with kafka.start():
             os.sched_setaffinity(0, mine)
-            asyncio.run(create_topic(kafka.bootstrap))
+            asyncio.run(create_topic(kafka.bootstrap, TOPIC, PARTITIONS))
             yield kafka.bootstrap
-
-
-async def create_topic(boot: str) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=boot)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(TOPIC, PARTITIONS, 1)])
-    finally:
-        await admin.close()
 
 
 async def one_round(args: argparse.Namespace, client: str, boot: str) -> dict[str, float]:

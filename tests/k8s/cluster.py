@@ -35,7 +35,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 from cryptography.hazmat.primitives import serialization
@@ -52,6 +52,7 @@ KWOK_STAGES = ("node/fast/node-initialize.yaml", "node/heartbeat/node-heartbeat.
                "pod/fast/pod-ready.yaml", "pod/fast/pod-complete.yaml", "pod/fast/pod-delete.yaml")
 FAKE_NODE_ANNOTATION = "kwok.x-k8s.io/node"
 ZONES = ("zone-a", "zone-b", "zone-c")
+T = TypeVar("T")
 
 
 class ToolsError(RuntimeError):
@@ -374,6 +375,25 @@ def _key(pod: dict[str, Any]) -> str:
     return f"{pod['metadata']['namespace']}/{pod['metadata']['name']}"
 
 
+def _follow_window(cp: ControlPlane, path: str, version: str, objects: dict[str, T],
+                   state: Callable[[dict[str, Any]], T], states: list[dict[str, T]]) -> str:
+    """One watch window of `path` after `version`: `objects` ("namespace/name" -> state(object)) kept
+    current, a snapshot of it appended to `states` after each change. Returns the last version."""
+    for event in cp.watch(path, version):
+        obj = event["object"]
+        version = obj["metadata"]["resourceVersion"]
+        if event["type"] == "ERROR":
+            raise AssertionError(f"watch of {path} failed: {obj}")
+        if event["type"] == "BOOKMARK":
+            continue
+        if event["type"] == "DELETED":
+            objects.pop(_key(obj), None)
+        else:
+            objects[_key(obj)] = state(obj)
+        states.append(dict(objects))
+    return version
+
+
 def pods_during(cp: ControlPlane, action: Callable[[], object], done: Callable[[dict[str, PodState]], bool],
                 timeout: float = 90) -> list[dict[str, PodState]]:
     """Every state the cluster's pods pass through while `action` runs and until `done(pods)`.
@@ -389,18 +409,7 @@ def pods_during(cp: ControlPlane, action: Callable[[], object], done: Callable[[
     action()
     deadline = time.monotonic() + timeout
     while True:
-        for event in cp.watch(path, version):
-            obj = event["object"]
-            version = obj["metadata"]["resourceVersion"]
-            if event["type"] == "ERROR":
-                raise AssertionError(f"watch of {path} failed: {obj}")
-            if event["type"] == "BOOKMARK":
-                continue
-            if event["type"] == "DELETED":
-                pods.pop(_key(obj), None)
-            else:
-                pods[_key(obj)] = pod_state(obj)
-            history.append(dict(pods))
+        version = _follow_window(cp, path, version, pods, pod_state, history)
         if done(pods):
             return history
         if time.monotonic() > deadline:
@@ -427,18 +436,7 @@ def recorded(cp: ControlPlane, path: str) -> Iterator[list[dict[str, dict[str, A
     def follow(version: str) -> None:
         try:
             while not stop.is_set():
-                for event in cp.watch(path, version):
-                    obj = event["object"]
-                    version = obj["metadata"]["resourceVersion"]
-                    if event["type"] == "ERROR":
-                        raise AssertionError(f"watch of {path} failed: {obj}")
-                    if event["type"] == "BOOKMARK":
-                        continue
-                    if event["type"] == "DELETED":
-                        objects.pop(_key(obj), None)
-                    else:
-                        objects[_key(obj)] = obj
-                    states.append(dict(objects))
+                version = _follow_window(cp, path, version, objects, lambda obj: obj, states)
         except BaseException as e:  # re-raised in the test's thread
             failed.append(e)
 
