@@ -23,7 +23,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from confluent_kafka import Consumer, KafkaException
 from confluent_kafka import TopicPartition as RdPartition
 
-from shared.kafka import Fetched, all_partitions, decode_one, fetch, new_consumer
+from shared.kafka import Fetched, all_partitions, decode_one, fetch, new_consumer, startup_retrying
 from shared.settings import Settings
 
 log = logging.getLogger("roomcast.gateway.tail")
@@ -103,6 +103,7 @@ class RdTail:
 
     def __init__(self, settings: Settings) -> None:
         self.topic = settings.kafka_topic
+        self._settings = settings
         self._timeout_s = settings.kafka_request_timeout_ms / 1000
         self._config = {
             "bootstrap.servers": settings.kafka_bootstrap,
@@ -135,15 +136,15 @@ class RdTail:
         self._arrived = asyncio.Event()
         self._consumer = consumer = Consumer(self._config)
         try:
-            topics = (await asyncio.to_thread(consumer.list_topics, self.topic, self._timeout_s)).topics
-            partitions = sorted(topics[self.topic].partitions) if self.topic in topics else []
-            if not partitions or topics[self.topic].error is not None:
-                raise KafkaException(f"topic {self.topic!r} has no partitions")
-            starts = {p: (await asyncio.to_thread(consumer.get_watermark_offsets, RdPartition(self.topic, p),
-                                                  self._timeout_s))[0 if at_beginning else 1] for p in partitions}
+            # (asked again while the broker is in trouble: e.g. "Broker handle destroyed" while the
+            # metadata changes after a broker fault, seen in the chaos test's gateway restarts)
+            async for attempt in startup_retrying(self._settings, KafkaException):
+                with attempt:
+                    starts = await self._starts(consumer, at_beginning)
         except KafkaException:
             consumer.close()
             raise
+        partitions = sorted(starts)
         consumer.assign([RdPartition(self.topic, p, offset) for p, offset in starts.items()])
         self._offsets = Consumer({k: v for k, v in self._config.items() if not k.startswith("stat")})
         now = time.time() * 1000
@@ -151,6 +152,15 @@ class RdTail:
         self._reader = threading.Thread(target=self._read, name="fanout-tail", daemon=True)
         self._reader.start()
         return starts
+
+    async def _starts(self, consumer: Consumer, at_beginning: bool) -> dict[int, int]:
+        """Each partition's start or end offset, from the broker."""
+        topics = (await asyncio.to_thread(consumer.list_topics, self.topic, self._timeout_s)).topics
+        partitions = sorted(topics[self.topic].partitions) if self.topic in topics else []
+        if not partitions or topics[self.topic].error is not None:
+            raise KafkaException(f"topic {self.topic!r} has no partitions")
+        return {p: (await asyncio.to_thread(consumer.get_watermark_offsets, RdPartition(self.topic, p),
+                                            self._timeout_s))[0 if at_beginning else 1] for p in partitions}
 
     async def stop(self) -> None:
         if self._consumer is None or self._halt.is_set():

@@ -61,15 +61,18 @@ async def ensure_topic(settings: Settings) -> None:
         await admin.close()
 
 
+def startup_retrying(settings: Settings, *errors: type[BaseException]) -> AsyncRetrying:
+    """A start-up step tried again on `errors`, for up to KAFKA_STARTUP_WAIT_S: a gateway or persister
+    started during a broker fault comes up when the broker is back instead of exiting into its
+    orchestrator's growing crash-loop back-off."""
+    return AsyncRetrying(retry=retry_if_exception_type(errors), wait=wait_exponential(multiplier=0.2, max=5),
+                         stop=stop_after_delay(settings.kafka_startup_wait_s),
+                         before_sleep=before_sleep_log(log, logging.WARNING), reraise=True)
+
+
 async def wait_for_topic(settings: Settings) -> None:
-    """ensure_topic, tried again while the broker does not answer, for up to KAFKA_STARTUP_WAIT_S: a
-    gateway or persister started during a broker outage comes up when the broker is back instead of
-    exiting into its orchestrator's growing crash-loop back-off."""
-    retrying = AsyncRetrying(retry=retry_if_exception_type((KafkaError, OSError)),
-                             wait=wait_exponential(multiplier=0.2, max=5),
-                             stop=stop_after_delay(settings.kafka_startup_wait_s),
-                             before_sleep=before_sleep_log(log, logging.WARNING), reraise=True)
-    async for attempt in retrying:
+    """ensure_topic, tried again while the broker does not answer (startup_retrying)."""
+    async for attempt in startup_retrying(settings, KafkaError, OSError):
         with attempt:
             await ensure_topic(settings)
 
