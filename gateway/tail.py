@@ -110,7 +110,9 @@ class RdTail:
             "group.id": f"roomcast-tail-{settings.name}",  # (required; never joined: partitions are assigned)
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,
-            "fetch.wait.max.ms": settings.kafka_fetch_max_wait_ms,
+            "fetch.wait.max.ms": (settings.kafka_fanout_fetch_wait_ms if settings.kafka_fanout_fetch_wait_ms is not None
+                                  else settings.kafka_fetch_max_wait_ms),
+            "fetch.min.bytes": settings.kafka_fanout_fetch_min_bytes,
             "queued.max.messages.kbytes": 16384,  # prefetched records held at most (a node far behind)
             "socket.nagle.disable": True,
             "statistics.interval.ms": self.STATS_MS,

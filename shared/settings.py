@@ -42,6 +42,13 @@ class Settings(BaseSettings):
     kafka_fetch_max_wait_ms: int = Field(
         500, ge=0, description="Longest wait of an empty fetch; Kafka answers as soon as a record arrives"
     )
+    kafka_fanout_fetch_min_bytes: int = Field(
+        1, ge=1, description="The librdkafka fan-out's fetches wait for this many bytes (or their wait) before "
+                             "the broker answers: fewer, fuller fetches under load (bench/README.md)"
+    )
+    kafka_fanout_fetch_wait_ms: int | None = Field(
+        None, ge=0, description="The librdkafka fan-out's fetch wait; unset: KAFKA_FETCH_MAX_WAIT_MS"
+    )
     kafka_session_timeout_ms: int = Field(10000, ge=1000)
     kafka_heartbeat_interval_ms: int = Field(3000, ge=100)
     kafka_persister_group: str = "persister"
