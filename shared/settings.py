@@ -179,6 +179,8 @@ class Settings(BaseSettings):
         """These settings as the environment of a child process."""
         env = {}
         for key, value in self.model_dump().items():
+            if value is None:
+                continue  # (unset: the child's default, None, too)
             if isinstance(value, SecretStr):
                 value = value.get_secret_value()
             elif isinstance(value, list):
