@@ -178,23 +178,24 @@ async def warm_broker(bootstrap: str, seconds: float, partitions: int = 8, reade
     for c in consumers:
         await c.start()
     deadline = time.monotonic() + seconds
-    got = 0
 
-    async def produce(partition: int) -> None:
+    async def produce(partition: int) -> int:
         while time.monotonic() < deadline:
             await producer.send_and_wait(WARM_UP_TOPIC, b"x" * 100, partition=partition)
             await asyncio.sleep(0.001)
+        return 0
 
-    async def consume(consumer: AIOKafkaConsumer) -> None:
-        nonlocal got
+    async def consume(consumer: AIOKafkaConsumer) -> int:
+        got = 0
         while time.monotonic() < deadline:
             batches = await consumer.getmany(timeout_ms=200)
             got += sum(len(records) for records in batches.values())
             if batches:
                 await consumer.commit()
+        return got
 
-    def tail(reader: int) -> None:  # as the gateways' fan-out reads (librdkafka, partitions assigned)
-        nonlocal got
+    def tail(reader: int) -> int:  # as the gateways' fan-out reads (librdkafka, partitions assigned)
+        got = 0
         c = RdConsumer({"bootstrap.servers": bootstrap, "group.id": f"{WARM_UP_TOPIC}-tail-{reader}",
                         "enable.auto.commit": False, "socket.nagle.disable": True})
         c.assign([RdPartition(WARM_UP_TOPIC, i, OFFSET_END) for i in range(partitions)])
@@ -203,15 +204,16 @@ async def warm_broker(bootstrap: str, seconds: float, partitions: int = 8, reade
                 got += len(c.consume(1000, 0.2))
         finally:
             c.close()
+        return got
 
     try:
-        await asyncio.gather(*(consume(c) for c in consumers), *(produce(i) for i in range(partitions)),
-                             *(asyncio.to_thread(tail, i) for i in range(2)))
+        read = await asyncio.gather(*(consume(c) for c in consumers), *(produce(i) for i in range(partitions)),
+                                    *(asyncio.to_thread(tail, i) for i in range(2)))
     finally:
         await producer.stop()
         for c in consumers:
             await c.stop()
-    return got
+    return sum(read)
 
 
 def start_cluster(settings: Settings | None = None, *, server_cpus: set[int] | None = None,

@@ -17,6 +17,7 @@ from typing import Any
 
 import psutil
 
+from bench.cluster import WARM_UP_S
 from shared.auth import mint_token
 from shared.mysql import MysqlTarget
 from shared.settings import Settings
@@ -180,7 +181,7 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server-cpus", default="0")
     p.add_argument("--gen-cpus", default="1")
     p.add_argument("--fetch-wait", type=int, help="with --cluster: KAFKA_FETCH_MAX_WAIT_MS of every consumer")
-    p.add_argument("--warm-up", type=float, default=30.0,
+    p.add_argument("--warm-up", type=float, default=WARM_UP_S,
                    help="with --cluster: seconds of traffic warming the broker's JVM first (bench/cluster.py); 0: cold")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="with --cluster: another setting for the cluster, e.g. kafka_linger_ms=5")

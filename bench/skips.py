@@ -88,8 +88,7 @@ async def consume_all(settings: Settings, args: argparse.Namespace, hub_kind: st
         for r in range(args.rooms):
             hub.join(f"room-{r}", Sink(f"u{r}"))  # type: ignore[arg-type]
     fanout = Fanout(settings, hub, new_tail(settings))
-    fanout.positions = await fanout.tail.start(at_beginning=True)
-    fanout.partitions = sorted(fanout.positions)
+    await fanout.start(at_beginning=True)
     if hub_kind == "decode-all":
         # decode every record, then find no member (the fan-out before the key check)
         hub.has_room_key = lambda key: True  # type: ignore[method-assign]

@@ -49,8 +49,9 @@ class Fanout:
         self.last_advance = time.monotonic()  # a record was consumed
         self.started_ms = 0.0  # wall clock (ms), as the tail stamps fetch answers
 
-    async def start(self) -> None:
-        self.positions = await self.tail.start()
+    async def start(self, at_beginning: bool = False) -> None:
+        """From the end of every partition (at_beginning: a benchmark reading a log through)."""
+        self.positions = await self.tail.start(at_beginning)
         self.partitions = sorted(self.positions)
         self.started = True
         self.started_ms = time.time() * 1000

@@ -146,11 +146,10 @@ class RdTail:
         except KafkaException:
             consumer.close()
             raise
-        partitions = sorted(starts)
         consumer.assign([RdPartition(self.topic, p, offset) for p, offset in starts.items()])
         self._offsets = Consumer({k: v for k, v in self._config.items() if not k.startswith("stat")})
         now = time.time() * 1000
-        self._answered_ms = dict.fromkeys(partitions, now)
+        self._answered_ms = dict.fromkeys(starts, now)
         self._reader = threading.Thread(target=self._read, name="fanout-tail", daemon=True)
         self._reader.start()
         return starts

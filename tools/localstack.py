@@ -178,7 +178,8 @@ class Proc:
     def kill(self) -> int:
         """SIGKILL its process group and reap (for fault tests: no shutdown hooks run). Safe to call twice."""
         if not self._gone:
-            self._signal_group(signal.SIGKILL)
+            if self._group_alive():  # (a group gone already is not signalled: its id may be taken again)
+                self._signal_group(signal.SIGKILL)
             self.popen.wait()
             deadline = time.monotonic() + 5
             while self._group_alive() and time.monotonic() < deadline:
@@ -195,10 +196,9 @@ class Proc:
         """Whether a process of its group still runs (a zombie does not: init reaps an orphan's late)."""
         self.popen.poll()
         for stat in Path("/proc").glob("[0-9]*/stat"):
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                fields = stat.read_text().rsplit(")", 1)[1].split()  # (state, ppid, pgrp, ...)
-                if int(fields[2]) == self.popen.pid and fields[0] != "Z":
-                    return True
+            fields = _stat_fields(stat)  # (state, ppid, pgrp, ...)
+            if fields and fields[2] == str(self.popen.pid) and fields[0] != "Z":
+                return True
         return False
 
     def write_pidfile(self, path: Path) -> None:
@@ -246,13 +246,19 @@ def start_process(
     return Proc(name=name, popen=popen, log_path=log_path, stop_timeout=stop_timeout, ports=tuple(ports))
 
 
+def _stat_fields(stat: Path) -> list[str]:
+    """The fields of a /proc/<pid>/stat after the command name (state, ppid, pgrp, ...); [] when the
+    process is gone."""
+    try:
+        return stat.read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return []
+
+
 def pid_alive(pid: int) -> bool:
     """True if a process with this PID exists (and is not a zombie)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
+    fields = _stat_fields(Path(f"/proc/{pid}/stat"))
+    return bool(fields) and fields[0] != "Z"
 
 
 def process_name(pid: int) -> str | None:
